@@ -1,0 +1,184 @@
+"""The ``pdiqsm`` command: reconstruct, simulate, evaluate, train, export, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import Cancelled, InputError
+from .pipeline import METHODS, Settings
+from .progress import Progress
+from .units import UNITS
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
+                   help="progress on stderr: a bar on a terminal, else one 'PROGRESS i/n label' line per step")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdiqsm", description=(
+        "Quantitative susceptibility mapping from a local field map: Probabilistic Dipole Inversion "
+        "(mean and standard deviation, ppm) and MAP baselines (MEDI, Tikhonov, TKD)."))
+    parser.add_argument("--version", action="version", version=f"pdiqsm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("reconstruct", help="susceptibility map from a local field map",
+                       description="Writes DIR/<stem>_chi-mean.nii.gz (ppm), DIR/<stem>_chi-std.nii.gz for PDI "
+                                   "methods, and DIR/<stem>_run.json (settings, versions, device, timings).")
+    r.add_argument("field", type=Path, help="local field map (NIfTI), units set by --units")
+    r.add_argument("--mask", type=Path, required=True, help="brain mask (NIfTI, > 0 inside), same grid as the field")
+    r.add_argument("--magnitude", type=Path, help="magnitude image: edges are spared by MEDI's TV (gradient mask)")
+    r.add_argument("--noise-std", type=Path, help="field noise standard deviation map: data weight W = mask / N_std")
+    r.add_argument("--method", choices=METHODS, default="pdi", help="reconstruction method (default: pdi)")
+    r.add_argument("--lambda", dest="lam", type=float, help="regularisation weight (MEDI default 1e-3, Tikhonov 5e-3)")
+    r.add_argument("--samples", type=int, default=5, help="Monte Carlo samples K for PDI-VI (default 5)")
+    r.add_argument("--iterations", type=int, help="iterations: MEDI's maximum (default 200), PDI-VI's count")
+    r.add_argument("--threshold", type=float, default=0.2, help="TKD truncation threshold (default 0.2)")
+    r.add_argument("--units", default="ppm", help=f"field units: {', '.join(UNITS)} (default ppm)")
+    r.add_argument("--b0", type=float, help="field strength in tesla (needed for hz and rad)")
+    r.add_argument("--te", type=float, help="echo time in seconds (needed for rad)")
+    r.add_argument("--b0-dir", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="B0 direction in voxel axes (default: scanner z through the NIfTI affine)")
+    r.add_argument("--params", type=Path, help="QSM-CI params.json (B0_dir, voxel_size, B0, TE)")
+    r.add_argument("--volume", type=int, help="index of the volume to use when the field is 4D")
+    r.add_argument("--pad", type=float, help="zero-padding factor for the FFT (>= 1; default 1.5 for TKD and "
+                                              "Tikhonov, 1 for MEDI)")
+    r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where PDI runs")
+    r.add_argument("--weights", type=Path, help="PDI weights (.safetensors with its .json manifest); default: bundled")
+    r.add_argument("--seed", type=int, default=0, help="random seed (PDI-VI sampling)")
+    r.add_argument("--out-dir", type=Path, required=True, help="output folder (created if needed)")
+    _add_common(r)
+
+    s = sub.add_parser("simulate", help="a phantom and its local field with noise (seeded)")
+    s.add_argument("kind", choices=("sphere", "cylinder", "brain", "shapes", "ich"), help="phantom type")
+    s.add_argument("--out-dir", type=Path, required=True)
+    s.add_argument("--shape", type=int, nargs=3, default=(96, 96, 64), metavar=("NX", "NY", "NZ"))
+    s.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DX", "DY", "DZ"))
+    s.add_argument("--b0-dir", type=float, nargs=3, default=(0.0, 0.0, 1.0), metavar=("X", "Y", "Z"))
+    s.add_argument("--noise", type=float, default=1e-3, help="field noise standard deviation, ppm (default 1e-3)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data-dir", type=Path, help="for 'ich': folder with chi_ppm, mask, noise_std (default ../shared/data)")
+    _add_common(s)
+
+    e = sub.add_parser("evaluate", help="metrics of a reconstruction against the truth")
+    e.add_argument("recon", type=Path, help="reconstructed chi (NIfTI, ppm)")
+    e.add_argument("--truth", type=Path, required=True, help="true chi (NIfTI, ppm)")
+    e.add_argument("--mask", type=Path, required=True)
+    e.add_argument("--std", type=Path, help="predicted standard deviation map, for the calibration figures")
+    e.add_argument("--json", type=Path, help="also write the table as JSON here")
+    _add_common(e)
+
+    t = sub.add_parser("train", help="supervised Bayesian training on simulated data (Eq. 9), resumable")
+    t.add_argument("--preset", default="default", help="architecture preset: default, paper, tiny")
+    t.add_argument("--steps", type=int, required=True, help="train until this many steps in total")
+    t.add_argument("--out", type=Path, required=True, help="checkpoint file; resumed from if it exists")
+    t.add_argument("--log", type=Path, help="append one JSON line per step here (default: <out>.log.jsonl)")
+    t.add_argument("--batch-size", type=int, default=2)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--validate-every", type=int, default=250)
+    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    _add_common(t)
+
+    x = sub.add_parser("export", help="weights (safetensors + manifest with sha256) from a training checkpoint")
+    x.add_argument("checkpoint", type=Path)
+    x.add_argument("--out", type=Path, required=True, help="NAME.safetensors (NAME.json is written beside it)")
+    _add_common(x)
+
+    d = sub.add_parser("demo", help="the main job on built-in data: simulate, reconstruct, figure, metrics")
+    d.add_argument("--out-dir", type=Path, default=Path("out/demo"))
+    d.add_argument("--seed", type=int, default=0)
+    _add_common(d)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = Progress(args.progress)
+    try:
+        return COMMANDS[args.command](args, progress)
+    except (InputError, ValueError, RuntimeError, OSError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"pdiqsm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Cancelled):
+        print(f"pdiqsm {args.command}: cancelled; nothing was written", file=sys.stderr)
+        return 130
+
+
+def cmd_reconstruct(args, progress: Progress) -> int:
+    from .pipeline import reconstruct_files
+
+    settings = Settings(method=args.method, lam=args.lam, samples=args.samples, iterations=args.iterations,
+                        pad=args.pad, threshold=args.threshold, device=args.device,
+                        weights=str(args.weights) if args.weights else None, seed=args.seed)
+    record = reconstruct_files(args.field, args.mask, args.out_dir, settings, args.magnitude, args.noise_std,
+                               args.units, args.b0, args.te, args.b0_dir, args.params, args.volume, progress)
+    print("\n".join(record["outputs"]))
+    return 0
+
+
+def cmd_simulate(args, progress: Progress) -> int:
+    from .simulate_cli import simulate
+
+    for path in simulate(args, progress):
+        print(path)
+    return 0
+
+
+def cmd_evaluate(args, progress: Progress) -> int:
+    from .evaluation import evaluate_files, format_table
+    from .io import write_json_atomic
+
+    table = evaluate_files(args.recon, args.truth, args.mask, args.std)
+    print(format_table({args.recon.name: table}))
+    if args.json:
+        write_json_atomic(args.json, table)
+    return 0
+
+
+def cmd_train(args, progress: Progress) -> int:
+    from .inference import pick_device
+    from .training import TrainConfig, train, validation_set
+
+    config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed, validate_every=args.validate_every)
+    log_path = args.log or args.out.with_name(args.out.name + ".log.jsonl")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    step_fn = progress.task("train")
+    with open(log_path, "a") as log_file:
+        def log(record: dict) -> None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            step_fn(record["step"], config.steps)
+        train(config, args.out, log, validation_set(), pick_device(args.device))
+    print(args.out)
+    return 0
+
+
+def cmd_export(args, progress: Progress) -> int:
+    from .training import export
+
+    print(export(args.checkpoint, args.out))
+    return 0
+
+
+def cmd_demo(args, progress: Progress) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out_dir, args.seed, progress)
+    return 0
+
+
+COMMANDS = {"reconstruct": cmd_reconstruct, "simulate": cmd_simulate, "evaluate": cmd_evaluate,
+            "train": cmd_train, "export": cmd_export, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

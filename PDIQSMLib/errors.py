@@ -1,0 +1,14 @@
+"""The one exception type users see: a bad input, named with its source and the problem."""
+
+
+class InputError(ValueError):
+    """Raised for input that cannot be used; the message names the file (or argument) and the problem."""
+
+    def __init__(self, source: str, problem: str) -> None:
+        super().__init__(f"{source}: {problem}")
+        self.source = source
+        self.problem = problem
+
+
+class Cancelled(RuntimeError):
+    """Raised inside a long loop when the caller asked it to stop; nothing is written after it."""

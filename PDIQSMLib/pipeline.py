@@ -1,0 +1,167 @@
+"""One reconstruction, start to end: arrays + geometry in, mean (and std) out; and the file-level run.
+
+This is the single place where methods are dispatched, shared by the command line and the Slicer
+logic, so that both give the same numbers for the same data.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__, solvers
+from .errors import InputError
+from .geometry import Geometry, geometry_from_affine, normalise_b0_dir
+from .io import Params, Volume, check_same_grid, load_mask, load_volume, nifti_stem, read_params, save_volume, write_json_atomic
+from .progress import Progress
+from .units import to_ppm
+from .weighting import data_weight, gradient_mask
+
+METHODS = ("pdi", "pdi-vi1", "pdi-vi2", "medi", "tikhonov", "tkd")
+AVAILABLE_METHODS = ("pdi", "medi", "tikhonov", "tkd")
+
+
+@dataclass
+class Settings:
+    """Every user setting of a reconstruction (defaults are the documented ones)."""
+
+    method: str = "medi"
+    lam: float | None = None  # None: the method's default
+    samples: int = 5
+    iterations: int | None = None
+    pad: float | None = None  # None: the method's default (1.5 for TKD and Tikhonov, 1 for MEDI)
+    threshold: float = solvers.TKD_THRESHOLD
+    device: str = "auto"
+    weights: str | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise InputError("--method", f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method not in AVAILABLE_METHODS:
+            raise InputError("--method", f"{self.method} is not available in this version")
+        if self.lam is not None and (not np.isfinite(self.lam) or self.lam < 0):
+            raise InputError("--lambda", f"must be a finite number >= 0, got {self.lam}")
+        if self.samples < 1:
+            raise InputError("--samples", f"must be >= 1, got {self.samples}")
+        if self.iterations is not None and self.iterations < 1:
+            raise InputError("--iterations", f"must be >= 1, got {self.iterations}")
+        if self.pad is not None and not self.pad >= 1.0:
+            raise InputError("--pad", f"padding factor must be >= 1, got {self.pad}")
+
+
+@dataclass
+class Result:
+    mean: np.ndarray
+    std: np.ndarray | None
+    info: dict = field(default_factory=dict)
+
+
+def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, settings: Settings,
+                magnitude: np.ndarray | None = None, noise_std: np.ndarray | None = None,
+                progress: Progress | None = None) -> Result:
+    """Susceptibility (ppm) from a local field (ppm) inside ``mask``."""
+    settings.check()
+    progress = progress or Progress("none")
+    m = np.asarray(mask) > 0
+    if not m.any():
+        raise InputError("mask", "the mask is empty (no voxel > 0)")
+    if not np.all(np.isfinite(field_ppm[m])):
+        raise InputError("field", "contains NaN or Inf inside the mask")
+    torch.manual_seed(settings.seed)
+    t0 = time.perf_counter()
+    b = torch.from_numpy(np.where(m, field_ppm, 0.0).astype(np.float32))
+    mt = torch.from_numpy(m.astype(np.float32))
+    info: dict = {"method": settings.method}
+    std = None
+    if settings.method == "tkd":
+        chi = solvers.tkd(b, mt, geometry, settings.threshold, settings.pad or solvers.CLOSED_FORM_PAD)
+    elif settings.method == "tikhonov":
+        lam = settings.lam if settings.lam is not None else solvers.TIKHONOV_LAMBDA
+        chi = solvers.tikhonov(b, mt, geometry, lam, settings.pad or solvers.CLOSED_FORM_PAD)
+        info["lambda"] = lam
+    elif settings.method == "medi":
+        lam = settings.lam if settings.lam is not None else solvers.MEDI_LAMBDA
+        w = torch.from_numpy(data_weight(m, noise_std))
+        edges = torch.from_numpy(gradient_mask(m, magnitude, geometry.voxel_size))
+        chi = solvers.medi(b, mt, geometry, lam, w, edges, settings.pad or 1.0,
+                           settings.iterations or solvers.MEDI_MAX_ITER, progress=progress.task("medi"))
+        info["lambda"] = lam
+    else:
+        from .inference import pick_device, predict
+        from .weights import load_model
+
+        device = pick_device(settings.device)
+        net, manifest = load_model(settings.weights, device)
+        progress.status(f"running PDI on {device}")
+        mean, std = predict(net, field_ppm, m, device)
+        chi = torch.from_numpy(mean)
+        info.update(device=device, weights_sha256=manifest["sha256"])
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return Result(chi.numpy().astype(np.float32), std, info)
+
+
+def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+    return {"mean": out_dir / f"{stem}_chi-mean.nii.gz", "std": out_dir / f"{stem}_chi-std.nii.gz",
+            "record": out_dir / f"{stem}_run.json"}
+
+
+def resolve_geometry(field: Volume, params: Params | None, b0_dir=None) -> Geometry:
+    """Geometry from the NIfTI affine; params.json or an explicit B0 direction override it."""
+    direction = b0_dir if b0_dir is not None else (params.b0_dir if params and params.b0_dir else None)
+    geo = geometry_from_affine(field.affine, normalise_b0_dir(direction) if direction is not None else None)
+    if params and params.voxel_size and not np.allclose(params.voxel_size, geo.voxel_size, rtol=1e-3):
+        raise InputError("params.json", f"voxel_size {params.voxel_size} differs from the NIfTI header's {geo.voxel_size}")
+    return geo
+
+
+def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnitude_path=None, noise_path=None,
+                      units: str = "ppm", b0: float | None = None, te: float | None = None, b0_dir=None,
+                      params_path=None, volume_index: int | None = None, progress: Progress | None = None) -> dict:
+    """Read, check, convert, reconstruct and write; returns the run record (also written as JSON)."""
+    settings.check()
+    progress = progress or Progress("none")
+    t0 = time.perf_counter()
+    field = load_volume(field_path, "field", volume_index)
+    mask = load_mask(mask_path, field)
+    params = read_params(params_path) if params_path else None
+    if params:
+        b0 = b0 if b0 is not None else params.b0
+        te = te if te is not None else params.te
+    geometry = resolve_geometry(field, params, b0_dir)
+    field_ppm = to_ppm(field.data, units, b0, te)
+    extras = {}
+    for role, path in (("magnitude", magnitude_path), ("noise std", noise_path)):
+        if path is not None:
+            vol = load_volume(path, role)
+            check_same_grid(field, vol, role)
+            extras[role] = vol.data
+    out_dir = Path(out_dir)
+    paths = output_paths(out_dir, nifti_stem(field.path))
+    inputs = [field_path, mask_path, magnitude_path, noise_path, params_path]
+    protect = [Path(p) for p in inputs if p is not None]
+    for p in paths.values():
+        if any(p.resolve() == q.resolve() for q in protect):
+            raise InputError(str(p), "output would overwrite an input file; choose another --out-dir")
+    progress.status(f"{settings.method}: field {field.data.shape}, voxel {geometry.voxel_size} mm, B0 {geometry.b0_dir}")
+    result = reconstruct(field_ppm, mask, geometry, settings, extras.get("magnitude"), extras.get("noise std"), progress)
+    written = [save_volume(paths["mean"], result.mean, field, f"PDIQSM {settings.method} chi ppm", protect)]
+    if result.std is not None:
+        written.append(save_volume(paths["std"], result.std, field, f"PDIQSM {settings.method} chi std ppm", protect))
+    record = {
+        "pdiqsm_version": __version__, "torch": torch.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "machine": platform.machine(),
+        "inputs": {k: (str(v) if v is not None else None) for k, v in
+                   zip(("field", "mask", "magnitude", "noise_std", "params"), inputs)},
+        "units": units, "b0_tesla": b0, "te_seconds": te,
+        "geometry": asdict(geometry), "settings": asdict(settings), "result": result.info,
+        "outputs": [str(p) for p in written], "seconds_total": round(time.perf_counter() - t0, 3),
+    }
+    write_json_atomic(paths["record"], record)
+    progress.status(f"wrote {', '.join(str(p) for p in written)}")
+    return record

@@ -1,0 +1,158 @@
+"""Supervised Bayesian training of PDI (Eq. 9): simulated patches, masked Gaussian NLL, Adam.
+
+Resumable: the checkpoint holds weights, optimiser state, step, the data generator's state and the
+loss log, and is written atomically every ``checkpoint_every`` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, UNetConfig, gaussian_nll
+from .simulation import Sample, SimulationConfig, make_volume, random_patch
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "default"
+    steps: int = 1000
+    batch_size: int = 2
+    lr: float = 1e-3
+    patch: tuple[int, int, int] = (64, 64, 32)
+    seed: int = 0
+    pool_size: int = 8
+    refresh_every: int = 3  # steps between replacing one pooled volume with a fresh one
+    validate_every: int = 250
+    checkpoint_every: int = 50
+    threads: int = 0  # 0: torch's default
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+
+def to_input(field_ppm: torch.Tensor) -> torch.Tensor:
+    return field_ppm * FIELD_SCALE
+
+
+def from_output(mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean ppm, std ppm) from the network's scaled outputs."""
+    return mean / CHI_SCALE, torch.exp(0.5 * logvar) / CHI_SCALE
+
+
+def batch_loss(net: PDINet, field: torch.Tensor, chi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 9 on a batch (field, chi in ppm)."""
+    mean, logvar = net(to_input(field))
+    return gaussian_nll(mean, logvar, chi * CHI_SCALE, mask)
+
+
+class PatchPool:
+    """A pool of simulated volumes, refreshed one at a time, from which patches are drawn."""
+
+    def __init__(self, config: TrainConfig, rng: np.random.Generator) -> None:
+        self.config = config
+        self.rng = rng
+        self.volumes: list[Sample] = [make_volume(rng, config.simulation) for _ in range(config.pool_size)]
+
+    def refresh(self) -> None:
+        self.volumes[int(self.rng.integers(len(self.volumes)))] = make_volume(self.rng, self.config.simulation)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        items = [random_patch(self.volumes[int(self.rng.integers(len(self.volumes)))], self.config.patch, self.rng)
+                 for _ in range(self.config.batch_size)]
+        stack = lambda i: torch.from_numpy(np.stack([it[i] for it in items])[:, None].astype(np.float32))  # noqa: E731
+        return stack(0), stack(1), stack(2)
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = print,
+          validation: list[Sample] | None = None, device: str = "cpu") -> PDINet:
+    """Train (or resume from ``checkpoint``) up to ``config.steps`` steps; returns the network."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    net = PDINet(PRESETS[config.preset]).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    rng = np.random.default_rng(config.seed)
+    step, history = 0, []
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state["preset"] != config.preset:
+            raise ValueError(f"{checkpoint}: checkpoint is preset {state['preset']!r}, not {config.preset!r}")
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, history = int(state["step"]), list(state["history"])
+        rng.bit_generator.state = json.loads(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+    pool = PatchPool(config, rng)
+
+    def save() -> None:
+        save_atomic({"preset": config.preset, "config": json.dumps(asdict(config)), "model": net.state_dict(),
+                     "optimizer": opt.state_dict(), "step": step, "history": history,
+                     "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state()}, checkpoint)
+
+    net.train()
+    t0 = time.perf_counter()
+    while step < config.steps:
+        field_b, chi_b, mask_b = (t.to(device) for t in pool.batch())
+        loss = batch_loss(net, field_b, chi_b, mask_b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        record = {"step": step, "loss": loss.item(), "seconds": round(time.perf_counter() - t0, 2)}
+        if step % config.refresh_every == 0:
+            pool.refresh()
+        if validation and step % config.validate_every == 0:
+            record["validation"] = validate(net, validation, device)
+            net.train()
+        history.append(record)
+        log(record)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save()
+    return net
+
+
+@torch.no_grad()
+def validate(net: PDINet, samples: list[Sample], device: str = "cpu") -> dict:
+    """Whole-volume RMSE (%) and 2-sigma coverage on held-apart simulated volumes."""
+    from .inference import predict
+
+    rmses, cover = [], []
+    for s in samples:
+        mean, std = predict(net, s.field, s.mask, device=device)
+        m = s.mask > 0
+        err = mean[m] - s.chi[m]
+        rmses.append(100 * np.linalg.norm(err) / np.linalg.norm(s.chi[m]))
+        cover.append(float(np.mean(np.abs(err) <= 2 * std[m])))
+    return {"rmse": round(float(np.mean(rmses)), 2), "coverage2": round(float(np.mean(cover)), 4)}
+
+
+def validation_set(seed: int = 10_000, count: int = 2, config: SimulationConfig = SimulationConfig()) -> list[Sample]:
+    """Held-apart simulated brains (seeds disjoint from training's stream)."""
+    brains_only = SimulationConfig(**{**asdict(config), "brain_fraction": 1.0})
+    return [make_volume(np.random.default_rng(seed + i), brains_only) for i in range(count)]
+
+
+def export(checkpoint: Path, out: Path) -> Path:
+    """Weights of a training checkpoint as safetensors + manifest (steps, config, last validation)."""
+    from .weights import save_weights
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    net = PDINet(PRESETS[state["preset"]])
+    net.load_state_dict(state["model"])
+    validations = [r for r in state["history"] if "validation" in r]
+    info = {"preset": state["preset"], "steps": int(state["step"]), "train_config": json.loads(state["config"]),
+            "last_validation": validations[-1] if validations else None,
+            "field_scale": FIELD_SCALE, "chi_scale": CHI_SCALE}
+    return save_weights(net, out, info)

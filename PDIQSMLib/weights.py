@@ -1,0 +1,74 @@
+"""Model weights: safetensors files with a JSON manifest (architecture, sha256, provenance).
+
+A weights file ``NAME.safetensors`` travels with ``NAME.json``; loading checks the file's sha256
+against the manifest before anything is deserialised, and the architecture against the tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import InputError
+from .network import PDINet, UNetConfig
+
+RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
+DEFAULT_WEIGHTS = RESOURCES / "models" / "pdi-default.safetensors"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_path(weights: Path) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def save_weights(net: PDINet, path: Path, info: dict | None = None) -> Path:
+    """Write weights (safetensors) and the manifest with their sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    manifest = {"architecture": net.config.to_dict(), "sha256": sha256(path), **(info or {})}
+    manifest_path(path).write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def load_model(path: Path | None = None, device: str = "cpu") -> tuple[PDINet, dict]:
+    """Network and manifest from ``path`` (default: the bundled model), checksum verified."""
+    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    if not path.exists():
+        raise InputError(str(path), "weights file does not exist")
+    mpath = manifest_path(path)
+    if not mpath.exists():
+        raise InputError(str(path), f"no manifest {mpath.name} beside the weights (it holds the checksum)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        config = UNetConfig.from_dict(manifest["architecture"])
+        expected = manifest["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(str(mpath), f"malformed weights manifest: {exc}") from None
+    actual = sha256(path)
+    if actual != expected:
+        raise InputError(str(path), f"checksum mismatch: sha256 {actual[:16]}... but the manifest says {expected[:16]}...")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise InputError(str(path), f"not a readable safetensors file: {exc}") from None
+    net = PDINet(config)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "mismatch"
+        raise InputError(str(path), f"weights do not fit architecture {config.filters}: {first}") from None
+    return net.to(device).eval(), manifest

@@ -1,0 +1,232 @@
+"""The command line and NIfTI I/O: round trips, every bad input, no partial outputs."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import write_nifti
+from PDIQSMLib.cli import main
+from PDIQSMLib.errors import InputError
+from PDIQSMLib.io import load_volume, read_params, save_volume
+from PDIQSMLib.progress import Progress, parse_line
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def recon_args(case, out_dir, *extra):
+    return ["reconstruct", str(case["field"]), "--mask", str(case["mask"]), "--method", "tkd",
+            "--out-dir", str(out_dir), "--progress", "none", *extra]
+
+
+def test_reconstruct_writes_map_with_input_geometry_and_record(small_case, capsys, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, _ = run(recon_args(small_case, out), capsys)
+    assert code == 0
+    img = nib.load(str(out / "field_chi-mean.nii.gz"))
+    assert img.shape == small_case["shape"]
+    assert np.allclose(img.affine, small_case["affine"])
+    assert np.allclose(img.header.get_zooms(), (1.0, 1.0, 1.5))
+    record = json.loads((out / "field_run.json").read_text())
+    assert record["settings"]["method"] == "tkd" and record["geometry"]["voxel_size"] == [1.0, 1.0, 1.5]
+    assert "torch" in record and record["result"]["seconds"] >= 0
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_units_conversion_through_the_command(small_case, capsys, tmp_path):
+    from PDIQSMLib.units import GAMMA_MHZ_PER_T
+
+    field = nib.load(str(small_case["field"]))
+    hz = write_nifti(tmp_path / "field_hz.nii.gz", field.get_fdata() * GAMMA_MHZ_PER_T * 3.0, field.affine)
+    run(recon_args(small_case, tmp_path / "a"), capsys)
+    args = recon_args(small_case, tmp_path / "b", "--units", "hz", "--b0", "3")
+    args[1] = str(hz)
+    assert run(args, capsys)[0] == 0
+    a = nib.load(str(tmp_path / "a" / "field_chi-mean.nii.gz")).get_fdata()
+    b = nib.load(str(tmp_path / "b" / "field_hz_chi-mean.nii.gz")).get_fdata()
+    assert np.allclose(a, b, atol=1e-6)
+
+
+def test_progress_lines_are_parseable(small_case, capsys, tmp_path):
+    args = recon_args(small_case, tmp_path / "o", "--iterations", "5")
+    args[args.index("tkd")] = "medi"
+    args[args.index("none")] = "lines"
+    code, _, err = run(args, capsys)
+    assert code == 0
+    steps = [parse_line(line) for line in err.splitlines() if line.startswith("PROGRESS")]
+    assert steps and steps[0] == (1, 5, "medi") and steps[-1][0] == steps[-1][1]
+
+
+def zero_axis_nifti(path, data, affine):
+    """An uncompressed NIfTI whose sform has a zero second column (patched after nibabel wrote it)."""
+    write_nifti(path, data, affine)
+    raw = bytearray(path.read_bytes())
+    raw[252:254] = np.int16(0).tobytes()  # qform_code: unused
+    raw[296:312] = np.zeros(4, "<f4").tobytes()  # srow_y
+    raw[280 + 4:280 + 8] = np.float32(0).tobytes()  # srow_x[1]
+    raw[312 + 4:312 + 8] = np.float32(0).tobytes()  # srow_z[1]
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def bad_case(small_case, tmp_path, kind):
+    """Arguments for one kind of bad input, and the phrase its error must contain."""
+    field = nib.load(str(small_case["field"]))
+    data, aff = field.get_fdata(), field.affine
+    args = recon_args(small_case, tmp_path / "out")
+    if kind == "nan":
+        data = data.copy()
+        data[3, 3, 3] = np.nan
+        args[1] = str(write_nifti(tmp_path / "nan.nii.gz", data, aff))
+        return args, "NaN"
+    if kind == "empty mask":
+        args[3] = str(write_nifti(tmp_path / "empty.nii.gz", np.zeros_like(data), aff))
+        return args, "empty"
+    if kind == "mask shape":
+        args[3] = str(write_nifti(tmp_path / "m.nii.gz", np.ones((32, 32, 20)), aff))
+        return args, "shape"
+    if kind == "mask affine":
+        shifted = aff.copy()
+        shifted[0, 3] = 5.0
+        args[3] = str(write_nifti(tmp_path / "m.nii.gz", np.ones_like(data), shifted))
+        return args, "affine"
+    if kind == "2d":
+        args[1] = str(write_nifti(tmp_path / "flat.nii.gz", data[:, :, 0], aff))
+        return args, "3D"
+    if kind == "4d":
+        args[1] = str(write_nifti(tmp_path / "four.nii.gz", np.stack([data, data], -1), aff))
+        return args, "--volume"
+    if kind == "not nifti":
+        (tmp_path / "field.mat").write_bytes(b"MATLAB 5.0")
+        args[1] = str(tmp_path / "field.mat")
+        return args, "not a NIfTI"
+    if kind == "corrupt":
+        (tmp_path / "bad.nii.gz").write_bytes(b"not gzip at all")
+        args[1] = str(tmp_path / "bad.nii.gz")
+        return args, "cannot read"
+    if kind == "zero voxel":
+        # nibabel neither writes nor reads a zero pixdim, but a file's sform can still collapse an axis
+        args[1] = str(zero_axis_nifti(tmp_path / "z.nii", data, aff))
+        args[3] = str(zero_axis_nifti(tmp_path / "zm.nii", np.ones_like(data), aff))
+        return args, "positive"
+    if kind == "units":
+        return args + ["--units", "tesla"], "unknown units"
+    if kind == "hz without b0":
+        return args + ["--units", "hz"], "B0"
+    if kind == "rad without te":
+        return args + ["--units", "rad", "--b0", "3"], "TE"
+    if kind == "zero b0 dir":
+        return args + ["--b0-dir", "0", "0", "0"], "zero"
+    if kind == "missing":
+        args[1] = str(tmp_path / "nope.nii.gz")
+        return args, "does not exist"
+    if kind == "overwrite input":
+        # the mask sits where the mean map would be written (output folder = the inputs' folder)
+        victim = write_nifti(tmp_path / "field_chi-mean.nii.gz", np.ones_like(data), aff)
+        args[1] = str(write_nifti(tmp_path / "field.nii.gz", data, aff))
+        args[3] = str(victim)
+        args[args.index("--out-dir") + 1] = str(tmp_path)
+        return args, "overwrite"
+    raise AssertionError(kind)
+
+
+BAD = ["nan", "empty mask", "mask shape", "mask affine", "2d", "4d", "not nifti", "corrupt", "zero voxel",
+       "units", "hz without b0", "rad without te", "zero b0 dir", "missing"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_input_gives_one_clear_line_and_no_output(small_case, capsys, tmp_path, kind):
+    args, phrase = bad_case(small_case, tmp_path, kind)
+    code, _, err = run(args, capsys)
+    assert code == 2
+    assert phrase in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_output_that_would_overwrite_input_is_refused(small_case, capsys, tmp_path):
+    args, phrase = bad_case(small_case, tmp_path, "overwrite input")
+    before = (tmp_path / "field_chi-mean.nii.gz").read_bytes()
+    code, _, err = run(args, capsys)
+    assert code == 2 and phrase in err
+    assert (tmp_path / "field_chi-mean.nii.gz").read_bytes() == before
+
+
+def test_error_names_the_file(small_case, capsys, tmp_path):
+    args, _ = bad_case(small_case, tmp_path, "nan")
+    _, _, err = run(args, capsys)
+    assert "nan.nii.gz" in err
+
+
+def test_debug_shows_traceback(small_case, capsys, tmp_path):
+    args, _ = bad_case(small_case, tmp_path, "empty mask")
+    _, _, err = run(args + ["--debug"], capsys)
+    assert "Traceback" in err
+
+
+def test_4d_volume_selection(small_case, capsys, tmp_path):
+    field = nib.load(str(small_case["field"]))
+    four = write_nifti(tmp_path / "four.nii.gz", np.stack([field.get_fdata(), 2 * field.get_fdata()], -1), field.affine)
+    vol = load_volume(four, "field", volume_index=1)
+    assert np.allclose(vol.data, 2 * field.get_fdata())
+    with pytest.raises(InputError, match="out of range"):
+        load_volume(four, "field", volume_index=2)
+
+
+def test_save_keeps_header_and_never_replaces_input(tmp_path):
+    aff = np.array([[0, -1.2, 0, 10], [0.9, 0, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    src = write_nifti(tmp_path / "in.nii.gz", np.random.default_rng(0).random((6, 7, 5)), aff)
+    vol = load_volume(src, "field")
+    out = save_volume(tmp_path / "o.nii.gz", vol.data * 2, vol)
+    img = nib.load(str(out))
+    assert np.allclose(img.affine, aff) and img.get_data_dtype() == np.float32
+    assert np.allclose(img.get_fdata(), vol.data * 2, atol=1e-6)
+    with pytest.raises(InputError, match="overwrite"):
+        save_volume(src, vol.data, vol, protect=[src])
+
+
+def test_params_json(tmp_path):
+    p = tmp_path / "params.json"
+    p.write_text(json.dumps({"B0_dir": [0, 0.1, 1], "voxel_size": [1, 1, 2], "B0": 7, "TE": [0.004, 0.008]}))
+    params = read_params(p)
+    assert params.b0 == 7.0 and params.te == 0.004 and params.voxel_size == (1.0, 1.0, 2.0)
+    p.write_text("{broken")
+    with pytest.raises(InputError, match="JSON"):
+        read_params(p)
+
+
+def test_params_b0_dir_reaches_the_reconstruction(small_case, capsys, tmp_path):
+    p = tmp_path / "params.json"
+    p.write_text(json.dumps({"B0_dir": [0, 0.6, 0.8], "voxel_size": [1, 1, 1.5]}))
+    run(recon_args(small_case, tmp_path / "o", "--params", str(p)), capsys)
+    record = json.loads((tmp_path / "o" / "field_run.json").read_text())
+    assert np.allclose(record["geometry"]["b0_dir"], [0, 0.6, 0.8])
+    p.write_text(json.dumps({"voxel_size": [2, 2, 2]}))
+    code, _, err = run(recon_args(small_case, tmp_path / "o2", "--params", str(p)), capsys)
+    assert code == 2 and "voxel_size" in err
+
+
+def test_simulate_then_evaluate(capsys, tmp_path):
+    sim = tmp_path / "sim"
+    assert run(["simulate", "sphere", "--shape", "32", "32", "32", "--out-dir", str(sim), "--progress", "none"], capsys)[0] == 0
+    assert json.loads((sim / "params.json").read_text())["B0_dir"] == [0.0, 0.0, 1.0]
+    code, out, _ = run(["evaluate", str(sim / "chi.nii.gz"), "--truth", str(sim / "chi.nii.gz"), "--mask",
+                        str(sim / "mask.nii.gz"), "--json", str(tmp_path / "m.json")], capsys)
+    assert code == 0 and "| rmse |" in out.replace("| method | rmse", "| rmse")
+    assert json.loads((tmp_path / "m.json").read_text())["rmse"] == 0.0
+
+
+def test_progress_bar_and_lines(capsys):
+    import io
+
+    buf = io.StringIO()
+    Progress("lines", buf).task("medi")(3, 10)
+    assert parse_line(buf.getvalue()) == (3, 10, "medi")
+    buf = io.StringIO()
+    Progress("bar", buf).task("medi")(10, 10)
+    assert "10/10" in buf.getvalue() and buf.getvalue().endswith("\n")

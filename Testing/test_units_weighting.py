@@ -1,0 +1,91 @@
+"""Unit conversion, gradient adjointness, data weight and MEDI's gradient mask."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from PDIQSMLib.errors import InputError
+from PDIQSMLib.gradient import grad, grad_adjoint
+from PDIQSMLib.units import GAMMA_MHZ_PER_T, ppm_per_unit, to_ppm
+from PDIQSMLib.weighting import data_weight, edge_threshold, gradient_mask
+
+
+def test_hz_to_ppm_at_3t():
+    # 1 ppm at 3 T is gamma * 3 T * 1e-6 = 127.73 Hz
+    hz = GAMMA_MHZ_PER_T * 3.0
+    assert math.isclose(float(to_ppm(np.array([hz]), "hz", 3.0)[0]), 1.0, rel_tol=1e-12)
+    assert math.isclose(127.7324, hz, rel_tol=1e-5)
+
+
+def test_rad_to_ppm():
+    # phase of 1 ppm after TE = 20 ms at 7 T: 2 pi * 42.577 MHz/T * 7 T * 1e-6 * 0.02 s
+    phase = 2 * math.pi * GAMMA_MHZ_PER_T * 7.0 * 0.02
+    assert math.isclose(float(to_ppm(np.array(phase), "rad", 7.0, 0.02)), 1.0, rel_tol=1e-12)
+    assert ppm_per_unit("PPM") == 1.0
+
+
+@pytest.mark.parametrize("units,b0,te,match", [("gauss", 3, None, "unknown units"), ("hz", None, None, "B0"),
+                                               ("rad", 3.0, None, "TE"), ("rad", -1.0, 0.01, "B0"),
+                                               ("rad", 3.0, 0.0, "TE")])
+def test_unit_errors(units, b0, te, match):
+    with pytest.raises(InputError, match=match):
+        ppm_per_unit(units, b0, te)
+
+
+def test_gradient_adjoint_identity_anisotropic():
+    vs = (0.7, 1.0, 2.5)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 10, 7, dtype=torch.float64, generator=gen)
+    g = torch.randn(3, 9, 10, 7, dtype=torch.float64, generator=gen)
+    assert math.isclose(float((grad(x, vs) * g).sum()), float((x * grad_adjoint(g, vs)).sum()), rel_tol=1e-12)
+
+
+def test_gradient_of_linear_ramp_is_its_slope_over_voxel_size():
+    vs = (0.5, 1.0, 2.0)
+    x = torch.arange(8, dtype=torch.float64).reshape(1, 1, 8).expand(6, 6, 8)  # +1 per voxel along axis 3
+    g = grad(x, vs)
+    assert torch.allclose(g[2, :, :, :-1], torch.full((6, 6, 7), 0.5, dtype=torch.float64))
+    assert torch.all(g[0] == 0) and torch.all(g[1] == 0)
+
+
+def test_data_weight_normalised_to_mean_one():
+    mask = np.zeros((4, 4, 4), bool)
+    mask[1:3, 1:3, 1:3] = True
+    noise = np.ones((4, 4, 4))
+    noise[1, 1, 1] = 2.0  # one noisier voxel gets half the weight of the others
+    w = data_weight(mask, noise)
+    assert math.isclose(float(w[mask].mean()), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(w[1, 1, 1] / w[2, 2, 2]), 0.5, rel_tol=1e-6)
+    assert np.all(w[~mask] == 0)
+    assert np.array_equal(data_weight(mask), mask.astype(np.float32))
+
+
+def test_data_weight_errors():
+    with pytest.raises(InputError, match="empty"):
+        data_weight(np.zeros((3, 3, 3)))
+    with pytest.raises(InputError, match="positive"):
+        data_weight(np.ones((3, 3, 3)), np.zeros((3, 3, 3)))
+    with pytest.raises(InputError, match="shape"):
+        data_weight(np.ones((3, 3, 3)), np.ones((3, 3, 2)))
+
+
+def test_edge_threshold_leaves_ninety_percent_of_mask_count_above():
+    rng = np.random.default_rng(0)
+    values = rng.random(3000)
+    t = edge_threshold(values, n_mask=1000, fraction=0.9)
+    assert int((values > t).sum()) == 900
+
+
+def test_gradient_mask_spares_edges_of_magnitude():
+    shape = (20, 20, 20)
+    mask = np.ones(shape, bool)
+    mag = np.ones(shape)
+    mag[:, :, 10:] = 3.0  # one strong edge plane across axis 3
+    mag += 0.01 * np.random.default_rng(1).random(shape)
+    m = gradient_mask(mask, mag, (1.0, 1.0, 1.0))
+    assert m.shape == (3,) + shape
+    assert np.all(m[2, :, :, 9] == 0)  # the edge's gradient component is excluded
+    assert m.mean() > 0.6  # 90 % of N out of 3N components are above the threshold: 70 % stay
+    assert np.array_equal(gradient_mask(mask, None, (1, 1, 1)), np.ones((3,) + shape, np.float32))
