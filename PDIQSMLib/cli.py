@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where PDI runs")
     r.add_argument("--weights", type=Path, help="PDI weights (.safetensors with its .json manifest); default: bundled")
     r.add_argument("--seed", type=int, default=0, help="random seed (PDI-VI sampling)")
+    r.add_argument("--vi-variant", choices=("full", "decoders", "last"), default="last",
+                   help="PDI-VI: tune every weight, the decoders (encoder cached), or each decoder's last level (default)")
+    r.add_argument("--noise-level", type=float, help="PDI-VI: field noise std (ppm) where W = 1 (default: estimated)")
     r.add_argument("--out-dir", type=Path, required=True, help="output folder (created if needed)")
     _add_common(r)
 
@@ -118,7 +121,8 @@ def cmd_reconstruct(args, progress: Progress) -> int:
 
     settings = Settings(method=args.method, lam=args.lam, samples=args.samples, iterations=args.iterations,
                         pad=args.pad, threshold=args.threshold, device=args.device,
-                        weights=str(args.weights) if args.weights else None, seed=args.seed)
+                        weights=str(args.weights) if args.weights else None, seed=args.seed,
+                        vi_variant=args.vi_variant, noise_level=args.noise_level)
     record = reconstruct_files(args.field, args.mask, args.out_dir, settings, args.magnitude, args.noise_std,
                                args.units, args.b0, args.te, args.b0_dir, args.params, args.volume, progress)
     print("\n".join(record["outputs"]))

@@ -8,10 +8,9 @@ import nibabel as nib
 import numpy as np
 
 from . import phantoms
-from .evaluation import evaluate_arrays, format_table
+from .evaluation import compare_methods, format_table
 from .geometry import Geometry
 from .io import Volume, save_volume, write_json_atomic
-from .pipeline import Settings, reconstruct
 from .progress import Progress
 from .simulation import add_noise, field_of
 from .weights import DEFAULT_WEIGHTS
@@ -35,15 +34,11 @@ def run_demo(out_dir: Path, seed: int = 0, progress: Progress | None = None) -> 
     save_volume(out_dir / "mask.nii.gz", ph.mask.astype(np.float32), like, "mask")
     save_volume(out_dir / "field.nii.gz", field, like, "local field ppm")
     methods = ["tkd", "tikhonov", "medi"] + (["pdi"] if DEFAULT_WEIGHTS.exists() else [])
-    results, rows = {}, {}
-    for method in methods:
-        progress.status(f"reconstructing with {method}")
-        res = reconstruct(field, ph.mask, geometry, Settings(method=method), progress=progress)
-        results[method] = res
+    rows, results = compare_methods(field, ph.mask, geometry, ph.chi, methods, progress=progress)
+    for method, res in results.items():
         save_volume(out_dir / f"{method}_chi-mean.nii.gz", res.mean, like, f"{method} chi ppm")
         if res.std is not None:
             save_volume(out_dir / f"{method}_chi-std.nii.gz", res.std, like, f"{method} chi std ppm")
-        rows[method] = {**evaluate_arrays(res.mean, ph.chi, ph.mask, res.std), "seconds": res.info["seconds"]}
     table = format_table(rows)
     (out_dir / "metrics.md").write_text(table + "\n")
     write_json_atomic(out_dir / "metrics.json", rows)

@@ -41,3 +41,25 @@ def format_table(rows: dict[str, dict], columns=COLUMNS) -> str:
         cells = [f"{r[c]:.4g}" if isinstance(r.get(c), (int, float)) else "" for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compare_methods(field: np.ndarray, mask: np.ndarray, geometry, truth: np.ndarray, methods, noise_std=None,
+                    progress=None, regions: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
+    """Reconstruct with each method and score it: (rows for ``format_table``, results by method).
+
+    ``regions`` maps a name to a boolean mask; each row then also gets the mean chi there
+    (``mean_<name>``), and for methods with a std map, the mean std there (``std_<name>``).
+    """
+    from .pipeline import Settings, reconstruct
+
+    rows, results = {}, {}
+    for method in methods:
+        res = reconstruct(field, mask, geometry, Settings(method=method), noise_std=noise_std, progress=progress)
+        results[method] = res
+        row = {**evaluate_arrays(res.mean, truth, mask, res.std), "seconds": res.info["seconds"]}
+        for name, region in (regions or {}).items():
+            row[f"mean_{name}"] = float(res.mean[region].mean())
+            if res.std is not None:
+                row[f"std_{name}"] = float(res.std[region].mean())
+        rows[method] = row
+    return rows, results

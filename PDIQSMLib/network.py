@@ -63,10 +63,20 @@ class Decoder(nn.Module):
         self.head = nn.Conv3d(filters[0], 1, 1)
 
     def forward(self, bottom: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        return self.tail(self.trunk(bottom, skips))
+
+    def trunk(self, bottom: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Everything before the last level's convolutions: the concatenated input of that level."""
         x = bottom
-        for up, conv, skip in zip(self.ups, self.convs, reversed(skips)):
+        pairs = list(zip(self.ups, self.convs, reversed(skips)))
+        for up, conv, skip in pairs[:-1]:
             x = conv(torch.cat([up(x), skip], dim=1))
-        return self.head(x)
+        up, _, skip = pairs[-1]
+        return torch.cat([up(x), skip], dim=1)
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The last level's convolutions and the 1x1x1 head."""
+        return self.head(self.convs[-1](x))
 
 
 class PDINet(nn.Module):

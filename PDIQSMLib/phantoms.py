@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from .geometry import Geometry
@@ -61,9 +62,20 @@ def sphere_field(shape, voxel_size, radius_mm: float, chi: float, b0_dir, center
 
 
 def smooth_noise(shape, voxel_size, scale_mm: float, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian random field with correlation length ``scale_mm``, unit standard deviation."""
-    sigma = [scale_mm / h for h in voxel_size]
-    f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
+    """Gaussian random field with correlation length ``scale_mm``, unit standard deviation.
+
+    White noise filtered by a Gaussian of width ``scale_mm`` in k-space (periodic, so the cost does
+    not grow with the width as a spatial filter's does).
+    """
+    white = rng.standard_normal(shape).astype(np.float32)
+    k2 = 0.0
+    for axis, (n, h) in enumerate(zip(shape, voxel_size)):
+        f = np.fft.rfftfreq(n) if axis == 2 else np.fft.fftfreq(n)
+        view = [1, 1, 1]
+        view[axis] = -1
+        k2 = k2 + ((2 * np.pi * f / h) ** 2).reshape(view)
+    spectrum = torch.fft.rfftn(torch.from_numpy(white)) * torch.from_numpy(np.exp(-0.5 * k2 * scale_mm**2).astype(np.float32))
+    f = torch.fft.irfftn(spectrum, s=tuple(shape)).numpy()
     return f / max(float(f.std()), 1e-12)
 
 
@@ -83,6 +95,19 @@ def _ellipsoid(coords, center, semi_axes, rot=np.eye(3)) -> np.ndarray:
     v = rot[0, 1] * x + rot[1, 1] * y + rot[2, 1] * z
     w = rot[0, 2] * x + rot[1, 2] * y + rot[2, 2] * z
     return (u / semi_axes[0]) ** 2 + (v / semi_axes[1]) ** 2 + (w / semi_axes[2]) ** 2 <= 1.0
+
+
+def _anatomical_ellipsoid(coords, rot, voxel_size, center, semi_axes) -> tuple[tuple[slice, ...], np.ndarray]:
+    """An axis-aligned ellipsoid in the rotated anatomical frame ``coords`` = R^T (x, y, z), evaluated
+    only in its bounding box: (box slices, boolean region within the box)."""
+    shape = coords[0].shape
+    world = rot @ np.asarray(center, float)  # (x, y, z) = R (u, v, w)
+    mid = (np.asarray(shape) - 1) / 2.0
+    reach = float(np.max(semi_axes))
+    lo = np.maximum(np.floor((world - reach) / voxel_size + mid).astype(int), 0)
+    hi = np.minimum(np.ceil((world + reach) / voxel_size + mid).astype(int) + 1, shape)
+    sl = tuple(slice(int(a), int(max(a, b))) for a, b in zip(lo, hi))
+    return sl, _ellipsoid(tuple(c[sl] for c in coords), center, semi_axes)
 
 
 def _paint_tube(chi: np.ndarray, voxel_size, start_mm, n_points: int, step_mm: float, radius_mm: float,
@@ -149,7 +174,8 @@ def brain(shape, voxel_size, rng: np.random.Generator, rotation: np.ndarray | No
     s = semi / np.array([70.0, 85.0, 60.0])  # anatomy scale relative to an adult brain
     ventricle_val = 0.0
     for side in (-1, 1):
-        chi[_ellipsoid(coords, (side * 7 * s[0], 0, 12 * s[2]), (5 * s[0], 24 * s[1], 8 * s[2])) & mask] = ventricle_val
+        sl, region = _anatomical_ellipsoid(coords, rot, vs, (side * 7 * s[0], 0, 12 * s[2]), (5 * s[0], 24 * s[1], 8 * s[2]))
+        chi[sl][region & mask[sl]] = ventricle_val
     nuclei = [  # (centre u, v, w) mm, semi-axes mm, ppm range
         ((11, 10, 14), (4, 12, 6), (0.04, 0.10)),   # caudate
         ((23, 4, 4), (5, 14, 9), (0.05, 0.15)),     # putamen
@@ -164,8 +190,9 @@ def brain(shape, voxel_size, rng: np.random.Generator, rotation: np.ndarray | No
         val = rng.uniform(lo, hi)
         for side in (-1, 1):
             c = ((side * cu + jitter[0]) * s[0], (cv + jitter[1]) * s[1], (cw + jitter[2]) * s[2])
-            region = _ellipsoid(coords, c, np.asarray(axes) * s) & mask
-            chi[region] = val * texture[region]
+            sl, region = _anatomical_ellipsoid(coords, rot, vs, c, np.asarray(axes) * s)
+            region &= mask[sl]
+            chi[sl][region] = val * texture[sl][region]
 
     _add_veins(chi, mask, depth, vs, rng)
     _add_calcifications(chi, mask, vs, rng)

@@ -23,7 +23,7 @@ from .units import to_ppm
 from .weighting import data_weight, gradient_mask
 
 METHODS = ("pdi", "pdi-vi1", "pdi-vi2", "medi", "tikhonov", "tkd")
-AVAILABLE_METHODS = ("pdi", "medi", "tikhonov", "tkd")
+AVAILABLE_METHODS = METHODS
 
 
 @dataclass
@@ -39,6 +39,8 @@ class Settings:
     device: str = "auto"
     weights: str | None = None
     seed: int = 0
+    vi_variant: str = "last"  # which weights PDI-VI tunes: full, decoders, last
+    noise_level: float | None = None  # PDI-VI: field noise (ppm) where W = 1; None: estimated
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -93,17 +95,38 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
                            settings.iterations or solvers.MEDI_MAX_ITER, progress=progress.task("medi"))
         info["lambda"] = lam
     else:
-        from .inference import pick_device, predict
-        from .weights import load_model
-
-        device = pick_device(settings.device)
-        net, manifest = load_model(settings.weights, device)
-        progress.status(f"running PDI on {device}")
-        mean, std = predict(net, field_ppm, m, device)
-        chi = torch.from_numpy(mean)
-        info.update(device=device, weights_sha256=manifest["sha256"])
+        chi, std = _pdi(field_ppm, m, geometry, settings, magnitude, noise_std, progress, info)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return Result(chi.numpy().astype(np.float32), std, info)
+
+
+def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, progress: Progress, info: dict):
+    """PDI, or PDI-VI fine-tuned on this field: (mean tensor, std array); fills ``info``."""
+    from .inference import pick_device, predict
+    from .weights import load_model
+
+    device = pick_device(settings.device)
+    net, manifest = load_model(settings.weights, device)
+    info.update(device=device, weights_sha256=manifest["sha256"])
+    if settings.method == "pdi":
+        progress.status(f"running PDI on {device}")
+        mean, std = predict(net, field_ppm, mask, device)
+        return torch.from_numpy(mean), std
+    from . import vi
+
+    lam = 0.0 if settings.method == "pdi-vi2" else (settings.lam if settings.lam is not None else solvers.MEDI_LAMBDA)
+    config = vi.VIConfig(lam=lam, samples=settings.samples, iterations=settings.iterations or 100,
+                         variant=settings.vi_variant, noise_level=settings.noise_level, seed=settings.seed)
+    config.check()
+    volume = vi.prepare(field_ppm, mask, geometry, net.config.stride, data_weight(mask, noise_std),
+                        gradient_mask(mask, magnitude, geometry.voxel_size), device)
+    progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")
+    result = vi.finetune(net, [volume], config, progress.task("vi"))
+    mean, std = vi.predict_volume(result.net, volume)
+    info.update(lam=lam, samples=config.samples, iterations=len(result.history), variant=config.variant,
+                noise_level=result.noise_level, finetune_seconds=round(result.seconds, 2),
+                final_terms={k: result.history[-1][k] for k in ("loss", "entropy", "fidelity", "tv")})
+    return torch.from_numpy(mean), std
 
 
 def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:

@@ -7,6 +7,7 @@ loss log, and is written atomically every ``checkpoint_every`` steps and at the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,9 +41,22 @@ def to_input(field_ppm: torch.Tensor) -> torch.Tensor:
     return field_ppm * FIELD_SCALE
 
 
+# Far out of distribution (a hemorrhage) the log variance can run away; outputs are kept within
+# these std bounds (ppm) by smooth limits, so that gradients still flow during fine-tuning.
+MIN_STD_PPM, MAX_STD_PPM = 1e-4, 2.0
+
+
+def clamp_logvar(logvar: torch.Tensor) -> torch.Tensor:
+    """Log variance (network units) softly limited to MIN_STD_PPM <= std <= MAX_STD_PPM (identity inside)."""
+    lo = 2.0 * math.log(MIN_STD_PPM * CHI_SCALE)
+    hi = 2.0 * math.log(MAX_STD_PPM * CHI_SCALE)
+    softplus = torch.nn.functional.softplus
+    return lo + softplus(hi - softplus(hi - logvar) - lo)
+
+
 def from_output(mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean ppm, std ppm) from the network's scaled outputs."""
-    return mean / CHI_SCALE, torch.exp(0.5 * logvar) / CHI_SCALE
+    return mean / CHI_SCALE, torch.exp(0.5 * clamp_logvar(logvar)) / CHI_SCALE
 
 
 def batch_loss(net: PDINet, field: torch.Tensor, chi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

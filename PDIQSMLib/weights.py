@@ -38,6 +38,7 @@ def save_weights(net: PDINet, path: Path, info: dict | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    tmp.chmod(0o644)
     tmp.replace(path)
     manifest = {"architecture": net.config.to_dict(), "sha256": sha256(path), **(info or {})}
     manifest_path(path).write_text(json.dumps(manifest, indent=2) + "\n")

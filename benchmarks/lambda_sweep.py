@@ -17,7 +17,7 @@ from PDIQSMLib import metrics, phantoms, solvers  # noqa: E402
 from PDIQSMLib.geometry import Geometry  # noqa: E402
 from PDIQSMLib.simulation import add_noise, field_of  # noqa: E402
 
-SEEDS = (500, 501, 502)
+SEEDS = (500, 501)
 NOISE = (1e-3, 3e-3)
 TIK = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 MEDI = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
@@ -43,7 +43,7 @@ def main() -> None:
             for lam in MEDI:
                 rows.setdefault(("medi", lam, noise), []).append(score(solvers.medi(b, m, g, lam)))
             print(f"seed {seed} noise {noise} done", flush=True)
-    lines = ["| method | lambda | noise (ppm) | RMSE % (mean of 3 brains) |", "|---|---|---|---|"]
+    lines = ["| method | lambda | noise (ppm) | RMSE % (mean of 2 brains) |", "|---|---|---|---|"]
     for (method, lam, noise), v in rows.items():
         lines.append(f"| {method} | {lam:g} | {noise:g} | {np.mean(v):.1f} |")
     write_table("lambda_sweep", "Regularisation sweep on simulated brains (112x128x64, 1x1x2 mm)", "\n".join(lines))
