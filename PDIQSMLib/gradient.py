@@ -11,8 +11,9 @@ import torch
 
 def grad(x: torch.Tensor, voxel_size) -> torch.Tensor:
     """Forward differences of the last three dims, stacked in a new dim -4: shape (..., 3, X, Y, Z)."""
-    parts = [(torch.roll(x, -1, dims=d) - x) / h for d, h in zip((-3, -2, -1), voxel_size)]
-    return torch.stack(parts, dim=-4)
+    # diff of x with its first slice appended is x[i+1] - x[i], wrapping at the end
+    return torch.stack([torch.diff(x, dim=d, append=x.narrow(d, 0, 1)) / h
+                        for d, h in zip((-3, -2, -1), voxel_size)], dim=-4)
 
 
 def grad_adjoint(g: torch.Tensor, voxel_size) -> torch.Tensor:
@@ -20,5 +21,8 @@ def grad_adjoint(g: torch.Tensor, voxel_size) -> torch.Tensor:
     out = torch.zeros_like(g[..., 0, :, :, :])
     for i, (d, h) in enumerate(zip((-3, -2, -1), voxel_size)):
         c = g[..., i, :, :, :]
-        out = out + (torch.roll(c, 1, dims=d) - c) / h
+        n = c.shape[d]
+        # (c[n-1] - c[n]) / h with periodic wrap: out[0] gets c[-1] - c[0]
+        out.narrow(d, 1, n - 1).add_(c.narrow(d, 0, n - 1) - c.narrow(d, 1, n - 1), alpha=1.0 / h)
+        out.narrow(d, 0, 1).add_(c.narrow(d, n - 1, 1) - c.narrow(d, 0, 1), alpha=1.0 / h)
     return out

@@ -139,6 +139,9 @@ def medi(field: torch.Tensor, mask: torch.Tensor, geometry: Geometry, lam: float
     mu2 = mu_tv if mu_tv is not None else max(100.0 * lam, 1e-6)
     denom = mu1 * d**2 + mu2 * lap
     denom = torch.where(denom == 0, torch.ones_like(denom), denom)
+    data_gain, tv_gain = mu1 * d / denom, mu2 / denom  # chi_hat = data_gain F(v - u1) + tv_gain F(grad^T (z - u2))
+    data_gain[0, 0, 0] = 0.0  # the mean of chi over the grid is not determined by the data: fix it at 0
+    tv_gain[0, 0, 0] = 0.0
     rfft = lambda x: torch.fft.rfftn(x, dim=(-3, -2, -1))  # noqa: E731
     irfft = lambda x: torch.fft.irfftn(x, s=op.pad_shape, dim=(-3, -2, -1))  # noqa: E731
 
@@ -148,19 +151,19 @@ def medi(field: torch.Tensor, mask: torch.Tensor, geometry: Geometry, lam: float
     z = torch.zeros((3,) + b.shape, dtype=dtype, device=device)
     u2 = torch.zeros_like(z)
     thresh = lam * m / mu2
-    crop_mask = op.pad(inside) > 0
+    v_num, v_den = 2.0 * w2 * b, 1.0 / (2.0 * w2 + mu1)
+    crop_mask = op.pad(inside)
     for it in range(1, max_iter + 1):
-        rhs = mu1 * d * rfft(v - u1) + mu2 * rfft(grad_adjoint(z - u2, vs))
-        chi_hat = rhs / denom
-        chi_hat[0, 0, 0] = 0.0
+        chi_hat = data_gain * rfft(v - u1) + tv_gain * rfft(grad_adjoint(z - u2, vs))
         new_chi = irfft(chi_hat)
         d_chi = irfft(chi_hat * d)
         g_chi = grad(new_chi, vs)
-        v = (2.0 * w2 * b + mu1 * (d_chi + u1)) / (2.0 * w2 + mu1)
-        z = _soft_threshold(g_chi + u2, thresh)
-        u1 = u1 + d_chi - v
-        u2 = u2 + g_chi - z
-        change = float((new_chi - chi)[crop_mask].norm() / new_chi[crop_mask].norm().clamp_min(1e-12))
+        v = (v_num + mu1 * (d_chi + u1)) * v_den
+        zu = g_chi + u2
+        z = zu - torch.clamp(zu, min=-thresh, max=thresh)  # soft threshold
+        u1 += d_chi - v
+        u2 = zu - z
+        change = float(((new_chi - chi) * crop_mask).norm() / (new_chi * crop_mask).norm().clamp_min(1e-12))
         chi = new_chi
         converged = change < tol
         if progress is not None:
