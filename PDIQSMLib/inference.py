@@ -32,15 +32,69 @@ def pad_to_stride(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, tuple[int
 
 
 @torch.no_grad()
-def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation (ppm, float32) of chi for a local field (ppm), zero outside ``mask``."""
+def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu",
+            tile: int | None = None, overlap: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (ppm, float32) of chi for a local field (ppm), zero outside ``mask``.
+
+    ``tile`` (voxels per side) runs overlapping tiles blended with tapered weights, for volumes
+    that do not fit in memory at once; on a CUDA out-of-memory error, tiles of 128 are used.
+    """
     net.eval()
     m = np.asarray(mask) > 0
-    x = torch.from_numpy(np.where(m, field, 0.0).astype(np.float32))[None, None].to(device)
-    x, size = pad_to_stride(x, net.config.stride)
-    mean, logvar = net(to_input(x))
-    mean, std = from_output(mean, logvar)
-    crop = (0, 0) + tuple(slice(0, n) for n in size)
-    mean = mean[crop].float().cpu().numpy()
-    std = std[crop].float().cpu().numpy()
+    x = torch.from_numpy(np.where(m, field, 0.0).astype(np.float32))[None, None]
+    if tile is None:
+        try:
+            mean, std = _run(net, x, device)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            mean, std = _tiled(net, x, device, 128, overlap)
+    else:
+        mean, std = _tiled(net, x, device, tile, overlap)
     return np.where(m, mean, 0.0).astype(np.float32), np.where(m, std, 0.0).astype(np.float32)
+
+
+def _run(net: PDINet, x: torch.Tensor, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-volume pass: (mean, std) as float32 arrays of x's spatial shape."""
+    padded, size = pad_to_stride(x.to(device), net.config.stride)
+    mean, std = from_output(*net(to_input(padded)))
+    crop = (0, 0) + tuple(slice(0, n) for n in size)
+    return mean[crop].float().cpu().numpy(), std[crop].float().cpu().numpy()
+
+
+def _starts(n: int, tile: int, step: int) -> list[int]:
+    if n <= tile:
+        return [0]
+    starts = list(range(0, n - tile, step)) + [n - tile]
+    return sorted(set(starts))
+
+
+def _tiled(net: PDINet, x: torch.Tensor, device: str, tile: int, overlap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping tiles, each weighted by a separable ramp that fades over ``overlap`` voxels."""
+    if tile <= 2 * overlap:
+        raise ValueError(f"tile ({tile}) must exceed twice the overlap ({overlap})")
+    shape = tuple(x.shape[-3:])
+    mean_sum = np.zeros(shape, np.float64)
+    var_sum = np.zeros(shape, np.float64)
+    weight_sum = np.zeros(shape, np.float64)
+    step = tile - overlap
+    for i in _starts(shape[0], tile, step):
+        for j in _starts(shape[1], tile, step):
+            for k in _starts(shape[2], tile, step):
+                sl = (slice(i, i + tile), slice(j, j + tile), slice(k, k + tile))
+                mean, std = _run(net, x[(0, 0) + sl][None, None], device)
+                w = _taper(mean.shape, overlap)
+                mean_sum[sl] += w * mean
+                var_sum[sl] += w * std.astype(np.float64) ** 2
+                weight_sum[sl] += w
+    return (mean_sum / weight_sum).astype(np.float32), np.sqrt(var_sum / weight_sum).astype(np.float32)
+
+
+def _taper(shape, overlap: int) -> np.ndarray:
+    ramps = []
+    for n in shape:
+        r = np.ones(n)
+        ramp = np.linspace(0.05, 1.0, min(overlap, n // 2) + 2)[1:-1]
+        r[: ramp.size] = ramp
+        r[n - ramp.size:] = np.minimum(r[n - ramp.size:], ramp[::-1])
+        ramps.append(r)
+    return ramps[0][:, None, None] * ramps[1][None, :, None] * ramps[2][None, None, :]

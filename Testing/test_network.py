@@ -112,3 +112,21 @@ def test_prediction_is_deterministic():
     a = predict(net, field, mask)
     b = predict(net, field, mask)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_tiled_prediction_matches_whole_volume_away_from_tile_edges():
+    from PDIQSMLib.weights import load_model
+
+    net, _ = load_model()
+    rng = np.random.default_rng(2)
+    from PDIQSMLib import phantoms
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.simulation import field_of
+
+    ph = phantoms.brain((72, 72, 40), (1.5, 1.5, 2.0), rng)
+    field = field_of(ph.chi, ph.mask, Geometry((1.5, 1.5, 2.0)), 1.5)
+    whole = predict(net, field, ph.mask)
+    tiled = predict(net, field, ph.mask, tile=48, overlap=16)
+    rel = np.linalg.norm(tiled[0] - whole[0]) / np.linalg.norm(whole[0])
+    assert rel < 0.12  # measured 6.4 % (step-550 weights): tiles lose context near their borders
+    assert np.all(tiled[1][ph.mask] > 0)
