@@ -1,0 +1,239 @@
+"""The MRML side of the Slicer module: nodes <-> NIfTI, the background run, output nodes with display.
+
+Imports ``slicer`` for MRML only (never ``qt``), so it runs inside Slicer and under plain Python with
+the PyPI package ``slicer-core``. The reconstruction runs as a separate process (``pdiqsm
+reconstruct`` through the same Python), whose ``PROGRESS`` lines drive a callback; cancelling ends
+the process and leaves no output nodes and no temporary files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+
+from .errors import Cancelled, InputError
+from .geometry import b0_dir_from_affine
+from .io import Volume, save_volume
+from .progress import parse_line
+from .units import ppm_per_unit
+
+MEAN_WINDOW_PPM = (-0.15, 0.15)
+STD_OPACITY = 0.5
+GREY = "vtkMRMLColorTableNodeGrey"
+IRON = "vtkMRMLColorTableNodeIron"
+
+
+@dataclass
+class Request:
+    """What the module's parameter node holds, as plain values and nodes."""
+
+    field: object  # vtkMRMLScalarVolumeNode
+    mask: object  # vtkMRMLScalarVolumeNode or vtkMRMLLabelMapVolumeNode
+    magnitude: object | None = None
+    noise_std: object | None = None
+    units: str = "ppm"
+    b0: float | None = None
+    te: float | None = None
+    b0_dir: tuple[float, float, float] | None = None  # None: from the field's geometry
+    method: str = "pdi"
+    lam: float | None = None
+    samples: int = 5
+    iterations: int | None = None
+    device: str = "auto"
+    weights: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+
+def node_affine(node) -> np.ndarray:
+    """The node's IJK-to-RAS matrix as a 4x4 array (NIfTI's world frame is RAS too)."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
+def node_array(node) -> np.ndarray:
+    """Voxel values in I, J, K order (Slicer's arrays are K, J, I)."""
+    import slicer.util
+
+    return np.ascontiguousarray(slicer.util.arrayFromVolume(node).transpose(2, 1, 0))
+
+
+def default_b0_dir(node) -> tuple[float, float, float]:
+    """Scanner z in the node's voxel axes: the library's rule applied to the node's geometry."""
+    return b0_dir_from_affine(node_affine(node))
+
+
+def problems(request: Request) -> list[str]:
+    """What stops a run, in words for the GUI (empty when the request can run)."""
+    out = []
+    if request.field is None or request.field.GetImageData() is None:
+        return ["select a field volume"]
+    if request.mask is None or request.mask.GetImageData() is None:
+        return ["select a brain mask"]
+    shape = request.field.GetImageData().GetDimensions()
+    for role, node in (("mask", request.mask), ("magnitude", request.magnitude), ("noise std", request.noise_std)):
+        if node is None:
+            continue
+        if node.GetImageData() is None or node.GetImageData().GetDimensions() != shape:
+            out.append(f"{role} '{node.GetName()}' has another size than the field")
+        elif not np.allclose(node_affine(node), node_affine(request.field), atol=1e-4):
+            out.append(f"{role} '{node.GetName()}' has another geometry than the field")
+    if not out and not np.any(node_array(request.mask) > 0):
+        out.append(f"mask '{request.mask.GetName()}' is empty")
+    try:
+        ppm_per_unit(request.units, request.b0, request.te)
+    except InputError as exc:
+        out.append(str(exc))
+    return out
+
+
+class ProcessRunner:
+    """Runs a command, passing each stderr line to ``on_line``; ``cancel`` (an Event) ends it."""
+
+    def __call__(self, args: list[str], on_line: Callable[[str], None], cancel: threading.Event) -> tuple[int, str]:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        watcher = threading.Thread(target=self._watch, args=(proc, cancel), daemon=True)
+        watcher.start()
+        lines = []
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            on_line(lines[-1])
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        return proc.returncode, "\n".join(lines[-20:])
+
+    @staticmethod
+    def _watch(proc: subprocess.Popen, cancel: threading.Event) -> None:
+        while proc.poll() is None:
+            if cancel.wait(0.1):
+                proc.terminate()
+                return
+
+
+def python_executable() -> str:
+    """Slicer's PythonSlicer when present (inside Slicer), else this interpreter."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+class Logic:
+    """Reconstruct from nodes in ``scene``; usable from the Python console without any GUI."""
+
+    def __init__(self, scene, runner: Callable | None = None) -> None:
+        self.scene = scene
+        self.runner = runner or ProcessRunner()
+
+    def reconstruct(self, request: Request, progress: Callable[[int, int, str], None] | None = None,
+                    status: Callable[[str], None] | None = None, cancel: threading.Event | None = None):
+        """Run the reconstruction; returns (mean node, std node or None). Raises InputError, Cancelled,
+        or RuntimeError with the command's message; in every failure no node is added."""
+        found = problems(request)
+        if found:
+            raise InputError(request.field.GetName() if request.field is not None else "field", "; ".join(found))
+        cancel = cancel or threading.Event()
+        work = Path(tempfile.mkdtemp(prefix="pdiqsm-"))
+        try:
+            args = self._command(request, work)
+
+            def on_line(line: str) -> None:
+                step = parse_line(line)
+                if step and progress:
+                    progress(*step)
+                elif line.startswith("STATUS ") and status:
+                    status(line[len("STATUS "):])
+
+            code, tail = self.runner(args, on_line, cancel)
+            if cancel.is_set():
+                raise Cancelled("reconstruction cancelled")
+            if code != 0:
+                raise RuntimeError(tail.strip().splitlines()[-1] if tail.strip() else f"pdiqsm exited with {code}")
+            stem = "field"
+            mean = self._output_node(request, work / "out" / f"{stem}_chi-mean.nii.gz", "chi_mean")
+            std_path = work / "out" / f"{stem}_chi-std.nii.gz"
+            std = self._output_node(request, std_path, "chi_std") if std_path.exists() else None
+            self._display(mean, std)
+            return mean, std
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _command(self, request: Request, work: Path) -> list[str]:
+        affine = node_affine(request.field)
+        paths = {}
+        for role, node in (("field", request.field), ("mask", request.mask), ("magnitude", request.magnitude),
+                           ("noise", request.noise_std)):
+            if node is not None:
+                data = node_array(node).astype(np.float32)
+                paths[role] = save_volume(work / f"{role}.nii.gz", data, Volume(data, affine, None))
+        args = [python_executable(), "-m", "PDIQSMLib.cli", "reconstruct", str(paths["field"]), "--mask",
+                str(paths["mask"]), "--method", request.method, "--units", request.units, "--device", request.device,
+                "--out-dir", str(work / "out"), "--progress", "lines", "--samples", str(request.samples)]
+        optional = {"--magnitude": paths.get("magnitude"), "--noise-std": paths.get("noise"), "--b0": request.b0,
+                    "--te": request.te, "--lambda": request.lam, "--iterations": request.iterations,
+                    "--weights": request.weights}
+        for flag, value in optional.items():
+            if value is not None:
+                args += [flag, str(value)]
+        if request.b0_dir is not None:
+            args += ["--b0-dir", *map(str, request.b0_dir)]
+        return args + list(request.extra_args)
+
+    def _output_node(self, request: Request, path: Path, suffix: str):
+        import vtk
+
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{request.field.GetName()}_{suffix}")
+        m = vtk.vtkMatrix4x4()
+        request.field.GetIJKToRASMatrix(m)  # the input's geometry, exactly
+        node.SetIJKToRASMatrix(m)
+        import slicer.util
+
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(data.transpose(2, 1, 0)))
+        node.SetIJKToRASMatrix(m)
+        node.SetAttribute("PDIQSM.units", "ppm")
+        node.SetVoxelValueUnits(_ppm())
+        return node
+
+    def _display(self, mean, std) -> None:
+        mean.CreateDefaultDisplayNodes()
+        d = mean.GetDisplayNode()
+        d.SetAndObserveColorNodeID(GREY)
+        d.AutoWindowLevelOff()
+        lo, hi = MEAN_WINDOW_PPM
+        d.SetWindowLevel(hi - lo, (hi + lo) / 2)
+        if std is not None:
+            std.CreateDefaultDisplayNodes()
+            s = std.GetDisplayNode()
+            s.SetAndObserveColorNodeID(IRON)
+            s.AutoWindowLevelOn()
+            s.ApplyThresholdOn()
+            s.SetLowerThreshold(1e-9)
+            s.SetUpperThreshold(1e9)
+        for composite in self._composites():
+            composite.SetBackgroundVolumeID(mean.GetID())
+            if std is not None:
+                composite.SetForegroundVolumeID(std.GetID())
+                composite.SetForegroundOpacity(STD_OPACITY)
+
+    def _composites(self):
+        n = self.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")
+        return [self.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(n)]
+
+
+def _ppm():
+    import slicer
+
+    entry = slicer.vtkCodedEntry()
+    entry.SetValueSchemeMeaning("ppm", "UCUM", "ppm")
+    return entry

@@ -1,0 +1,164 @@
+"""The module's logic against real MRML (PyPI slicer-core): geometry, values, display, progress, cancel, errors."""
+
+import tempfile
+import threading
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import slicer
+
+from conftest import write_nifti
+from PDIQSMLib import phantoms
+from PDIQSMLib.errors import Cancelled, InputError
+from PDIQSMLib.geometry import Geometry, b0_dir_from_affine
+from PDIQSMLib.pipeline import Settings, reconstruct_files
+from PDIQSMLib.simulation import field_of
+from PDIQSMLib.slicer_logic import GREY, IRON, Logic, Request, default_b0_dir, node_affine
+
+OBLIQUE = np.array([[0.0, -1.2, 0.1, 10.0], [0.9, 0.0, 0.0, -5.0], [0.0, 0.1, 1.5, 3.0], [0, 0, 0, 1]])
+LEFT = np.diag([-1.0, 1.0, 1.5, 1.0])  # one axis flipped: a left-handed voxel frame
+
+
+def orthonormalise(affine):
+    a = affine.copy()
+    u, s, vt = np.linalg.svd(a[:3, :3] / np.linalg.norm(a[:3, :3], axis=0))
+    a[:3, :3] = (u @ vt) * np.linalg.norm(affine[:3, :3], axis=0)
+    return a
+
+
+def in_file_order(array_ijk, node_aff, file_aff):
+    """A node's IJK array re-indexed to the file's voxel order. Slicer stores a left-handed file in a
+    right-handed frame by reversing K, so the two index the same physical voxels differently; the map
+    between them must be a signed axis permutation with an integer shift."""
+    t = np.linalg.inv(file_aff) @ node_aff
+    perm = np.round(t[:3, :3]).astype(int)
+    assert np.allclose(t[:3, :3], perm, atol=1e-6) and np.allclose(t[:3, 3], np.round(t[:3, 3]), atol=1e-4)
+    order = [int(np.nonzero(perm[:, j])[0][0]) for j in range(3)]  # node axis j -> file axis order[j]
+    out = np.transpose(array_ijk, np.argsort(order))
+    for file_axis in range(3):
+        node_axis = order.index(file_axis)
+        if perm[file_axis, node_axis] < 0:
+            out = np.flip(out, axis=file_axis)
+    return out
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    colors = slicer.vtkMRMLColorLogic()
+    colors.SetMRMLScene(s)
+    s.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    yield s
+    colors.SetMRMLScene(None)
+
+
+def load(scene, path, name):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    return node
+
+
+@pytest.fixture(params=["oblique", "left-handed"])
+def case(request, tmp_path, scene):
+    affine = orthonormalise(OBLIQUE) if request.param == "oblique" else LEFT
+    shape = (28, 30, 20)
+    vs = tuple(np.linalg.norm(affine[:3, :3], axis=0))
+    g = Geometry(vs, b0_dir_from_affine(affine))
+    chi = phantoms.sphere(shape, vs, 4.0, 0.2)
+    mask = phantoms.sphere(shape, vs, 12.0, 1.0) > 0
+    field = field_of(chi, mask, g, 2.0)
+    paths = {"field": write_nifti(tmp_path / "f.nii.gz", field, affine),
+             "mask": write_nifti(tmp_path / "m.nii.gz", mask, affine)}
+    nodes = {k: load(scene, p, k) for k, p in paths.items()}
+    return {"scene": scene, "paths": paths, "nodes": nodes, "affine": affine, "tmp": tmp_path, "chi": chi}
+
+
+def test_nodes_keep_the_nifti_geometry_and_b0_matches_library(case):
+    field = case["nodes"]["field"]
+    values = in_file_order(slicer.util.arrayFromVolume(field).transpose(2, 1, 0), node_affine(field), case["affine"])
+    assert np.allclose(values, nib.load(str(case["paths"]["field"])).get_fdata(), atol=1e-7)
+    # the same physical direction (scanner z) in either voxel frame
+    world = lambda aff, b: (aff[:3, :3] / np.linalg.norm(aff[:3, :3], axis=0)) @ np.asarray(b)  # noqa: E731
+    assert np.allclose(world(node_affine(field), default_b0_dir(field)), [0, 0, 1], atol=1e-6)
+    assert np.allclose(world(case["affine"], b0_dir_from_affine(case["affine"])), [0, 0, 1], atol=1e-6)
+
+
+def test_tkd_through_logic_matches_library_with_geometry_and_display(case):
+    scene, nodes = case["scene"], case["nodes"]
+    steps = []
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    mean, std = Logic(scene).reconstruct(Request(nodes["field"], nodes["mask"], method="tkd"),
+                                         progress=lambda *a: steps.append(a))
+    assert std is None and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 1
+    assert mean.GetName() == "field_chi_mean"
+    assert np.allclose(node_affine(mean), node_affine(nodes["field"]), atol=1e-9)
+    reconstruct_files(case["paths"]["field"], case["paths"]["mask"], case["tmp"] / "lib", Settings(method="tkd"))
+    expected = nib.load(str(case["tmp"] / "lib" / "f_chi-mean.nii.gz")).get_fdata()
+    got = in_file_order(slicer.util.arrayFromVolume(mean).transpose(2, 1, 0), node_affine(mean), case["affine"])
+    assert np.allclose(got, expected, atol=1e-6)
+    d = mean.GetDisplayNode()
+    assert d.GetColorNodeID() == GREY and not d.GetAutoWindowLevel()
+    assert d.GetWindow() == pytest.approx(0.3) and d.GetLevel() == pytest.approx(0.0)
+    assert mean.GetVoxelValueUnits().GetCodeValue() == "ppm"
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    assert composite.GetBackgroundVolumeID() == mean.GetID()
+
+
+def test_pdi_through_logic_gives_std_overlay(case):
+    scene, nodes = case["scene"], case["nodes"]
+    mean, std = Logic(scene).reconstruct(Request(nodes["field"], nodes["mask"], method="pdi", device="cpu"))
+    assert std is not None and std.GetName() == "field_chi_std"
+    s = slicer.util.arrayFromVolume(std).transpose(2, 1, 0)
+    mask = slicer.util.arrayFromVolume(nodes["mask"]).transpose(2, 1, 0) > 0
+    assert np.all(s[mask] > 0) and np.all(np.isfinite(s))
+    assert np.allclose(node_affine(std), node_affine(nodes["field"]), atol=1e-9)
+    sd = std.GetDisplayNode()
+    assert sd.GetColorNodeID() == IRON and sd.GetApplyThreshold() and sd.GetLowerThreshold() > 0
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == std.GetID() and composite.GetForegroundOpacity() == pytest.approx(0.5)
+
+
+def test_cancel_leaves_no_nodes_and_no_temporary_files(case):
+    scene, nodes = case["scene"], case["nodes"]
+    tmp_root = Path(tempfile.gettempdir())
+    before_dirs = set(tmp_root.glob("pdiqsm-*"))
+    before = scene.GetNumberOfNodes()
+    cancel = threading.Event()
+
+    def on_progress(done, total, label):
+        cancel.set()  # cancel at the first step
+
+    request = Request(nodes["field"], nodes["mask"], method="medi", iterations=100000, extra_args=["--pad", "2"])
+    with pytest.raises(Cancelled):
+        Logic(scene).reconstruct(request, progress=on_progress, cancel=cancel)
+    assert scene.GetNumberOfNodes() == before
+    assert set(tmp_root.glob("pdiqsm-*")) == before_dirs
+
+
+@pytest.mark.parametrize("problem", ["no mask", "other geometry", "nan", "hz without b0"])
+def test_bad_input_gives_message_and_no_nodes(case, problem):
+    scene, nodes = case["scene"], case["nodes"]
+    request = Request(nodes["field"], nodes["mask"], method="tkd")
+    if problem == "no mask":
+        request.mask = None
+        phrase = "mask"
+    elif problem == "other geometry":
+        other = write_nifti(case["tmp"] / "o.nii.gz", np.ones((28, 30, 20)), np.diag([2.0, 2.0, 2.0, 1.0]))
+        request.mask = load(scene, other, "other")
+        phrase = "geometry"
+    elif problem == "nan":
+        arr = slicer.util.arrayFromVolume(nodes["field"])
+        arr[5, 10, 10] = np.nan
+        slicer.util.arrayFromVolumeModified(nodes["field"])
+        phrase = "NaN"
+    else:
+        request.units = "hz"
+        phrase = "B0"
+    before = scene.GetNumberOfNodes()
+    with pytest.raises((InputError, RuntimeError), match=phrase):
+        Logic(scene).reconstruct(request)
+    assert scene.GetNumberOfNodes() == before
