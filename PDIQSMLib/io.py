@@ -115,7 +115,7 @@ def save_volume(path, data: np.ndarray, like: Volume, description: str = "PDIQSM
     os.close(fd)
     try:
         nib.save(img, tmp)
-        os.replace(tmp, p)
+        _publish(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -128,8 +128,16 @@ def write_json_atomic(path, record: dict) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=p.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(record, f, indent=2, default=str)
-    os.replace(tmp, p)
+    _publish(tmp, p)
     return p
+
+
+def _publish(tmp: str, final: Path) -> None:
+    """Give the temporary file ordinary permissions (mkstemp makes it private) and rename it into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, final)
 
 
 @dataclass

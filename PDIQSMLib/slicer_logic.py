@@ -8,6 +8,7 @@ the process and leaves no output nodes and no temporary files.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,8 @@ class Request:
     iterations: int | None = None
     device: str = "auto"
     weights: str | None = None
+    output_mean: object | None = None  # existing nodes to fill; None: new nodes named after the field
+    output_std: object | None = None
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -101,8 +104,10 @@ def problems(request: Request) -> list[str]:
 class ProcessRunner:
     """Runs a command, passing each stderr line to ``on_line``; ``cancel`` (an Event) ends it."""
 
-    def __call__(self, args: list[str], on_line: Callable[[str], None], cancel: threading.Event) -> tuple[int, str]:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    def __call__(self, args: list[str], on_line: Callable[[str], None], cancel: threading.Event,
+                 env: dict[str, str] | None = None) -> tuple[int, str]:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                                env=env or process_environment())
         watcher = threading.Thread(target=self._watch, args=(proc, cancel), daemon=True)
         watcher.start()
         lines = []
@@ -122,50 +127,107 @@ class ProcessRunner:
                 return
 
 
+def line_handler(progress: Callable[[int, int, str], None] | None, status: Callable[[str], None] | None):
+    """A callback for the process's stderr lines: PROGRESS lines to ``progress``, STATUS lines to ``status``."""
+    def on_line(line: str) -> None:
+        step = parse_line(line)
+        if step and progress:
+            progress(*step)
+        elif line.startswith("STATUS ") and status:
+            status(line[len("STATUS "):])
+    return on_line
+
+
+def last_error(stderr_tail: str, code: int) -> str:
+    """The command's one-line error message (its last line), or the exit code."""
+    lines = [line for line in stderr_tail.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else f"pdiqsm exited with code {code}"
+
+
+def process_environment() -> dict[str, str]:
+    """This environment with PDIQSMLib's parent folder first on PYTHONPATH (so ``-m PDIQSMLib.cli``
+    works from a checkout and from the module's install folder alike)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def python_executable() -> str:
     """Slicer's PythonSlicer when present (inside Slicer), else this interpreter."""
     return shutil.which("PythonSlicer") or sys.executable
 
 
+@dataclass
+class Job:
+    """A prepared run: its private folder, the command and its environment; ``Logic.finish`` or
+    ``Logic.discard`` ends it."""
+
+    work: Path
+    args: list[str]
+    env: dict[str, str] = field(default_factory=lambda: process_environment())
+
+    @property
+    def outputs(self) -> tuple[Path, Path]:
+        return self.work / "out" / "field_chi-mean.nii.gz", self.work / "out" / "field_chi-std.nii.gz"
+
+
 class Logic:
-    """Reconstruct from nodes in ``scene``; usable from the Python console without any GUI."""
+    """Reconstruct from nodes in ``scene``; usable from the Python console without any GUI.
+
+    ``reconstruct`` runs synchronously (process output read on this thread); a GUI runs the same
+    three steps itself: ``prepare`` (files and command), the process (e.g. a QProcess), then
+    ``finish`` (output nodes) or ``discard``.
+    """
 
     def __init__(self, scene, runner: Callable | None = None) -> None:
         self.scene = scene
         self.runner = runner or ProcessRunner()
 
+    def prepare(self, request: Request) -> Job:
+        """Check the request and write its inputs; raises InputError naming what is missing or wrong."""
+        found = problems(request)
+        if found:
+            raise InputError(request.field.GetName() if request.field is not None else "field", "; ".join(found))
+        work = Path(tempfile.mkdtemp(prefix="pdiqsm-"))
+        try:
+            return Job(work, self._command(request, work))
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def finish(self, job: Job, request: Request):
+        """Output nodes from a finished job's files (mean, std or None); the job's folder is removed."""
+        try:
+            mean_path, std_path = job.outputs
+            mean = self._output_node(request, mean_path, "chi_mean", request.output_mean)
+            std = self._output_node(request, std_path, "chi_std", request.output_std) if std_path.exists() else None
+            self._display(mean, std)
+            return mean, std
+        finally:
+            self.discard(job)
+
+    @staticmethod
+    def discard(job: Job) -> None:
+        shutil.rmtree(job.work, ignore_errors=True)
+
     def reconstruct(self, request: Request, progress: Callable[[int, int, str], None] | None = None,
                     status: Callable[[str], None] | None = None, cancel: threading.Event | None = None):
         """Run the reconstruction; returns (mean node, std node or None). Raises InputError, Cancelled,
         or RuntimeError with the command's message; in every failure no node is added."""
-        found = problems(request)
-        if found:
-            raise InputError(request.field.GetName() if request.field is not None else "field", "; ".join(found))
+        job = self.prepare(request)
         cancel = cancel or threading.Event()
-        work = Path(tempfile.mkdtemp(prefix="pdiqsm-"))
         try:
-            args = self._command(request, work)
-
-            def on_line(line: str) -> None:
-                step = parse_line(line)
-                if step and progress:
-                    progress(*step)
-                elif line.startswith("STATUS ") and status:
-                    status(line[len("STATUS "):])
-
-            code, tail = self.runner(args, on_line, cancel)
+            code, tail = self.runner(job.args, line_handler(progress, status), cancel, job.env)
             if cancel.is_set():
                 raise Cancelled("reconstruction cancelled")
             if code != 0:
-                raise RuntimeError(tail.strip().splitlines()[-1] if tail.strip() else f"pdiqsm exited with {code}")
-            stem = "field"
-            mean = self._output_node(request, work / "out" / f"{stem}_chi-mean.nii.gz", "chi_mean")
-            std_path = work / "out" / f"{stem}_chi-std.nii.gz"
-            std = self._output_node(request, std_path, "chi_std") if std_path.exists() else None
-            self._display(mean, std)
-            return mean, std
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+                raise RuntimeError(last_error(tail, code))
+        except BaseException:
+            self.discard(job)
+            raise
+        return self.finish(job, request)
 
     def _command(self, request: Request, work: Path) -> list[str]:
         affine = node_affine(request.field)
@@ -188,12 +250,13 @@ class Logic:
             args += ["--b0-dir", *map(str, request.b0_dir)]
         return args + list(request.extra_args)
 
-    def _output_node(self, request: Request, path: Path, suffix: str):
+    def _output_node(self, request: Request, path: Path, suffix: str, node=None):
         import vtk
 
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
-        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{request.field.GetName()}_{suffix}")
+        if node is None:
+            node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{request.field.GetName()}_{suffix}")
         m = vtk.vtkMatrix4x4()
         request.field.GetIJKToRASMatrix(m)  # the input's geometry, exactly
         node.SetIJKToRASMatrix(m)
