@@ -158,15 +158,44 @@ def validation_set(seed: int = 10_000, count: int = 2, config: SimulationConfig 
     return [make_volume(np.random.default_rng(seed + i), brains_only) for i in range(count)]
 
 
-def export(checkpoint: Path, out: Path) -> Path:
-    """Weights of a training checkpoint as safetensors + manifest (steps, config, last validation)."""
+@torch.no_grad()
+def recalibrate_batchnorm(net: PDINet, patches: int = 64, seed: int = 50_000,
+                          config: SimulationConfig = SimulationConfig()) -> None:
+    """Re-estimate batch-norm statistics as plain averages over brain-rich patches of simulated brains.
+
+    With batches of two patches from a mix of brains and random shapes, the running averages kept
+    during training follow whichever kind came last; averaging over brain patches afterwards matches
+    the data the model is used on (measured at step 1000: validation RMSE 97 % -> 78 %).
+    """
+    rng = np.random.default_rng(seed)
+    brains = SimulationConfig(**{**asdict(config), "brain_fraction": 1.0})
+    volumes = [make_volume(rng, brains) for _ in range(4)]
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    net.train()
+    for i in range(patches):
+        field, _, _ = random_patch(volumes[i % len(volumes)], TrainConfig.patch, rng, min_fill=0.5)
+        net(to_input(torch.from_numpy(field)[None, None]))
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.momentum = 0.1
+    net.eval()
+
+
+def export(checkpoint: Path, out: Path, recalibrate: bool = True) -> Path:
+    """Weights of a training checkpoint as safetensors + manifest (steps, config, last validation),
+    with batch-norm statistics re-estimated on simulated brains unless ``recalibrate`` is False."""
     from .weights import save_weights
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     net = PDINet(PRESETS[state["preset"]])
     net.load_state_dict(state["model"])
+    if recalibrate:
+        recalibrate_batchnorm(net)
     validations = [r for r in state["history"] if "validation" in r]
     info = {"preset": state["preset"], "steps": int(state["step"]), "train_config": json.loads(state["config"]),
             "last_validation": validations[-1] if validations else None,
-            "field_scale": FIELD_SCALE, "chi_scale": CHI_SCALE}
+            "field_scale": FIELD_SCALE, "chi_scale": CHI_SCALE, "batchnorm_recalibrated": recalibrate}
     return save_weights(net, out, info)

@@ -79,7 +79,7 @@ def test_train_resumes_from_its_checkpoint(tmp_path):
     cfg.steps = 5
     train(cfg, ckpt, logs.append)
     assert [r["step"] for r in logs] == [1, 2, 3, 4, 5]
-    weights = export(ckpt, tmp_path / "w.safetensors")
+    weights = export(ckpt, tmp_path / "w.safetensors", recalibrate=False)
     net, manifest = load_model(weights)
     assert manifest["steps"] == 5 and net.config == PRESETS["tiny"]
 
@@ -130,3 +130,15 @@ def test_tiled_prediction_matches_whole_volume_away_from_tile_edges():
     rel = np.linalg.norm(tiled[0] - whole[0]) / np.linalg.norm(whole[0])
     assert rel < 0.12  # measured 6.4 % (step-550 weights): tiles lose context near their borders
     assert np.all(tiled[1][ph.mask] > 0)
+
+
+def test_batchnorm_recalibration_replaces_running_statistics():
+    from PDIQSMLib.simulation import SimulationConfig
+    from PDIQSMLib.training import recalibrate_batchnorm
+
+    net = PDINet(PRESETS["tiny"])
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    bn.running_mean.fill_(5.0)
+    recalibrate_batchnorm(net, patches=4, config=SimulationConfig(brain_fov_mm=(64.0, 64.0, 40.0)))
+    assert not net.training and bn.momentum == 0.1
+    assert torch.all(bn.running_mean.abs() < 5.0) and int(bn.num_batches_tracked) == 4

@@ -122,6 +122,15 @@ def test_pdi_through_logic_gives_std_overlay(case):
     assert composite.GetForegroundVolumeID() == std.GetID() and composite.GetForegroundOpacity() == pytest.approx(0.5)
 
 
+def test_progress_and_status_lines_reach_the_callbacks(case):
+    scene, nodes = case["scene"], case["nodes"]
+    steps, notes = [], []
+    Logic(scene).reconstruct(Request(nodes["field"], nodes["mask"], method="medi", iterations=4),
+                             progress=lambda *a: steps.append(a), status=notes.append)
+    assert steps[0] == (1, 4, "medi") and steps[-1][0] == steps[-1][1]
+    assert any(n.startswith("medi:") for n in notes) and any(n.startswith("wrote") for n in notes)
+
+
 def test_cancel_leaves_no_nodes_and_no_temporary_files(case):
     scene, nodes = case["scene"], case["nodes"]
     tmp_root = Path(tempfile.gettempdir())

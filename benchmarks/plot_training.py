@@ -16,7 +16,12 @@ import numpy as np  # noqa: E402
 
 
 def main(log_path: str, out_path: str) -> None:
-    records = [json.loads(line) for line in open(log_path) if line.strip()]
+    by_step = {}
+    for line in open(log_path):
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record  # a resumed run repeats the steps after its checkpoint: last wins
+    records = [by_step[k] for k in sorted(by_step)]
     steps = np.array([r["step"] for r in records])
     loss = np.array([r["loss"] for r in records])
     window = max(1, min(100, len(loss) // 10))
