@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -31,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reconstruct", help="susceptibility map from a local field map",
                        description="Writes DIR/<stem>_chi-mean.nii.gz (ppm), DIR/<stem>_chi-std.nii.gz for PDI "
                                    "methods, and DIR/<stem>_run.json (settings, versions, device, timings).")
-    r.add_argument("field", type=Path, help="local field map (NIfTI), units set by --units")
-    r.add_argument("--mask", type=Path, required=True, help="brain mask (NIfTI, > 0 inside), same grid as the field")
+    r.add_argument("field", type=Path, help="local field map (NIfTI), units set by --units; or a folder of "
+                                            "subjects (see --field-pattern), each done once")
+    r.add_argument("--mask", type=Path, help="brain mask (NIfTI, > 0 inside), same grid as the field (required for a file)")
     r.add_argument("--magnitude", type=Path, help="magnitude image: edges are spared by MEDI's TV (gradient mask)")
     r.add_argument("--noise-std", type=Path, help="field noise standard deviation map: data weight W = mask / N_std")
     r.add_argument("--method", choices=METHODS, default="pdi", help="reconstruction method (default: pdi)")
@@ -56,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PDI-VI: tune every weight, the decoders (encoder cached), or each decoder's last level (default)")
     r.add_argument("--noise-level", type=float, help="PDI-VI: field noise std (ppm) where W = 1 (default: estimated)")
     r.add_argument("--out-dir", type=Path, required=True, help="output folder (created if needed)")
+    r.add_argument("--naming", choices=("pdiqsm", "bids"), help="output names: <stem>_chi-mean (default for a file) "
+                   "or BIDS-style <entities>_Chimap with desc-std and a JSON sidecar (default for a folder)")
+    r.add_argument("--field-pattern", default="*_localfield.nii*", help="folder mode: field files to find (recursive)")
+    r.add_argument("--mask-suffix", default="mask", help="folder mode: the mask is the field's name with its last "
+                   "_<suffix> replaced by _<mask-suffix>")
+    r.add_argument("--overwrite", action="store_true", help="folder mode: redo subjects whose outputs exist")
     _add_common(r)
 
     s = sub.add_parser("simulate", help="a phantom and its local field with noise (seeded)")
@@ -86,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--validate-every", type=int, default=250)
+    t.add_argument("--pool-size", type=int, default=8, help="simulated volumes kept in memory to draw patches from")
+    t.add_argument("--patch", type=int, nargs=3, default=(64, 64, 32), metavar=("NX", "NY", "NZ"))
+    t.add_argument("--brain-fov", type=float, nargs=3, default=(128.0, 150.0, 120.0), metavar=("X", "Y", "Z"),
+                   help="field of view (mm) of the simulated brains")
+    t.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     _add_common(t)
 
@@ -117,14 +130,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_reconstruct(args, progress: Progress) -> int:
-    from .pipeline import reconstruct_files
+    from .pipeline import reconstruct_files, reconstruct_tree
 
     settings = Settings(method=args.method, lam=args.lam, samples=args.samples, iterations=args.iterations,
                         pad=args.pad, threshold=args.threshold, device=args.device,
                         weights=str(args.weights) if args.weights else None, seed=args.seed,
                         vi_variant=args.vi_variant, noise_level=args.noise_level)
+    if args.field.is_dir():
+        done = reconstruct_tree(args.field, args.out_dir, settings, args.field_pattern, args.mask_suffix,
+                                args.naming or "bids", progress, args.overwrite, units=args.units, b0=args.b0,
+                                te=args.te, b0_dir=args.b0_dir)
+        for entry in done:
+            print(f"{entry['field']}: " + ("skipped (done)" if entry["skipped"] else ", ".join(entry["outputs"])))
+        return 0
+    if args.mask is None:
+        raise InputError("--mask", "a brain mask is required when FIELD is a file")
     record = reconstruct_files(args.field, args.mask, args.out_dir, settings, args.magnitude, args.noise_std,
-                               args.units, args.b0, args.te, args.b0_dir, args.params, args.volume, progress)
+                               args.units, args.b0, args.te, args.b0_dir, args.params, args.volume, progress,
+                               args.naming or "pdiqsm")
     print("\n".join(record["outputs"]))
     return 0
 
@@ -152,8 +175,12 @@ def cmd_train(args, progress: Progress) -> int:
     from .inference import pick_device
     from .training import TrainConfig, train, validation_set
 
+    from .simulation import SimulationConfig
+
     config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, validate_every=args.validate_every)
+                         seed=args.seed, validate_every=args.validate_every, pool_size=args.pool_size,
+                         patch=tuple(args.patch), threads=args.threads,
+                         simulation=SimulationConfig(brain_fov_mm=tuple(args.brain_fov)))
     log_path = args.log or args.out.with_name(args.out.name + ".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     step_fn = progress.task("train")
@@ -162,7 +189,9 @@ def cmd_train(args, progress: Progress) -> int:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             step_fn(record["step"], config.steps)
-        train(config, args.out, log, validation_set(), pick_device(args.device))
+        rank = int(os.environ.get("RANK", "0"))
+        validation = validation_set(config=config.simulation) if rank == 0 and args.validate_every > 0 else None
+        train(config, args.out, log, validation, pick_device(args.device))
     print(args.out)
     return 0
 

@@ -129,7 +129,15 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     return torch.from_numpy(mean), std
 
 
-def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+def output_paths(out_dir: Path, field_path, naming: str = "pdiqsm") -> dict[str, Path]:
+    """Where a run writes: ``<stem>_chi-mean/_chi-std.nii.gz`` and ``<stem>_run.json``, or BIDS-style names."""
+    if naming == "bids":
+        from .bids import bids_names
+
+        return {k: out_dir / v for k, v in bids_names(field_path).items()}
+    if naming != "pdiqsm":
+        raise InputError("--naming", f"unknown naming {naming!r}; expected pdiqsm or bids")
+    stem = nifti_stem(Path(field_path))
     return {"mean": out_dir / f"{stem}_chi-mean.nii.gz", "std": out_dir / f"{stem}_chi-std.nii.gz",
             "record": out_dir / f"{stem}_run.json"}
 
@@ -145,7 +153,8 @@ def resolve_geometry(field: Volume, params: Params | None, b0_dir=None) -> Geome
 
 def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnitude_path=None, noise_path=None,
                       units: str = "ppm", b0: float | None = None, te: float | None = None, b0_dir=None,
-                      params_path=None, volume_index: int | None = None, progress: Progress | None = None) -> dict:
+                      params_path=None, volume_index: int | None = None, progress: Progress | None = None,
+                      naming: str = "pdiqsm") -> dict:
     """Read, check, convert, reconstruct and write; returns the run record (also written as JSON)."""
     settings.check()
     progress = progress or Progress("none")
@@ -165,7 +174,7 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
             check_same_grid(field, vol, role)
             extras[role] = vol.data
     out_dir = Path(out_dir)
-    paths = output_paths(out_dir, nifti_stem(field.path))
+    paths = output_paths(out_dir, field.path, naming)
     inputs = [field_path, mask_path, magnitude_path, noise_path, params_path]
     protect = [Path(p) for p in inputs if p is not None]
     for p in paths.values():
@@ -185,6 +194,37 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
         "geometry": asdict(geometry), "settings": asdict(settings), "result": result.info,
         "outputs": [str(p) for p in written], "seconds_total": round(time.perf_counter() - t0, 3),
     }
-    write_json_atomic(paths["record"], record)
+    if naming == "bids":
+        from .bids import sidecar
+
+        write_json_atomic(paths["record"], sidecar(record))
+    else:
+        write_json_atomic(paths["record"], record)
     progress.status(f"wrote {', '.join(str(p) for p in written)}")
     return record
+
+
+def reconstruct_tree(root, out_dir, settings: Settings, field_pattern: str = "*_localfield.nii*",
+                     mask_suffix: str = "mask", naming: str = "bids", progress: Progress | None = None,
+                     overwrite: bool = False, **kwargs) -> list[dict]:
+    """Every subject under ``root`` (see ``bids.find_subjects``) into the same folders under ``out_dir``;
+    subjects whose mean map exists are skipped unless ``overwrite``. Returns one entry per subject."""
+    from .bids import find_subjects
+
+    progress = progress or Progress("none")
+    subjects = find_subjects(Path(root), field_pattern, mask_suffix)
+    if not subjects:
+        raise InputError(str(root), f"no field matching {field_pattern!r} below this folder")
+    done = []
+    task = progress.task("subjects")
+    for i, sub in enumerate(subjects, 1):
+        target = Path(out_dir) / sub.relative
+        if output_paths(target, sub.field, naming)["record"].exists() and not overwrite:  # written last
+            progress.status(f"skipping {sub.field} (done)")
+            done.append({"field": str(sub.field), "skipped": True})
+        else:
+            record = reconstruct_files(sub.field, sub.mask, target, settings, params_path=sub.params,
+                                       progress=progress, naming=naming, **kwargs)
+            done.append({"field": str(sub.field), "skipped": False, "outputs": record["outputs"]})
+        task(i, len(subjects))
+    return done

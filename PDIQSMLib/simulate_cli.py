@@ -78,6 +78,6 @@ def simulate(args, progress: Progress) -> list[Path]:
                 save_volume(out / "field.nii.gz", field, like, "local field ppm"),
                 write_json_atomic(out / "params.json", {"B0_dir": list(geometry.b0_dir),
                                                         "voxel_size": list(geometry.voxel_size),
-                                                        "B0": DEFAULT_B0, "TE": DEFAULT_TE,
+                                                        "B0": DEFAULT_B0, "TE": [DEFAULT_TE],
                                                         "noise_ppm": args.noise, "seed": args.seed})]
     return written

@@ -89,15 +89,36 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def distributed_context(device: str) -> tuple[int, int]:
+    """(rank, world size); under ``torchrun`` (WORLD_SIZE > 1) the process group is started here:
+    NCCL with one GPU per process, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
 def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = print,
           validation: list[Sample] | None = None, device: str = "cpu") -> PDINet:
-    """Train (or resume from ``checkpoint``) up to ``config.steps`` steps; returns the network."""
+    """Train (or resume from ``checkpoint``) up to ``config.steps`` steps; returns the network.
+
+    Under ``torchrun`` each process trains a DistributedDataParallel replica on its own data stream
+    (seed + rank); gradients are averaged across processes, so the replicas stay identical (each
+    record says whether they do), and rank 0 alone validates, logs and writes the checkpoint.
+    """
+    rank, world = distributed_context(device)
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if config.threads:
         torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
     net = PDINet(PRESETS[config.preset]).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.seed + rank)
     step, history = 0, []
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -106,9 +127,15 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, history = int(state["step"]), list(state["history"])
-        rng.bit_generator.state = json.loads(state["rng"])
+        if rank == 0:
+            rng.bit_generator.state = json.loads(state["rng"])
         torch.set_rng_state(state["torch_rng"])
     pool = PatchPool(config, rng)
+    model = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[int(os.environ.get("LOCAL_RANK", "0"))] if device.startswith("cuda") else None)
 
     def save() -> None:
         save_atomic({"preset": config.preset, "config": json.dumps(asdict(config)), "model": net.state_dict(),
@@ -119,22 +146,40 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
     t0 = time.perf_counter()
     while step < config.steps:
         field_b, chi_b, mask_b = (t.to(device) for t in pool.batch())
-        loss = batch_loss(net, field_b, chi_b, mask_b)
+        loss = batch_loss(model, field_b, chi_b, mask_b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         record = {"step": step, "loss": loss.item(), "seconds": round(time.perf_counter() - t0, 2)}
+        if world > 1:
+            record["ranks_agree"] = _replicas_agree(net)
         if step % config.refresh_every == 0:
             pool.refresh()
-        if validation and step % config.validate_every == 0:
-            record["validation"] = validate(net, validation, device)
-            net.train()
-        history.append(record)
-        log(record)
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            save()
+        if rank == 0:
+            if validation and step % config.validate_every == 0:
+                record["validation"] = validate(net, validation, device)
+                net.train()
+            history.append(record)
+            log(record)
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
     return net
+
+
+def _replicas_agree(net: PDINet) -> bool:
+    """Whether every process holds the same weights (max - min of a weight checksum across ranks)."""
+    import torch.distributed as dist
+
+    total = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1)
+    low, high = total.clone(), total.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool((high - low).abs() <= 1e-9 * (1 + total.abs()))
 
 
 @torch.no_grad()
