@@ -214,7 +214,7 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onFinished(self, exitCode, exitStatus) -> None:
         from PDIQSMLib.slicer_logic import last_error
 
-        process, job, self._process, self._job = self._process, self._job, None, None
+        job, self._process, self._job = self._job, None, None
         self._setRunning(False)
         if job is None:  # cancelled
             return

@@ -7,12 +7,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import phantoms
 from .evaluation import compare_methods, format_table
-from .geometry import Geometry
 from .io import Volume, save_volume, write_json_atomic
 from .progress import Progress
-from .simulation import add_noise, field_of
+from .simulation import simulated_brain
 from .weights import DEFAULT_WEIGHTS
 
 DEMO_SHAPE = (128, 150, 80)
@@ -24,11 +22,9 @@ DEMO_SEED_OFFSET = 20_000  # far from training (one stream from seed 0) and vali
 def run_demo(out_dir: Path, seed: int = 0, progress: Progress | None = None) -> dict:
     progress = progress or Progress("none")
     out_dir = Path(out_dir)
-    rng = np.random.default_rng(DEMO_SEED_OFFSET + seed)
     progress.status("simulating a brain phantom")
-    geometry = Geometry(DEMO_VOXEL, (0.0, 0.0, 1.0))
-    ph = phantoms.brain(DEMO_SHAPE, DEMO_VOXEL, rng)
-    field = add_noise(field_of(ph.chi, ph.mask, geometry, pad=2.0), ph.mask, DEMO_NOISE_PPM, rng)
+    ph = simulated_brain(DEMO_SHAPE, DEMO_VOXEL, DEMO_SEED_OFFSET + seed, DEMO_NOISE_PPM)
+    geometry, field = ph.geometry, ph.field
     like = Volume(ph.chi, np.diag(list(DEMO_VOXEL) + [1.0]), nib.Nifti1Header())
     save_volume(out_dir / "truth_chi.nii.gz", ph.chi, like, "truth chi ppm")
     save_volume(out_dir / "mask.nii.gz", ph.mask.astype(np.float32), like, "mask")

@@ -76,9 +76,8 @@ def gradient_kernels(shape, geometry: Geometry, half: bool = True, dtype=torch.c
     """Fourier symbols of forward differences with periodic ends, divided by voxel size (one per axis)."""
     out = []
     for axis, k in enumerate(kspace_axes(tuple(shape), geometry.voxel_size, half, torch.float64, device)):
-        n, d = shape[axis], geometry.voxel_size[axis]
-        # k is in cycles/mm; k*d*n is the integer frequency index
-        phase = 2.0 * math.pi * k * d
+        d = geometry.voxel_size[axis]
+        phase = 2.0 * math.pi * k * d  # k in cycles/mm: k d = m / n for frequency index m
         out.append(((torch.exp(1j * phase) - 1.0) / d).to(dtype))
     return out
 

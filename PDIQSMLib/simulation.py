@@ -96,3 +96,14 @@ def random_patch(sample: Sample, patch: tuple[int, int, int], rng: np.random.Gen
             break
     sl = best[1]
     return arrays[0][sl], arrays[1][sl], arrays[2][sl]
+
+
+def simulated_brain(shape, voxel_size, seed: int, noise_ppm: float, b0_dir=(0.0, 0.0, 1.0)) -> Sample:
+    """A procedural brain (seeded) with its local field (2x padding) and white noise: test and demo data."""
+    from .phantoms import brain
+
+    rng = np.random.default_rng(seed)
+    geometry = Geometry(tuple(voxel_size), b0_dir)
+    ph = brain(tuple(shape), geometry.voxel_size, rng)
+    field = add_noise(field_of(ph.chi, ph.mask, geometry, pad=2.0), ph.mask, noise_ppm, rng)
+    return Sample(ph.chi, ph.mask, field, geometry, noise_ppm)

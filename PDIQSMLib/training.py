@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, UNetConfig, gaussian_nll
+from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, gaussian_nll
 from .simulation import Sample, SimulationConfig, make_volume, random_patch
 
 

@@ -9,7 +9,6 @@ import torch
 from PDIQSMLib import phantoms
 from PDIQSMLib.errors import InputError
 from PDIQSMLib.geometry import Geometry
-from PDIQSMLib.network import PRESETS, PDINet
 from PDIQSMLib.simulation import add_noise, field_of
 from PDIQSMLib.vi import VIConfig, finetune, kl_loss, predict_volume, prepare
 

@@ -16,11 +16,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import write_table  # noqa: E402
-from PDIQSMLib import phantoms  # noqa: E402
 from PDIQSMLib.evaluation import compare_methods, format_table  # noqa: E402
 from PDIQSMLib.geometry import Geometry  # noqa: E402
 from PDIQSMLib.simulate_cli import ich_field, load_ich  # noqa: E402
-from PDIQSMLib.simulation import add_noise, field_of  # noqa: E402
+from PDIQSMLib.simulation import simulated_brain  # noqa: E402
 from PDIQSMLib.weights import DEFAULT_WEIGHTS  # noqa: E402
 
 ICH_LEVEL, ICH_SEED = 1e-3, 0
@@ -45,14 +44,10 @@ def ich_table() -> str:
 
 
 def sim_table() -> str:
-    vs = (1.0, 1.0, 1.5)
-    g = Geometry(vs)
     per_method: dict[str, list[dict]] = {}
     for seed in SIM_SEEDS:
-        rng = np.random.default_rng(seed)
-        ph = phantoms.brain((128, 150, 80), vs, rng)
-        field = add_noise(field_of(ph.chi, ph.mask, g, 2.0), ph.mask, SIM_NOISE, rng)
-        rows, _ = compare_methods(field, ph.mask, g, ph.chi, methods())
+        s = simulated_brain((128, 150, 80), (1.0, 1.0, 1.5), seed, SIM_NOISE)
+        rows, _ = compare_methods(s.field, s.mask, s.geometry, s.chi, methods())
         for m, r in rows.items():
             per_method.setdefault(m, []).append(r)
     mean_rows = {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in per_method.items()}

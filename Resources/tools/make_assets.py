@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,10 +23,9 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from PDIQSMLib import phantoms  # noqa: E402
-from PDIQSMLib.geometry import Geometry  # noqa: E402
 from PDIQSMLib.io import Volume, save_volume  # noqa: E402
 from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
-from PDIQSMLib.simulation import add_noise, field_of  # noqa: E402
+from PDIQSMLib.simulation import simulated_brain  # noqa: E402
 
 
 def icon() -> None:
@@ -46,10 +44,8 @@ def icon() -> None:
 
 def sample_data() -> None:
     vs = (1.5, 1.5, 2.0)
-    g = Geometry(vs)
-    rng = np.random.default_rng(40_000)
-    ph = phantoms.brain((96, 112, 64), vs, rng)
-    field = add_noise(field_of(ph.chi, ph.mask, g, 2.0), ph.mask, 1e-3, rng)
+    ph = simulated_brain((96, 112, 64), vs, 40_000, 1e-3)
+    field = ph.field
     like = Volume(ph.chi, np.diag(list(vs) + [1.0]), nib.Nifti1Header())
     out = ROOT / "PDIQSM" / "Resources" / "SampleData"
     for name, data in (("field", field), ("mask", ph.mask.astype(np.float32)), ("chi", ph.chi)):
@@ -57,12 +53,9 @@ def sample_data() -> None:
 
 
 def screenshot() -> None:
-    vs = (1.0, 1.0, 1.5)
-    g = Geometry(vs)
-    rng = np.random.default_rng(40_001)
-    ph = phantoms.brain((128, 150, 80), vs, rng)
-    field = add_noise(field_of(ph.chi, ph.mask, g, 2.0), ph.mask, 2e-3, rng)
-    res = reconstruct(field, ph.mask, g, Settings(method="pdi", device="cpu"))
+    ph = simulated_brain((128, 150, 80), (1.0, 1.0, 1.5), 40_001, 2e-3)
+    field = ph.field
+    res = reconstruct(field, ph.mask, ph.geometry, Settings(method="pdi", device="cpu"))
     z = field.shape[2] // 2
     fig, axes = plt.subplots(1, 3, figsize=(10, 4))
     panels = [("local field (ppm)", field, "gray", (-0.05, 0.05)), ("PDI mean (ppm)", res.mean, "gray", (-0.15, 0.15))]
