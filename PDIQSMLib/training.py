@@ -126,6 +126,8 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
             raise ValueError(f"{checkpoint}: checkpoint is preset {state['preset']!r}, not {config.preset!r}")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:
+            group["lr"] = config.lr  # a resumed run may lower the learning rate
         step, history = int(state["step"]), list(state["history"])
         if rank == 0:
             rng.bit_generator.state = json.loads(state["rng"])

@@ -77,8 +77,10 @@ def test_train_resumes_from_its_checkpoint(tmp_path):
     logs = []
     train(cfg, ckpt, logs.append)
     cfg.steps = 5
+    cfg.lr = 5e-4  # resuming may lower the learning rate
     train(cfg, ckpt, logs.append)
     assert [r["step"] for r in logs] == [1, 2, 3, 4, 5]
+    assert torch.load(ckpt, weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 5e-4
     weights = export(ckpt, tmp_path / "w.safetensors", recalibrate=False)
     net, manifest = load_model(weights)
     assert manifest["steps"] == 5 and net.config == PRESETS["tiny"]
