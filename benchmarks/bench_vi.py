@@ -1,0 +1,78 @@
+"""PDI-VI on the shared ICH case: hemorrhage mean, accuracy and calibration before and after fine-tuning,
+and the speed of each fine-tuning variant. Field: forward model with noise s * noise_std / median,
+s = 1e-3 ppm, seed 0 (as in bench_accuracy.py). Writes benchmarks/results/vi_<device>.md.
+
+    python benchmarks/bench_vi.py [--iterations 100] [--samples 5] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import write_table  # noqa: E402
+from PDIQSMLib import vi  # noqa: E402
+from PDIQSMLib.evaluation import evaluate_arrays, format_table  # noqa: E402
+from PDIQSMLib.geometry import Geometry  # noqa: E402
+from PDIQSMLib.inference import predict  # noqa: E402
+from PDIQSMLib.simulate_cli import ich_field, load_ich  # noqa: E402
+from PDIQSMLib.solvers import MEDI_LAMBDA  # noqa: E402
+from PDIQSMLib.weighting import data_weight  # noqa: E402
+from PDIQSMLib.weights import load_model  # noqa: E402
+
+COLUMNS = ("rmse", "hfen", "ssim", "mean_bleed", "std_bleed", "std_brain", "within_1sigma", "within_2sigma",
+           "spearman_sigma_error", "seconds", "seconds_per_iteration")
+
+
+def row(mean, std, chi, mask, bleed, seconds, per_it=None) -> dict:
+    r = evaluate_arrays(mean, chi, mask, std)
+    r.update(mean_bleed=float(mean[bleed].mean()), std_bleed=float(std[bleed].mean()),
+             std_brain=float(std[mask & ~bleed].mean()), seconds=seconds)
+    if per_it is not None:
+        r["seconds_per_iteration"] = per_it
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iterations", type=int, default=100)
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--variant-iterations", type=int, default=3, help="iterations timed per variant")
+    args = ap.parse_args()
+    chi, mask, noise, like = load_ich()
+    g = Geometry(like.voxel_size)
+    field = ich_field(chi, mask, noise, 1e-3, 0, g)
+    bleed = (chi > 1.0) & mask
+    net, _ = load_model(device=args.device)
+    t0 = time.perf_counter()
+    mean, std = predict(net, field, mask, args.device)
+    rows = {"truth": {"mean_bleed": float(chi[bleed].mean())},
+            "pdi": row(mean, std, chi, mask, bleed, round(time.perf_counter() - t0, 2))}
+    volume = vi.prepare(field, mask, g, net.config.stride, data_weight(mask, noise), device=args.device)
+    for name, lam in (("pdi-vi1", MEDI_LAMBDA), ("pdi-vi2", 0.0)):
+        config = vi.VIConfig(lam=lam, samples=args.samples, iterations=args.iterations, variant="last")
+        result = vi.finetune(net, [volume], config)
+        m, s = vi.predict_volume(result.net, volume)
+        rows[name] = row(m, s, chi, mask, bleed, round(result.seconds, 1), round(result.seconds / len(result.history), 2))
+        print(name, rows[name], flush=True)
+    timing = ["| variant | seconds per iteration (K = %d) |" % args.samples, "|---|---|"]
+    for variant in vi.VARIANTS:
+        config = vi.VIConfig(samples=args.samples, iterations=args.variant_iterations, variant=variant)
+        result = vi.finetune(net, [volume], config)
+        timing.append(f"| {variant} | {result.seconds / len(result.history):.2f} |")
+        print(timing[-1], flush=True)
+    text = (f"ICH case, s = 1e-3 ppm, seed 0; W from the noise map; VI variant 'last', {args.iterations} iterations, "
+            f"K = {args.samples}, lambda (VI1) = {MEDI_LAMBDA}.\n\n" + format_table(rows, COLUMNS)
+            + "\n\n## Fine-tuning variants (time per iteration on the ICH volume)\n\n" + "\n".join(timing))
+    write_table(f"vi_{args.device}", "PDI-VI on the ICH case", text)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
