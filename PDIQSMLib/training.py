@@ -239,6 +239,7 @@ def export(checkpoint: Path, out: Path, recalibrate: bool = True) -> Path:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     net = PDINet(PRESETS[state["preset"]])
     net.load_state_dict(state["model"])
+    recalibrate = recalibrate and any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
     if recalibrate:
         recalibrate_batchnorm(net)
     validations = [r for r in state["history"] if "validation" in r]
