@@ -31,17 +31,31 @@ def pad_to_stride(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, tuple[int
     return torch.nn.functional.pad(x, (0, extra[2], 0, extra[1], 0, extra[0])), size
 
 
+MASK_MARGIN = 8  # voxels of background kept around the mask's bounding box
+
+
+def mask_box(mask: np.ndarray, margin: int = MASK_MARGIN) -> tuple[slice, slice, slice]:
+    """The mask's bounding box grown by ``margin`` voxels (clipped to the volume)."""
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 @torch.no_grad()
 def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu",
             tile: int | None = None, overlap: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation (ppm, float32) of chi for a local field (ppm), zero outside ``mask``.
 
-    ``tile`` (voxels per side) runs overlapping tiles blended with tapered weights, for volumes
-    that do not fit in memory at once; on a CUDA out-of-memory error, tiles of 128 are used.
+    The network runs on the mask's bounding box (plus a margin): outside the mask its input is zero,
+    and the empty rest of the field of view would only cost time. ``tile`` (voxels per side) runs
+    overlapping tiles blended with tapered weights, for volumes that do not fit in memory at once;
+    on a CUDA out-of-memory error, tiles of 128 are used.
     """
     net.eval()
     m = np.asarray(mask) > 0
-    x = torch.from_numpy(np.where(m, field, 0.0).astype(np.float32))[None, None]
+    box = mask_box(m)
+    x = torch.from_numpy(np.where(m, field, 0.0)[box].astype(np.float32))[None, None]
     if tile is None:
         try:
             mean, std = _run(net, x, device)
@@ -50,7 +64,14 @@ def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu
             mean, std = _tiled(net, x, device, 128, overlap)
     else:
         mean, std = _tiled(net, x, device, tile, overlap)
-    return np.where(m, mean, 0.0).astype(np.float32), np.where(m, std, 0.0).astype(np.float32)
+    return paste(mean, m, box), paste(std, m, box)
+
+
+def paste(values: np.ndarray, mask: np.ndarray, box) -> np.ndarray:
+    """``values`` computed on ``box`` placed into a zero volume of the mask's shape, zero outside the mask."""
+    out = np.zeros(mask.shape, np.float32)
+    out[box] = values
+    return np.where(mask, out, 0.0).astype(np.float32)
 
 
 def _run(net: PDINet, x: torch.Tensor, device: str) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ import torch
 from .errors import InputError
 from .geometry import Geometry
 from .gradient import grad
-from .inference import pad_to_stride
+from .inference import mask_box, pad_to_stride, paste
 from .network import CHI_SCALE, PDINet
 from .physics import DipoleOperator
 from .solvers import MEDI_LAMBDA
@@ -71,21 +71,27 @@ class VolumeData:
     weight: torch.Tensor  # W, same shape
     edges: torch.Tensor  # M, (3, X', Y', Z')
     op: DipoleOperator
-    size: tuple[int, int, int]
+    size: tuple[int, int, int]  # of the cropped box, before padding to the stride
     geometry: Geometry
+    box: tuple[slice, slice, slice]  # where the box sits in the full volume
+    full_mask: np.ndarray
 
 
 def prepare(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, stride: int, weight: np.ndarray | None = None,
             edges: np.ndarray | None = None, device: str = "cpu", pad: float = 1.0) -> VolumeData:
+    """Crop to the mask's bounding box (as inference does), pad to the network's stride, move to ``device``."""
     m = np.asarray(mask) > 0
-    f = torch.from_numpy(np.where(m, field_ppm, 0.0).astype(np.float32))[None, None]
+    box = mask_box(m)
+    mb = m[box]
+    f = torch.from_numpy(np.where(mb, np.asarray(field_ppm)[box], 0.0).astype(np.float32))[None, None]
     f, size = pad_to_stride(f, stride)
     padded = lambda a: pad_to_stride(torch.from_numpy(np.asarray(a, np.float32))[None], stride)[0][0]  # noqa: E731
-    mt = padded(m.astype(np.float32))
-    w = padded(weight if weight is not None else m.astype(np.float32))
-    e = padded(edges) if edges is not None else mt.expand(3, *mt.shape)
+    mt = padded(mb.astype(np.float32))
+    w = padded(np.asarray(weight)[box] if weight is not None else mb.astype(np.float32))
+    e = padded(np.asarray(edges)[(slice(None),) + box]) if edges is not None else mt.expand(3, *mt.shape)
     op = DipoleOperator(tuple(f.shape[-3:]), geometry, pad, torch.float32, device)
-    return VolumeData(f.to(device), mt[None, None].to(device), w[None, None].to(device), e.to(device), op, size, geometry)
+    return VolumeData(f.to(device), mt[None, None].to(device), w[None, None].to(device), e.to(device), op, size,
+                      geometry, box, m)
 
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, data: VolumeData, lam: float, samples: int,
@@ -232,11 +238,9 @@ def _converged(history: list[dict], tol: float, window: int = 10) -> bool:
 
 @torch.no_grad()
 def predict_volume(model_net: PDINet, v: VolumeData) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std (ppm) of a prepared volume, cropped to its size, zero outside the mask."""
+    """Mean and std (ppm) of a prepared volume, in the full volume's grid, zero outside the mask."""
     model_net.eval()
     mean, logvar = model_net(to_input(v.field))
     mean, std = from_output(mean, logvar)
     crop = (0, 0) + tuple(slice(0, n) for n in v.size)
-    m = v.mask[crop].cpu().numpy() > 0
-    return (np.where(m, mean[crop].cpu().numpy(), 0).astype(np.float32),
-            np.where(m, std[crop].cpu().numpy(), 0).astype(np.float32))
+    return paste(mean[crop].cpu().numpy(), v.full_mask, v.box), paste(std[crop].cpu().numpy(), v.full_mask, v.box)

@@ -144,3 +144,17 @@ def test_batchnorm_recalibration_replaces_running_statistics():
     recalibrate_batchnorm(net, patches=4, config=SimulationConfig(brain_fov_mm=(64.0, 64.0, 40.0)))
     assert not net.training and bn.momentum == 0.1
     assert torch.all(bn.running_mean.abs() < 5.0) and int(bn.num_batches_tracked) == 4
+
+
+def test_prediction_ignores_empty_field_of_view_beyond_the_margin():
+    # the network runs on the mask's bounding box: more empty space around the brain changes nothing
+    net = PDINet(PRESETS["tiny"]).eval()
+    rng = np.random.default_rng(3)
+    field = rng.normal(0, 0.02, (30, 32, 24)).astype(np.float32)
+    mask = np.zeros(field.shape, bool)
+    mask[9:21, 10:22, 9:15] = True  # its box plus the 8-voxel margin fits inside the volume
+    mean, std = predict(net, field, mask)
+    big_field, big_mask = np.pad(field, 15), np.pad(mask, 15)
+    big_mean, big_std = predict(net, big_field, big_mask)
+    inner = (slice(15, -15),) * 3
+    assert np.allclose(big_mean[inner], mean, atol=1e-6) and np.allclose(big_std[inner], std, atol=1e-6)
