@@ -34,8 +34,9 @@ def brain(tmp_path_factory):
     return d
 
 
-# NRMSE (%) printed by QSM-CI on this phantom, measured with the bundled weights; bounds add a margin.
-NRMSE_BOUND = {"medi": 35.0, "pdi": 85.0, "pdi-vi1": 85.0}
+# NRMSE (%) printed by QSM-CI on this phantom (seed 5), measured with the bundled weights:
+# MEDI 27.4, PDI 66.6, PDI-VI1 (5 iterations, K = 2) 69.8; the bounds add a margin.
+NRMSE_BOUND = {"medi": 32.0, "pdi": 75.0, "pdi-vi1": 78.0}
 
 
 @pytest.mark.parametrize("method", ["medi", "pdi", "pdi-vi1"])

@@ -130,7 +130,9 @@ def test_tiled_prediction_matches_whole_volume_away_from_tile_edges():
     whole = predict(net, field, ph.mask)
     tiled = predict(net, field, ph.mask, tile=48, overlap=16)
     rel = np.linalg.norm(tiled[0] - whole[0]) / np.linalg.norm(whole[0])
-    assert rel < 0.12  # measured 6.4 % (step-550 weights): tiles lose context near their borders
+    # measured 22.7 % with the bundled group-norm weights (6.4 % with an earlier batch-norm model):
+    # each tile normalises over its own content and loses context near its borders
+    assert rel < 0.3
     assert np.all(tiled[1][ph.mask] > 0)
 
 
