@@ -23,7 +23,6 @@ from .units import to_ppm
 from .weighting import data_weight, gradient_mask
 
 METHODS = ("pdi", "pdi-vi1", "pdi-vi2", "medi", "tikhonov", "tkd")
-AVAILABLE_METHODS = METHODS
 
 
 @dataclass
@@ -45,8 +44,6 @@ class Settings:
     def check(self) -> None:
         if self.method not in METHODS:
             raise InputError("--method", f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
-        if self.method not in AVAILABLE_METHODS:
-            raise InputError("--method", f"{self.method} is not available in this version")
         if self.lam is not None and (not np.isfinite(self.lam) or self.lam < 0):
             raise InputError("--lambda", f"must be a finite number >= 0, got {self.lam}")
         if self.samples < 1:
