@@ -58,7 +58,7 @@ def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu
     x = torch.from_numpy(np.where(m, field, 0.0)[box].astype(np.float32))[None, None]
     if tile is None:
         try:
-            mean, std = _run(net, x, device)
+            mean, std = run_network(net, x, device)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             mean, std = _tiled(net, x, device, 128, overlap)
@@ -74,7 +74,7 @@ def paste(values: np.ndarray, mask: np.ndarray, box) -> np.ndarray:
     return np.where(mask, out, 0.0).astype(np.float32)
 
 
-def _run(net: PDINet, x: torch.Tensor, device: str) -> tuple[np.ndarray, np.ndarray]:
+def run_network(net: PDINet, x: torch.Tensor, device: str) -> tuple[np.ndarray, np.ndarray]:
     """Whole-volume pass: (mean, std) as float32 arrays of x's spatial shape."""
     padded, size = pad_to_stride(x.to(device), net.config.stride)
     mean, std = from_output(*net(to_input(padded)))
@@ -102,7 +102,7 @@ def _tiled(net: PDINet, x: torch.Tensor, device: str, tile: int, overlap: int) -
         for j in _starts(shape[1], tile, step):
             for k in _starts(shape[2], tile, step):
                 sl = (slice(i, i + tile), slice(j, j + tile), slice(k, k + tile))
-                mean, std = _run(net, x[(0, 0) + sl][None, None], device)
+                mean, std = run_network(net, x[(0, 0) + sl][None, None], device)
                 w = _taper(mean.shape, overlap)
                 mean_sum[sl] += w * mean
                 var_sum[sl] += w * std.astype(np.float64) ** 2

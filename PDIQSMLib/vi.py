@@ -28,11 +28,11 @@ import torch
 from .errors import InputError
 from .geometry import Geometry
 from .gradient import grad
-from .inference import mask_box, pad_to_stride, paste
+from .inference import mask_box, pad_to_stride, paste, run_network
 from .network import CHI_SCALE, PDINet
 from .physics import DipoleOperator
 from .solvers import MEDI_LAMBDA
-from .training import clamp_logvar, from_output, to_input
+from .training import clamp_logvar, to_input
 
 VARIANTS = ("full", "decoders", "last")
 
@@ -240,7 +240,6 @@ def _converged(history: list[dict], tol: float, window: int = 10) -> bool:
 def predict_volume(model_net: PDINet, v: VolumeData) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std (ppm) of a prepared volume, in the full volume's grid, zero outside the mask."""
     model_net.eval()
-    mean, logvar = model_net(to_input(v.field))
-    mean, std = from_output(mean, logvar)
-    crop = (0, 0) + tuple(slice(0, n) for n in v.size)
-    return paste(mean[crop].cpu().numpy(), v.full_mask, v.box), paste(std[crop].cpu().numpy(), v.full_mask, v.box)
+    mean, std = run_network(model_net, v.field, str(v.field.device))
+    crop = tuple(slice(0, n) for n in v.size)
+    return paste(mean[crop], v.full_mask, v.box), paste(std[crop], v.full_mask, v.box)
