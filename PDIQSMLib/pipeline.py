@@ -205,7 +205,7 @@ def reconstruct_tree(root, out_dir, settings: Settings, field_pattern: str = "*_
                      mask_suffix: str = "mask", naming: str = "bids", progress: Progress | None = None,
                      overwrite: bool = False, **kwargs) -> list[dict]:
     """Every subject under ``root`` (see ``bids.find_subjects``) into the same folders under ``out_dir``;
-    subjects whose mean map exists are skipped unless ``overwrite``. Returns one entry per subject."""
+    subjects whose record (written last) exists are skipped unless ``overwrite``. Returns one entry per subject."""
     from .bids import find_subjects
 
     progress = progress or Progress("none")

@@ -111,8 +111,9 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
     record says whether they do), and rank 0 alone validates, logs and writes the checkpoint.
     """
     rank, world = distributed_context(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = f"cuda:{local_rank}"
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
@@ -137,7 +138,7 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(net, device_ids=[int(os.environ.get("LOCAL_RANK", "0"))] if device.startswith("cuda") else None)
+        model = DistributedDataParallel(net, device_ids=[local_rank] if device.startswith("cuda") else None)
 
     def save() -> None:
         save_atomic({"preset": config.preset, "config": json.dumps(asdict(config)), "model": net.state_dict(),
@@ -188,14 +189,13 @@ def _replicas_agree(net: PDINet) -> bool:
 def validate(net: PDINet, samples: list[Sample], device: str = "cpu") -> dict:
     """Whole-volume RMSE (%) and 2-sigma coverage on held-apart simulated volumes."""
     from .inference import predict
+    from .metrics import calibration, nrmse
 
     rmses, cover = [], []
     for s in samples:
         mean, std = predict(net, s.field, s.mask, device=device)
-        m = s.mask > 0
-        err = mean[m] - s.chi[m]
-        rmses.append(100 * np.linalg.norm(err) / np.linalg.norm(s.chi[m]))
-        cover.append(float(np.mean(np.abs(err) <= 2 * std[m])))
+        rmses.append(nrmse(mean, s.chi, s.mask))
+        cover.append(calibration(mean, std, s.chi, s.mask)["within_2sigma"])
     return {"rmse": round(float(np.mean(rmses)), 2), "coverage2": round(float(np.mean(cover)), 4)}
 
 
