@@ -1,4 +1,4 @@
-"""The ``pdiqsm`` command: reconstruct, simulate, evaluate, train, export, demo."""
+"""The ``pdiqsm`` command: reconstruct, simulate, evaluate, train, finetune, export, demo."""
 
 from __future__ import annotations
 
@@ -99,8 +99,42 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--brain-fov", type=float, nargs=3, default=(128.0, 150.0, 120.0), metavar=("X", "Y", "Z"),
                    help="field of view (mm) of the simulated brains")
     t.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
+    t.add_argument("--beta", type=float, default=0.0,
+                   help="0: the Gaussian NLL of Eq. 9; 0.5..1: beta-NLL, faster progress of the mean (finish with 0)")
+    t.add_argument("--brain-fraction", type=float, default=0.7,
+                   help="share of simulated volumes that are brains, the rest random shapes (default 0.7)")
+    t.add_argument("--validation-count", type=int, default=4, help="held-apart simulated brains for validation")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     _add_common(t)
+
+    f = sub.add_parser("finetune", help="PDI-VI on a set of fields: adapted weights for reconstruct --weights",
+                       description="Fine-tunes a copy of the PDI weights without labels (Eq. 11, or Eq. 12 with "
+                                   "pdi-vi2) on the given fields, one per iteration in turn, and writes OUT "
+                                   "(.safetensors) with its .json manifest; the input weights are not modified.")
+    f.add_argument("fields", type=Path, nargs="+", metavar="FIELD", help="local field maps (NIfTI)")
+    f.add_argument("--masks", type=Path, nargs="+", required=True, help="one brain mask per field, in order")
+    f.add_argument("--noise-std", type=Path, nargs="+", help="one field noise std map per field (data weight W)")
+    f.add_argument("--magnitudes", type=Path, nargs="+", help="one magnitude image per field (TV edge mask M)")
+    f.add_argument("--out", type=Path, required=True, help="adapted weights, NAME.safetensors (NAME.json beside it)")
+    f.add_argument("--validation-field", type=Path, help="a field kept apart: the weights with its lowest loss are kept")
+    f.add_argument("--validation-mask", type=Path, help="the validation field's mask")
+    f.add_argument("--method", choices=("pdi-vi1", "pdi-vi2"), default="pdi-vi1",
+                   help="pdi-vi1: TV prior weighted by --lambda; pdi-vi2: flat prior (default pdi-vi1)")
+    f.add_argument("--lambda", dest="lam", type=float, help="TV weight (default MEDI's 1e-3)")
+    f.add_argument("--samples", type=int, default=5, help="Monte Carlo samples K per iteration (default 5)")
+    f.add_argument("--iterations", type=int, default=100, help="iterations in all, over the set (default 100)")
+    f.add_argument("--vi-variant", choices=("full", "decoders", "last"), default="last",
+                   help="which weights are tuned (default last: each decoder's last level)")
+    f.add_argument("--noise-level", type=float, help="field noise std (ppm) where W = 1 (default: estimated)")
+    f.add_argument("--weights", type=Path, help="weights to start from (default: bundled)")
+    f.add_argument("--units", default="ppm", help=f"field units: {', '.join(UNITS)} (default ppm)")
+    f.add_argument("--b0", type=float, help="field strength in tesla (needed for hz and rad)")
+    f.add_argument("--te", type=float, help="echo time in seconds (needed for rad)")
+    f.add_argument("--b0-dir", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="B0 direction in voxel axes, for every field (default: from each NIfTI affine)")
+    f.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    f.add_argument("--seed", type=int, default=0)
+    _add_common(f)
 
     x = sub.add_parser("export", help="weights (safetensors + manifest with sha256) from a training checkpoint")
     x.add_argument("checkpoint", type=Path)
@@ -179,8 +213,9 @@ def cmd_train(args, progress: Progress) -> int:
 
     config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, validate_every=args.validate_every, pool_size=args.pool_size,
-                         patch=tuple(args.patch), threads=args.threads,
-                         simulation=SimulationConfig(brain_fov_mm=tuple(args.brain_fov)))
+                         patch=tuple(args.patch), threads=args.threads, beta=args.beta,
+                         simulation=SimulationConfig(brain_fov_mm=tuple(args.brain_fov),
+                                                     brain_fraction=args.brain_fraction))
     log_path = args.log or args.out.with_name(args.out.name + ".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     step_fn = progress.task("train")
@@ -190,8 +225,23 @@ def cmd_train(args, progress: Progress) -> int:
             log_file.flush()
             step_fn(record["step"], config.steps)
         rank = int(os.environ.get("RANK", "0"))
-        validation = validation_set(config=config.simulation) if rank == 0 and args.validate_every > 0 else None
+        validation = validation_set(count=args.validation_count, config=config.simulation) if rank == 0 and args.validate_every > 0 else None
         train(config, args.out, log, validation, pick_device(args.device))
+    print(args.out)
+    return 0
+
+
+def cmd_finetune(args, progress: Progress) -> int:
+    from .pipeline import finetune_files
+
+    if (args.validation_field is None) != (args.validation_mask is None):
+        raise InputError("--validation-field", "give --validation-field and --validation-mask together")
+    settings = Settings(method=args.method, lam=args.lam, samples=args.samples, iterations=args.iterations,
+                        device=args.device, weights=str(args.weights) if args.weights else None, seed=args.seed,
+                        vi_variant=args.vi_variant, noise_level=args.noise_level)
+    validation = (args.validation_field, args.validation_mask) if args.validation_field else None
+    finetune_files(args.fields, args.masks, args.out, settings, args.noise_std, args.magnitudes, validation,
+                   progress, units=args.units, b0=args.b0, te=args.te, b0_dir=args.b0_dir)
     print(args.out)
     return 0
 
@@ -211,7 +261,7 @@ def cmd_demo(args, progress: Progress) -> int:
 
 
 COMMANDS = {"reconstruct": cmd_reconstruct, "simulate": cmd_simulate, "evaluate": cmd_evaluate,
-            "train": cmd_train, "export": cmd_export, "demo": cmd_demo}
+            "train": cmd_train, "finetune": cmd_finetune, "export": cmd_export, "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

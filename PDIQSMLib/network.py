@@ -122,8 +122,17 @@ class PDINet(nn.Module):
         return skips.pop(), skips
 
 
-def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Eq. 9 per voxel: 1/2 [(target - mean)^2 / sigma^2 + log sigma^2], averaged over mask voxels."""
+def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                 beta: float = 0.0) -> torch.Tensor:
+    """Eq. 9 per voxel: 1/2 [(target - mean)^2 / sigma^2 + log sigma^2], averaged over mask voxels.
+
+    ``beta`` > 0 weights each voxel's term by sigma^(2 beta) held constant (the beta-NLL of Seitzer et
+    al., ICLR 2022): the minimiser is unchanged, but voxels with a large sigma no longer get a mean
+    gradient shrunk by 1/sigma^2 (beta = 1 gives the mean the plain squared-error gradient). Eq. 9 is
+    beta = 0; the bundled model's training ends with beta = 0.
+    """
     m = (mask > 0).to(mean.dtype)
     per_voxel = 0.5 * ((target - mean) ** 2 * torch.exp(-logvar) + logvar)
+    if beta:
+        per_voxel = per_voxel * torch.exp(beta * logvar.detach())
     return (per_voxel * m).sum() / m.sum().clamp_min(1.0)

@@ -6,6 +6,7 @@ logic, so that both give the same numbers for the same data.
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -111,19 +112,96 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         return torch.from_numpy(mean), std
     from . import vi
 
-    lam = 0.0 if settings.method == "pdi-vi2" else (settings.lam if settings.lam is not None else solvers.MEDI_LAMBDA)
-    config = vi.VIConfig(lam=lam, samples=settings.samples, iterations=settings.iterations or 100,
-                         variant=settings.vi_variant, noise_level=settings.noise_level, seed=settings.seed)
-    config.check()
+    config = vi_config(settings)
     volume = vi.prepare(field_ppm, mask, geometry, net.config.stride, data_weight(mask, noise_std),
                         gradient_mask(mask, magnitude, geometry.voxel_size), device)
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")
     result = vi.finetune(net, [volume], config, progress.task("vi"))
     mean, std = vi.predict_volume(result.net, volume)
-    info.update(lam=lam, samples=config.samples, iterations=len(result.history), variant=config.variant,
+    info.update(vi_summary(config, result))
+    return torch.from_numpy(mean), std
+
+
+def vi_config(settings: Settings):
+    """PDI-VI settings from a reconstruction's: lambda 0 for pdi-vi2, MEDI's default for pdi-vi1."""
+    from .vi import VIConfig
+
+    if settings.method not in ("pdi-vi1", "pdi-vi2"):
+        raise InputError("--method", f"fine-tuning needs pdi-vi1 or pdi-vi2, not {settings.method!r}")
+    lam = 0.0 if settings.method == "pdi-vi2" else (settings.lam if settings.lam is not None else solvers.MEDI_LAMBDA)
+    config = VIConfig(lam=lam, samples=settings.samples, iterations=settings.iterations or 100,
+                      variant=settings.vi_variant, noise_level=settings.noise_level, seed=settings.seed)
+    config.check()
+    return config
+
+
+def vi_summary(config, result) -> dict:
+    return dict(lam=config.lam, samples=config.samples, iterations=len(result.history), variant=config.variant,
                 noise_level=result.noise_level, finetune_seconds=round(result.seconds, 2),
                 final_terms={k: result.history[-1][k] for k in ("loss", "entropy", "fidelity", "tv")})
-    return torch.from_numpy(mean), std
+
+
+def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths=None, magnitude_paths=None,
+                   validation: tuple | None = None, progress: Progress | None = None, **load_kwargs) -> dict:
+    """PDI-VI on a set of fields (the paper's use): fine-tune a copy of the weights on them, cycling
+    one field per iteration, and write the adapted weights (safetensors + manifest) to ``out``.
+
+    ``validation`` = (field, mask) enables early stopping on that field's loss. The input weights are
+    never modified, and ``out`` may not be any input file. Returns the manifest written.
+    """
+    from . import vi
+    from .inference import pick_device
+    from .weights import DEFAULT_WEIGHTS, load_model, save_weights
+
+    settings.check()
+    config = vi_config(settings)
+    progress = progress or Progress("none")
+    field_paths = [Path(p) for p in field_paths]
+    if not field_paths:
+        raise InputError("FIELD", "no field to fine-tune on")
+    optional = {"--masks": mask_paths, "--noise-std": noise_paths, "--magnitudes": magnitude_paths}
+    for flag, paths in optional.items():
+        if paths and len(paths) != len(field_paths):
+            raise InputError(flag, f"{len(paths)} files for {len(field_paths)} fields; give one per field, in order")
+    if not mask_paths:
+        raise InputError("--masks", "a brain mask is required for each field")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise InputError(str(out), "the adapted weights must be a .safetensors file")
+    weights = Path(settings.weights) if settings.weights else DEFAULT_WEIGHTS
+    protect = [weights, weights.with_suffix(".json")] + field_paths + [Path(p) for p in mask_paths]
+    protect += [Path(p) for p in (noise_paths or []) + (magnitude_paths or [])]
+    protect += [Path(p) for p in (validation or ())]
+    for target in (out, out.with_suffix(".json")):
+        if any(target.resolve() == q.resolve() for q in protect):
+            raise InputError(str(target), "output would overwrite an input file (the weights or a field); choose another --out")
+    device = pick_device(settings.device)
+    net, manifest = load_model(settings.weights, device)
+
+    def prepared(i: int, field_path, mask_path, noise_path=None, magnitude_path=None):
+        inp = load_inputs(field_path, mask_path, magnitude_path, noise_path, **load_kwargs)
+        if not np.all(np.isfinite(inp.field_ppm[inp.mask])):
+            raise InputError(str(field_path), "field contains NaN or Inf inside the mask")
+        progress.status(f"field {i}: {inp.field.data.shape}, voxel {inp.geometry.voxel_size} mm")
+        return vi.prepare(inp.field_ppm, inp.mask, inp.geometry, net.config.stride,
+                          data_weight(inp.mask, inp.noise_std),
+                          gradient_mask(inp.mask, inp.magnitude, inp.geometry.voxel_size), device)
+
+    volumes = [prepared(i + 1, f, m, (noise_paths or [None] * len(field_paths))[i],
+                        (magnitude_paths or [None] * len(field_paths))[i])
+               for i, (f, m) in enumerate(zip(field_paths, mask_paths))]
+    held_out = prepared(0, *validation) if validation else None
+    progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {len(volumes)} field(s), {device}")
+    torch.manual_seed(settings.seed)
+    result = vi.finetune(net, volumes, config, progress.task("vi"), validation=held_out)
+    info = {"base_weights_sha256": manifest["sha256"], "base_weights": str(weights),
+            "finetuned_on": [str(p) for p in field_paths], "validation": [str(p) for p in validation or ()],
+            "method": settings.method, **vi_summary(config, result), "pdiqsm_version": __version__}
+    if held_out is not None:
+        info["best_validation_loss"] = min(h["validation"] for h in result.history if "validation" in h)
+    save_weights(result.net, out, info)
+    progress.status(f"wrote {out} and {out.with_suffix('.json')}")
+    return json.loads(out.with_suffix(".json").read_text())
 
 
 def output_paths(out_dir: Path, field_path, naming: str = "pdiqsm") -> dict[str, Path]:
@@ -148,14 +226,24 @@ def resolve_geometry(field: Volume, params: Params | None, b0_dir=None) -> Geome
     return geo
 
 
-def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnitude_path=None, noise_path=None,
-                      units: str = "ppm", b0: float | None = None, te: float | None = None, b0_dir=None,
-                      params_path=None, volume_index: int | None = None, progress: Progress | None = None,
-                      naming: str = "pdiqsm") -> dict:
-    """Read, check, convert, reconstruct and write; returns the run record (also written as JSON)."""
-    settings.check()
-    progress = progress or Progress("none")
-    t0 = time.perf_counter()
+@dataclass
+class Inputs:
+    """One field with everything read beside it, checked and converted to ppm."""
+
+    field: Volume
+    field_ppm: np.ndarray
+    mask: np.ndarray
+    geometry: Geometry
+    magnitude: np.ndarray | None
+    noise_std: np.ndarray | None
+    b0: float | None
+    te: float | None
+
+
+def load_inputs(field_path, mask_path, magnitude_path=None, noise_path=None, units: str = "ppm",
+                b0: float | None = None, te: float | None = None, b0_dir=None, params_path=None,
+                volume_index: int | None = None) -> Inputs:
+    """Read a field and its mask (and magnitude, noise std, params.json), check grids, convert units."""
     field = load_volume(field_path, "field", volume_index)
     mask = load_mask(mask_path, field)
     params = read_params(params_path) if params_path else None
@@ -170,6 +258,21 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
             vol = load_volume(path, role)
             check_same_grid(field, vol, role)
             extras[role] = vol.data
+    return Inputs(field, field_ppm, mask, geometry, extras.get("magnitude"), extras.get("noise std"), b0, te)
+
+
+def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnitude_path=None, noise_path=None,
+                      units: str = "ppm", b0: float | None = None, te: float | None = None, b0_dir=None,
+                      params_path=None, volume_index: int | None = None, progress: Progress | None = None,
+                      naming: str = "pdiqsm") -> dict:
+    """Read, check, convert, reconstruct and write; returns the run record (also written as JSON)."""
+    settings.check()
+    progress = progress or Progress("none")
+    t0 = time.perf_counter()
+    inputs_ = load_inputs(field_path, mask_path, magnitude_path, noise_path, units, b0, te, b0_dir, params_path,
+                          volume_index)
+    field, field_ppm, mask, geometry = inputs_.field, inputs_.field_ppm, inputs_.mask, inputs_.geometry
+    b0, te = inputs_.b0, inputs_.te
     out_dir = Path(out_dir)
     paths = output_paths(out_dir, field.path, naming)
     inputs = [field_path, mask_path, magnitude_path, noise_path, params_path]
@@ -178,7 +281,7 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
         if any(p.resolve() == q.resolve() for q in protect):
             raise InputError(str(p), "output would overwrite an input file; choose another --out-dir")
     progress.status(f"{settings.method}: field {field.data.shape}, voxel {geometry.voxel_size} mm, B0 {geometry.b0_dir}")
-    result = reconstruct(field_ppm, mask, geometry, settings, extras.get("magnitude"), extras.get("noise std"), progress)
+    result = reconstruct(field_ppm, mask, geometry, settings, inputs_.magnitude, inputs_.noise_std, progress)
     written = [save_volume(paths["mean"], result.mean, field, f"PDIQSM {settings.method} chi ppm", protect)]
     if result.std is not None:
         written.append(save_volume(paths["std"], result.std, field, f"PDIQSM {settings.method} chi std ppm", protect))

@@ -34,6 +34,7 @@ class TrainConfig:
     validate_every: int = 250
     checkpoint_every: int = 50
     threads: int = 0  # 0: torch's default
+    beta: float = 0.0  # 0: Eq. 9; > 0: beta-NLL (see network.gaussian_nll)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
 
@@ -59,10 +60,11 @@ def from_output(mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor,
     return mean / CHI_SCALE, torch.exp(0.5 * clamp_logvar(logvar)) / CHI_SCALE
 
 
-def batch_loss(net: PDINet, field: torch.Tensor, chi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Eq. 9 on a batch (field, chi in ppm)."""
+def batch_loss(net: PDINet, field: torch.Tensor, chi: torch.Tensor, mask: torch.Tensor,
+               beta: float = 0.0) -> torch.Tensor:
+    """Eq. 9 on a batch (field, chi in ppm); ``beta`` as in network.gaussian_nll."""
     mean, logvar = net(to_input(field))
-    return gaussian_nll(mean, logvar, chi * CHI_SCALE, mask)
+    return gaussian_nll(mean, logvar, chi * CHI_SCALE, mask, beta)
 
 
 class PatchPool:
@@ -149,12 +151,14 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
     t0 = time.perf_counter()
     while step < config.steps:
         field_b, chi_b, mask_b = (t.to(device) for t in pool.batch())
-        loss = batch_loss(model, field_b, chi_b, mask_b)
+        loss = batch_loss(model, field_b, chi_b, mask_b, config.beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         record = {"step": step, "loss": loss.item(), "seconds": round(time.perf_counter() - t0, 2)}
+        if config.beta:
+            record["beta"] = config.beta
         if world > 1:
             record["ranks_agree"] = _replicas_agree(net)
         if step % config.refresh_every == 0:
@@ -196,7 +200,8 @@ def validate(net: PDINet, samples: list[Sample], device: str = "cpu") -> dict:
         mean, std = predict(net, s.field, s.mask, device=device)
         rmses.append(nrmse(mean, s.chi, s.mask))
         cover.append(calibration(mean, std, s.chi, s.mask)["within_2sigma"])
-    return {"rmse": round(float(np.mean(rmses)), 2), "coverage2": round(float(np.mean(cover)), 4)}
+    return {"rmse": round(float(np.mean(rmses)), 2), "coverage2": round(float(np.mean(cover)), 4),
+            "rmse_each": [round(float(r), 2) for r in rmses]}
 
 
 def validation_set(seed: int = 10_000, count: int = 2, config: SimulationConfig = SimulationConfig()) -> list[Sample]:

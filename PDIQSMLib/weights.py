@@ -36,11 +36,17 @@ def save_weights(net: PDINet, path: Path, info: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    tmp.chmod(0o644)
-    tmp.replace(path)
-    manifest = {"architecture": net.config.to_dict(), "sha256": sha256(path), **(info or {})}
-    manifest_path(path).write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp_manifest = path.with_name(path.name + ".json.tmp")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+        tmp.chmod(0o644)
+        manifest = {"architecture": net.config.to_dict(), "sha256": sha256(tmp), **(info or {})}
+        tmp_manifest.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        tmp.replace(path)  # both files are complete before either is published
+        tmp_manifest.replace(manifest_path(path))
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_manifest.unlink(missing_ok=True)
     return path
 
 
