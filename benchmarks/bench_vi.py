@@ -3,6 +3,7 @@ and the speed of each fine-tuning variant. Field: forward model with noise s * n
 s = 1e-3 ppm, seed 0 (as in bench_accuracy.py). Writes benchmarks/results/vi_<device>.md.
 
     python benchmarks/bench_vi.py [--iterations 100] [--samples 5] [--device cpu]
+    python benchmarks/bench_vi.py --sweep [--iterations 30]   # lambda, K and variant: vi_sweep_<device>.md
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from PDIQSMLib import vi  # noqa: E402
 from PDIQSMLib.evaluation import evaluate_arrays, format_table  # noqa: E402
 from PDIQSMLib.geometry import Geometry  # noqa: E402
 from PDIQSMLib.inference import predict  # noqa: E402
+from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
 from PDIQSMLib.simulate_cli import ich_field, load_ich  # noqa: E402
 from PDIQSMLib.solvers import MEDI_LAMBDA  # noqa: E402
 from PDIQSMLib.weighting import data_weight  # noqa: E402
@@ -31,11 +33,34 @@ COLUMNS = ("rmse", "hfen", "ssim", "mean_bleed", "std_bleed", "std_brain", "with
 
 def row(mean, std, chi, mask, bleed, seconds, per_it=None) -> dict:
     r = evaluate_arrays(mean, chi, mask, std)
-    r.update(mean_bleed=float(mean[bleed].mean()), std_bleed=float(std[bleed].mean()),
-             std_brain=float(std[mask & ~bleed].mean()), seconds=seconds)
+    r.update(mean_bleed=float(mean[bleed].mean()), seconds=seconds)
+    if std is not None:
+        r.update(std_bleed=float(std[bleed].mean()), std_brain=float(std[mask & ~bleed].mean()))
     if per_it is not None:
         r["seconds_per_iteration"] = per_it
     return r
+
+
+def tuned_row(net, volume, config: vi.VIConfig, chi, mask, bleed) -> dict:
+    result = vi.finetune(net, [volume], config)
+    m, s = vi.predict_volume(result.net, volume)
+    r = row(m, s, chi, mask, bleed, round(result.seconds, 1), round(result.seconds / len(result.history), 2))
+    print(config, {k: r[k] for k in COLUMNS if k in r}, flush=True)
+    return r
+
+
+def sweep(net, volume, rows: dict, chi, mask, bleed, args) -> None:
+    """lambda at K = 5, K at the default lambda, and the three variants: one run each."""
+    base = dict(samples=5, iterations=args.iterations, variant="last", lam=MEDI_LAMBDA)
+    runs = [dict(lam=lam) for lam in (0.0, 1e-4, 3e-4, 1e-3, 3e-3)]
+    runs += [dict(samples=k) for k in (1, 2, 10)] + [dict(variant=v) for v in ("decoders", "full")]
+    for change in runs:
+        c = {**base, **change}
+        rows[f"{c['variant']}, lambda {c['lam']:g}, K {c['samples']}"] = tuned_row(
+            net, volume, vi.VIConfig(**c), chi, mask, bleed)
+    text = (f"ICH case, s = 1e-3 ppm, seed 0; W from the noise map; {args.iterations} iterations per run, "
+            "one setting changed at a time from (variant last, lambda 1e-3, K 5).\n\n" + format_table(rows, COLUMNS))
+    write_table(f"vi_sweep_{args.device}", "PDI-VI on the ICH case: lambda, K and variant", text)
 
 
 def main() -> None:
@@ -44,6 +69,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--variant-iterations", type=int, default=3, help="iterations timed per variant")
+    ap.add_argument("--sweep", action="store_true", help="lambda, K and variant sweep instead")
     args = ap.parse_args()
     chi, mask, noise, like = load_ich()
     g = Geometry(like.voxel_size)
@@ -54,13 +80,15 @@ def main() -> None:
     mean, std = predict(net, field, mask, args.device)
     rows = {"truth": {"mean_bleed": float(chi[bleed].mean())},
             "pdi": row(mean, std, chi, mask, bleed, round(time.perf_counter() - t0, 2))}
+    t0 = time.perf_counter()
+    medi = reconstruct(field, mask, g, Settings(method="medi"), noise_std=noise).mean
+    rows["medi"] = row(medi, None, chi, mask, bleed, round(time.perf_counter() - t0, 1))
     volume = vi.prepare(field, mask, g, net.config.stride, data_weight(mask, noise), device=args.device)
+    if args.sweep:
+        return sweep(net, volume, rows, chi, mask, bleed, args)
     for name, lam in (("pdi-vi1", MEDI_LAMBDA), ("pdi-vi2", 0.0)):
         config = vi.VIConfig(lam=lam, samples=args.samples, iterations=args.iterations, variant="last")
-        result = vi.finetune(net, [volume], config)
-        m, s = vi.predict_volume(result.net, volume)
-        rows[name] = row(m, s, chi, mask, bleed, round(result.seconds, 1), round(result.seconds / len(result.history), 2))
-        print(name, rows[name], flush=True)
+        rows[name] = tuned_row(net, volume, config, chi, mask, bleed)
     timing = ["| variant | seconds per iteration (K = %d) |" % args.samples, "|---|---|"]
     for variant in vi.VARIANTS:
         config = vi.VIConfig(samples=args.samples, iterations=args.variant_iterations, variant=variant)
