@@ -156,20 +156,28 @@ class Model:
 
 @torch.no_grad()
 def estimate_noise_level(volumes: list[VolumeData]) -> float:
-    """Field noise (ppm where W = 1) from the data alone: the 7-point Laplacian of white noise of
-    std s has std sqrt(42) s, and the median absolute Laplacian (times W) inside the eroded mask is
-    robust to the tissue signal, which is large only near sources."""
+    """Field noise (ppm where W = 1) from the data alone.
+
+    The weighted field W b is filtered by the separable second difference (1, -2, 1) along all three
+    axes: white noise of std s gives std sqrt(6^3) s, while the tissue field, smooth but for its
+    sources, is cancelled wherever it is locally polynomial of degree < 2 along any one axis. The
+    median absolute response inside the eroded mask (robust to the voxels near sources) gives s.
+    Measured on simulated brains with 1e-3 ppm noise it reads 1.05 / 1.16 / 1.29 times the truth at
+    1 / 1.5 / 3 mm slices (the 7-point Laplacian read 1.22 / 1.43 / 1.90), and 1.16 on the ICH case;
+    the excess is tissue signal, so the estimate errs on the side of less weight on the data.
+    """
     values = []
     for v in volumes:
-        b = v.field[0, 0]
-        lap = -6.0 * b
-        for d in range(3):
-            lap = lap + torch.roll(b, 1, d) + torch.roll(b, -1, d)
+        c = (v.field[0, 0] * v.weight[0, 0]).double()
         inner = v.mask[0, 0] > 0
         for d in range(3):
-            inner = inner & (torch.roll(v.mask[0, 0], 1, d) > 0) & (torch.roll(v.mask[0, 0], -1, d) > 0)
-        values.append((lap * v.weight[0, 0])[inner].abs())
-    return float(1.4826 * torch.cat(values).median() / math.sqrt(42.0))
+            c = torch.roll(c, 1, d) - 2.0 * c + torch.roll(c, -1, d)
+            inner = inner & torch.roll(inner, 1, d) & torch.roll(inner, -1, d)
+        if inner.any():
+            values.append(c[inner].abs())
+    if not values:
+        raise InputError("mask", "too thin to estimate the noise level from the field; give --noise-level")
+    return float(1.4826 * torch.cat(values).median() / math.sqrt(216.0))
 
 
 @dataclass

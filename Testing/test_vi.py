@@ -133,3 +133,20 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     print("lesion error", err(base.mean), err(adapted.mean))
     assert err(adapted.mean) < 0.9 * err(base.mean)
     assert np.all(np.isfinite(adapted.std)) and np.all(adapted.std[mask] > 0)
+
+
+def test_noise_level_estimate_on_noise_over_a_smooth_field_and_with_a_weight_map():
+    from PDIQSMLib.vi import estimate_noise_level
+
+    rng = np.random.default_rng(3)
+    shape, g = (40, 40, 30), Geometry((1.0, 1.0, 2.0))
+    mask = phantoms.sphere(shape, g.voxel_size, 18.0, 1.0) > 0
+    x, y, z = np.meshgrid(*[np.arange(n) / n for n in shape], indexing="ij")
+    smooth = 0.05 * (x**2 - y * z + 0.5 * z)  # a smooth background of 0.05 ppm, 50x the noise
+    noise = 1e-3 * rng.standard_normal(shape)
+    v = prepare(smooth + noise, mask, g, stride=2)
+    assert abs(estimate_noise_level([v]) / 1e-3 - 1) < 0.05
+    # noise std 1e-3 / W with W varying 4x across the volume: the level where W = 1 is 1e-3
+    w = np.where(mask, 0.5 + 1.5 * x, 0.0)
+    v = prepare(smooth + noise / np.maximum(w, 1e-6), mask, g, stride=2, weight=w)
+    assert abs(estimate_noise_level([v]) / 1e-3 - 1) < 0.05
