@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .network import PDINet
-from .training import from_output, to_input
+from .training import from_output, prior_map, to_input
 
 
 def pick_device(name: str = "auto") -> str:
@@ -42,20 +42,33 @@ def mask_box(mask: np.ndarray, margin: int = MASK_MARGIN) -> tuple[slice, slice,
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
+def network_inputs(net: PDINet, field: np.ndarray, mask: np.ndarray, geometry=None) -> np.ndarray:
+    """(C, X, Y, Z) ppm arrays the network reads: the masked field, and its prior channel computed on
+    the whole volume when the architecture has one (which needs the ``geometry``)."""
+    m = np.asarray(mask) > 0
+    channels = [np.where(m, field, 0.0).astype(np.float32)]
+    if net.config.prior != "none":
+        if geometry is None:
+            raise ValueError(f"this network reads a {net.config.prior} prior channel: the geometry is required")
+        channels.append(prior_map(field, m, geometry, net.config.prior))
+    return np.stack(channels)
+
+
 @torch.no_grad()
 def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu",
-            tile: int | None = None, overlap: int = 16) -> tuple[np.ndarray, np.ndarray]:
+            tile: int | None = None, overlap: int = 16, geometry=None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation (ppm, float32) of chi for a local field (ppm), zero outside ``mask``.
 
     The network runs on the mask's bounding box (plus a margin): outside the mask its input is zero,
     and the empty rest of the field of view would only cost time. ``tile`` (voxels per side) runs
     overlapping tiles blended with tapered weights, for volumes that do not fit in memory at once;
-    on a CUDA out-of-memory error, tiles of 128 are used.
+    on a CUDA out-of-memory error, tiles of 128 are used. ``geometry`` is needed by networks with a
+    prior input channel.
     """
     net.eval()
     m = np.asarray(mask) > 0
     box = mask_box(m)
-    x = torch.from_numpy(np.where(m, field, 0.0)[box].astype(np.float32))[None, None]
+    x = torch.from_numpy(network_inputs(net, field, m, geometry)[(slice(None),) + box])[None]
     if tile is None:
         try:
             mean, std = run_network(net, x, device)
@@ -75,9 +88,10 @@ def paste(values: np.ndarray, mask: np.ndarray, box) -> np.ndarray:
 
 
 def run_network(net: PDINet, x: torch.Tensor, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Whole-volume pass: (mean, std) as float32 arrays of x's spatial shape."""
+    """Whole-volume pass on ``x`` (1, C, ...) in ppm (field, then prior): (mean, std) as float32 arrays
+    of x's spatial shape."""
     padded, size = pad_to_stride(x.to(device), net.config.stride)
-    mean, std = from_output(*net(to_input(padded)))
+    mean, std = from_output(*net(to_input(padded[:, :1], padded[:, 1:] if padded.shape[1] > 1 else None)))
     crop = (0, 0) + tuple(slice(0, n) for n in size)
     return mean[crop].float().cpu().numpy(), std[crop].float().cpu().numpy()
 
@@ -102,7 +116,7 @@ def _tiled(net: PDINet, x: torch.Tensor, device: str, tile: int, overlap: int) -
         for j in _starts(shape[1], tile, step):
             for k in _starts(shape[2], tile, step):
                 sl = (slice(i, i + tile), slice(j, j + tile), slice(k, k + tile))
-                mean, std = run_network(net, x[(0, 0) + sl][None, None], device)
+                mean, std = run_network(net, x[(0, slice(None)) + sl][None], device)
                 w = _taper(mean.shape, overlap)
                 mean_sum[sl] += w * mean
                 var_sum[sl] += w * std.astype(np.float64) ** 2

@@ -1,7 +1,8 @@
 """The PDI network: a 3D U-Net with one encoder and two decoders (mean, log variance).
 
-Input: local field (B, 1, X, Y, Z), ppm times ``FIELD_SCALE``. Outputs: mean chi (ppm times
-``CHI_SCALE``) and log variance in those scaled units, both (B, 1, X, Y, Z). X, Y, Z must be
+Input: local field (B, 1, X, Y, Z), ppm times ``FIELD_SCALE`` (and, with a prior, its Tikhonov
+inverse in ppm times ``CHI_SCALE`` as a second channel). Outputs: mean chi (ppm times ``CHI_SCALE``)
+and log variance in those scaled units, both (B, 1, X, Y, Z). X, Y, Z must be
 multiples of ``stride`` (inference pads and crops).
 """
 
@@ -19,30 +20,55 @@ CHI_SCALE = 10.0  # ppm -> network output units
 @dataclass(frozen=True)
 class UNetConfig:
     """Filters per level, top to bottom (the depth is their count), and the normalisation layer:
-    'batch' (the paper's) or 'group' (groups of 4 channels; independent of the batch, so training
-    with batches of two patches and whole-volume inference see the same normalisation)."""
+    'batch' (the paper's), 'group' (groups of 4 channels) or 'none' (convolutions with biases).
+
+    Dipole inversion is linear: twice the field means twice the susceptibility. Group (and instance)
+    normalisation divides each feature map by its own spread over the whole input, and the first
+    convolution has no bias, so such a network returns the same chi for b and for 2b: it cannot
+    learn the amplitude (measured on the first bundled model: output ratio 0.9998 for a doubled
+    field). Batch norm keeps the amplitude at inference (fixed statistics) but not in training with
+    small batches. 'none' has no statistics at all: a local operator, the same on a patch, a tile or
+    a whole volume, that can learn the linear scaling; it is the default."""
 
     filters: tuple[int, ...] = (12, 24, 48, 96)
-    norm: str = "group"
+    norm: str = "none"
+    prior: str = "none"  # 'tikhonov': a second input channel, see PRIORS
 
     @property
     def stride(self) -> int:
         return 2 ** (len(self.filters) - 1)
 
+    @property
+    def in_channels(self) -> int:
+        return 1 if self.prior == "none" else 2
+
     def to_dict(self) -> dict:
-        return {"filters": list(self.filters), "norm": self.norm}
+        return {"filters": list(self.filters), "norm": self.norm, "prior": self.prior}
 
     @staticmethod
     def from_dict(d: dict) -> "UNetConfig":
-        return UNetConfig(tuple(int(f) for f in d["filters"]), str(d.get("norm", "batch")))
+        return UNetConfig(tuple(int(f) for f in d["filters"]), str(d.get("norm", "batch")), str(d.get("prior", "none")))
+
+
+# A physics-informed input: the network sees, beside the field, its closed-form Tikhonov inverse
+# (solvers.tikhonov, default lambda, 1.5x padding), which carries what the field alone hides from a
+# convolutional network (the B0 direction and the voxel size through the dipole kernel); the mean
+# decoder predicts a correction to it. q(chi | b) is still a function of the field b alone.
+PRIORS = ("none", "tikhonov")
 
 
 PRESETS: dict[str, UNetConfig] = {
     "paper": UNetConfig((32, 64, 128, 256, 512), "batch"),  # MIDL 2020 architecture
-    "default": UNetConfig((12, 24, 48, 96), "group"),  # compact: a 160^3 brain in ~6 s on 2 CPU cores
+    "default": UNetConfig((12, 24, 48, 96), "none", "tikhonov"),  # compact: a 160^3 brain in ~5 s on 2 CPU cores
+    "default-field": UNetConfig((12, 24, 48, 96), "none"),  # the same, the field as the only input
+    "default-gn": UNetConfig((12, 24, 48, 96), "group"),  # first bundled model (amplitude-blind, see above)
     "default-bn": UNetConfig((12, 24, 48, 96), "batch"),  # the compact net with the paper's batch norm
     "tiny": UNetConfig((4, 8), "batch"),  # tests only
+    "tiny-prior": UNetConfig((4, 8), "none", "tikhonov"),  # tests only
 }
+
+
+NORMS = ("batch", "group", "none")
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -50,15 +76,23 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm3d(channels)
     if kind == "group":
         return nn.GroupNorm(max(1, channels // 4), channels)
-    raise ValueError(f"unknown normalisation {kind!r}; expected batch or group")
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown normalisation {kind!r}; expected one of {', '.join(NORMS)}")
+
+
+def conv_relu(c_in: int, c_out: int, norm: str) -> list[nn.Module]:
+    """3x3x3 convolution (biased when there is no normalisation; He-initialised), normalisation, ReLU."""
+    conv = nn.Conv3d(c_in, c_out, 3, padding=1, bias=norm == "none")
+    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return [conv, norm_layer(norm, c_out), nn.ReLU(inplace=True)]
 
 
 def double_conv(c_in: int, c_out: int, norm: str = "batch") -> nn.Sequential:
     """Two 3x3x3 convolutions, each followed by normalisation and ReLU."""
-    return nn.Sequential(
-        nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), norm_layer(norm, c_out), nn.ReLU(inplace=True),
-        nn.Conv3d(c_out, c_out, 3, padding=1, bias=False), norm_layer(norm, c_out), nn.ReLU(inplace=True),
-    )
+    return nn.Sequential(*conv_relu(c_in, c_out, norm), *conv_relu(c_out, c_out, norm))
 
 
 class Decoder(nn.Module):
@@ -99,17 +133,29 @@ class PDINet(nn.Module):
         self.config = config
         f = config.filters
         n = config.norm
-        self.encoders = nn.ModuleList([double_conv(1, f[0], n)] + [double_conv(a, b, n) for a, b in zip(f[:-1], f[1:])])
+        if config.prior not in PRIORS:
+            raise ValueError(f"unknown prior input {config.prior!r}; expected one of {', '.join(PRIORS)}")
+        self.encoders = nn.ModuleList([double_conv(config.in_channels, f[0], n)]
+                                      + [double_conv(a, b, n) for a, b in zip(f[:-1], f[1:])])
         self.pool = nn.MaxPool3d(2)
         self.mean_decoder = Decoder(f, n)
         self.logvar_decoder = Decoder(f, n)
+        if config.prior != "none":  # training starts from the prior itself: a zero correction
+            nn.init.zeros_(self.mean_decoder.head.weight)
+            nn.init.zeros_(self.mean_decoder.head.bias)
 
-    def forward(self, field: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        bottom, skips = self.encode(field)
-        return self.decode(bottom, skips)
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``inputs`` (B, in_channels, X, Y, Z): the scaled field, then the scaled prior if any."""
+        bottom, skips = self.encode(inputs)
+        mean, logvar = self.decode(bottom, skips)
+        return self.add_prior(mean, inputs), logvar
+
+    def add_prior(self, mean: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The mean decoder's output is a correction to the prior channel (when there is one)."""
+        return mean if self.config.prior == "none" else mean + inputs[:, 1:2]
 
     def decode(self, bottom: torch.Tensor, skips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, log variance) from encoder features."""
+        """(mean before the prior is added, log variance) from encoder features."""
         return self.mean_decoder(bottom, skips), self.logvar_decoder(bottom, skips)
 
     def encode(self, field: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -108,13 +108,13 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     info.update(device=device, weights_sha256=manifest["sha256"])
     if settings.method == "pdi":
         progress.status(f"running PDI on {device}")
-        mean, std = predict(net, field_ppm, mask, device)
+        mean, std = predict(net, field_ppm, mask, device, geometry=geometry)
         return torch.from_numpy(mean), std
     from . import vi
 
     config = vi_config(settings)
     volume = vi.prepare(field_ppm, mask, geometry, net.config.stride, data_weight(mask, noise_std),
-                        gradient_mask(mask, magnitude, geometry.voxel_size), device)
+                        gradient_mask(mask, magnitude, geometry.voxel_size), device, prior=net.config.prior)
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")
     result = vi.finetune(net, [volume], config, progress.task("vi"))
     mean, std = vi.predict_volume(result.net, volume)
@@ -185,7 +185,8 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
         progress.status(f"field {i}: {inp.field.data.shape}, voxel {inp.geometry.voxel_size} mm")
         return vi.prepare(inp.field_ppm, inp.mask, inp.geometry, net.config.stride,
                           data_weight(inp.mask, inp.noise_std),
-                          gradient_mask(inp.mask, inp.magnitude, inp.geometry.voxel_size), device)
+                          gradient_mask(inp.mask, inp.magnitude, inp.geometry.voxel_size), device,
+                          prior=net.config.prior)
 
     volumes = [prepared(i + 1, f, m, (noise_paths or [None] * len(field_paths))[i],
                         (magnitude_paths or [None] * len(field_paths))[i])

@@ -38,6 +38,7 @@ class Sample:
     field: np.ndarray
     geometry: Geometry
     noise_ppm: float
+    prior: np.ndarray | None = None  # the network's prior input channel, when its architecture has one
 
 
 def random_b0(rng: np.random.Generator, max_tilt_deg: float) -> tuple[float, float, float]:
@@ -79,11 +80,13 @@ def make_volume(rng: np.random.Generator, config: SimulationConfig = SimulationC
 
 
 def random_patch(sample: Sample, patch: tuple[int, int, int], rng: np.random.Generator,
-                 min_fill: float = 0.3, tries: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(field, chi, mask) patch of size ``patch`` with at least ``min_fill`` of it inside the mask."""
+                 min_fill: float = 0.3, tries: int = 20) -> tuple[np.ndarray, ...]:
+    """(field, chi, mask[, prior]) patch of size ``patch`` with at least ``min_fill`` of it inside the mask
+    (the prior when the sample has one)."""
     shape = sample.chi.shape
     padded = [max(p - s, 0) for p, s in zip(patch, shape)]
-    arrays = [np.pad(a, [(0, p) for p in padded]) for a in (sample.field, sample.chi, sample.mask)]
+    sources = (sample.field, sample.chi, sample.mask) + ((sample.prior,) if sample.prior is not None else ())
+    arrays = [np.pad(a, [(0, p) for p in padded]) for a in sources]
     shape = arrays[0].shape
     best = None
     for _ in range(tries):
@@ -94,8 +97,7 @@ def random_patch(sample: Sample, patch: tuple[int, int, int], rng: np.random.Gen
             best = (fill, sl)
         if fill >= min_fill:
             break
-    sl = best[1]
-    return arrays[0][sl], arrays[1][sl], arrays[2][sl]
+    return tuple(a[best[1]] for a in arrays)
 
 
 def simulated_brain(shape, voxel_size, seed: int, noise_ppm: float, b0_dir=(0.0, 0.0, 1.0)) -> Sample:

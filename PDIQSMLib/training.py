@@ -38,8 +38,30 @@ class TrainConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
 
-def to_input(field_ppm: torch.Tensor) -> torch.Tensor:
-    return field_ppm * FIELD_SCALE
+def to_input(field_ppm: torch.Tensor, prior_ppm: torch.Tensor | None = None) -> torch.Tensor:
+    """The network's input (B, C, ...): the scaled field, then the scaled prior channel if given."""
+    x = field_ppm * FIELD_SCALE
+    return x if prior_ppm is None else torch.cat([x, prior_ppm * CHI_SCALE], dim=1)
+
+
+def prior_map(field_ppm: np.ndarray, mask: np.ndarray, geometry, kind: str) -> np.ndarray | None:
+    """The prior input channel (ppm) for a network whose architecture asks for ``kind``; None for 'none'."""
+    if kind == "none":
+        return None
+    if kind != "tikhonov":
+        raise ValueError(f"unknown prior input {kind!r}")
+    from .solvers import tikhonov
+
+    m = np.asarray(mask) > 0
+    b = torch.from_numpy(np.where(m, field_ppm, 0.0).astype(np.float32))
+    return tikhonov(b, torch.from_numpy(m.astype(np.float32)), geometry).numpy().astype(np.float32)
+
+
+def with_prior(sample: Sample, kind: str) -> Sample:
+    """``sample`` with its prior channel computed (unchanged when ``kind`` is 'none' or it has one)."""
+    if kind != "none" and sample.prior is None:
+        sample.prior = prior_map(sample.field, sample.mask, sample.geometry, kind)
+    return sample
 
 
 # Far out of distribution (a hemorrhage) the log variance can run away; outputs are kept within
@@ -61,9 +83,9 @@ def from_output(mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def batch_loss(net: PDINet, field: torch.Tensor, chi: torch.Tensor, mask: torch.Tensor,
-               beta: float = 0.0) -> torch.Tensor:
-    """Eq. 9 on a batch (field, chi in ppm); ``beta`` as in network.gaussian_nll."""
-    mean, logvar = net(to_input(field))
+               beta: float = 0.0, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 9 on a batch (field, chi, prior in ppm); ``beta`` as in network.gaussian_nll."""
+    mean, logvar = net(to_input(field, prior))
     return gaussian_nll(mean, logvar, chi * CHI_SCALE, mask, beta)
 
 
@@ -73,16 +95,21 @@ class PatchPool:
     def __init__(self, config: TrainConfig, rng: np.random.Generator) -> None:
         self.config = config
         self.rng = rng
-        self.volumes: list[Sample] = [make_volume(rng, config.simulation) for _ in range(config.pool_size)]
+        self.prior = PRESETS[config.preset].prior
+        self.volumes: list[Sample] = [self._new() for _ in range(config.pool_size)]
+
+    def _new(self) -> Sample:
+        return with_prior(make_volume(self.rng, self.config.simulation), self.prior)
 
     def refresh(self) -> None:
-        self.volumes[int(self.rng.integers(len(self.volumes)))] = make_volume(self.rng, self.config.simulation)
+        self.volumes[int(self.rng.integers(len(self.volumes)))] = self._new()
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self) -> tuple[torch.Tensor, ...]:
+        """(field, chi, mask, prior or None) tensors of shape (B, 1, ...)."""
         items = [random_patch(self.volumes[int(self.rng.integers(len(self.volumes)))], self.config.patch, self.rng)
                  for _ in range(self.config.batch_size)]
         stack = lambda i: torch.from_numpy(np.stack([it[i] for it in items])[:, None].astype(np.float32))  # noqa: E731
-        return stack(0), stack(1), stack(2)
+        return stack(0), stack(1), stack(2), (stack(3) if len(items[0]) > 3 else None)
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -150,8 +177,8 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
     net.train()
     t0 = time.perf_counter()
     while step < config.steps:
-        field_b, chi_b, mask_b = (t.to(device) for t in pool.batch())
-        loss = batch_loss(model, field_b, chi_b, mask_b, config.beta)
+        field_b, chi_b, mask_b, prior_b = (t.to(device) if t is not None else None for t in pool.batch())
+        loss = batch_loss(model, field_b, chi_b, mask_b, config.beta, prior_b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -197,7 +224,7 @@ def validate(net: PDINet, samples: list[Sample], device: str = "cpu") -> dict:
 
     rmses, cover = [], []
     for s in samples:
-        mean, std = predict(net, s.field, s.mask, device=device)
+        mean, std = predict(net, s.field, s.mask, device=device, geometry=s.geometry)
         rmses.append(nrmse(mean, s.chi, s.mask))
         cover.append(calibration(mean, std, s.chi, s.mask)["within_2sigma"])
     return {"rmse": round(float(np.mean(rmses)), 2), "coverage2": round(float(np.mean(cover)), 4),
@@ -228,8 +255,9 @@ def recalibrate_batchnorm(net: PDINet, patches: int = 64, seed: int = 50_000,
             m.momentum = None  # cumulative average
     net.train()
     for i in range(patches):
-        field, _, _ = random_patch(volumes[i % len(volumes)], TrainConfig.patch, rng, min_fill=0.5)
-        net(to_input(torch.from_numpy(field)[None, None]))
+        patch = random_patch(with_prior(volumes[i % len(volumes)], net.config.prior), TrainConfig.patch, rng, min_fill=0.5)
+        as_tensor = lambda a: torch.from_numpy(a)[None, None]  # noqa: E731
+        net(to_input(as_tensor(patch[0]), as_tensor(patch[3]) if len(patch) > 3 else None))
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm3d):
             m.momentum = 0.1

@@ -32,7 +32,7 @@ from .inference import mask_box, pad_to_stride, paste, run_network
 from .network import CHI_SCALE, PDINet
 from .physics import DipoleOperator
 from .solvers import MEDI_LAMBDA
-from .training import clamp_logvar, to_input
+from .training import clamp_logvar, prior_map, to_input
 
 VARIANTS = ("full", "decoders", "last")
 
@@ -75,23 +75,32 @@ class VolumeData:
     geometry: Geometry
     box: tuple[slice, slice, slice]  # where the box sits in the full volume
     full_mask: np.ndarray
+    inputs: torch.Tensor | None = None  # (1, C, X', Y', Z') ppm: the field and the prior channel, if any
+
+    def network_inputs(self) -> torch.Tensor:
+        return self.field if self.inputs is None else self.inputs
 
 
 def prepare(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, stride: int, weight: np.ndarray | None = None,
-            edges: np.ndarray | None = None, device: str = "cpu", pad: float = 1.0) -> VolumeData:
-    """Crop to the mask's bounding box (as inference does), pad to the network's stride, move to ``device``."""
+            edges: np.ndarray | None = None, device: str = "cpu", pad: float = 1.0, prior: str = "none") -> VolumeData:
+    """Crop to the mask's bounding box (as inference does), pad to the network's stride, move to ``device``;
+    ``prior`` is the network's prior channel kind (computed on the whole volume before cropping)."""
     m = np.asarray(mask) > 0
     box = mask_box(m)
     mb = m[box]
     f = torch.from_numpy(np.where(mb, np.asarray(field_ppm)[box], 0.0).astype(np.float32))[None, None]
     f, size = pad_to_stride(f, stride)
+    inputs = None
+    if prior != "none":
+        p = torch.from_numpy(prior_map(field_ppm, m, geometry, prior)[box])[None, None]
+        inputs = torch.cat([f, pad_to_stride(p, stride)[0]], dim=1).to(device)
     padded = lambda a: pad_to_stride(torch.from_numpy(np.asarray(a, np.float32))[None], stride)[0][0]  # noqa: E731
     mt = padded(mb.astype(np.float32))
     w = padded(np.asarray(weight)[box] if weight is not None else mb.astype(np.float32))
     e = padded(np.asarray(edges)[(slice(None),) + box]) if edges is not None else mt.expand(3, *mt.shape)
     op = DipoleOperator(tuple(f.shape[-3:]), geometry, pad, torch.float32, device)
     return VolumeData(f.to(device), mt[None, None].to(device), w[None, None].to(device), e.to(device), op, size,
-                      geometry, box, m)
+                      geometry, box, m, inputs)
 
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, data: VolumeData, lam: float, samples: int,
@@ -133,25 +142,35 @@ class Model:
         for p in params:
             p.requires_grad_(True)
         self.params = params
-        self.cache = [self._features(v) for v in volumes] if variant != "full" else None
+        self.scaled = [scaled_inputs(v) for v in volumes]
+        self.cache = [self._features(x) for x in self.scaled] if variant != "full" else None
 
     @torch.no_grad()
-    def _features(self, v: VolumeData):
-        bottom, skips = self.net.encode(to_input(v.field))
+    def _features(self, x: torch.Tensor):
+        bottom, skips = self.net.encode(x)
         if self.variant == "decoders":
             return bottom, skips
         return self.net.mean_decoder.trunk(bottom, skips), self.net.logvar_decoder.trunk(bottom, skips)
 
     def __call__(self, index: int, v: VolumeData) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean ppm, log variance in ppm^2) for volume ``index``."""
+        x = self.scaled[index]
         if self.variant == "full":
-            mean, logvar = self.net(to_input(v.field))
-        elif self.variant == "decoders":
-            mean, logvar = self.net.decode(*self.cache[index])
+            mean, logvar = self.net(x)
         else:
-            a, b = self.cache[index]
-            mean, logvar = self.net.mean_decoder.tail(a), self.net.logvar_decoder.tail(b)
+            if self.variant == "decoders":
+                mean, logvar = self.net.decode(*self.cache[index])
+            else:
+                a, b = self.cache[index]
+                mean, logvar = self.net.mean_decoder.tail(a), self.net.logvar_decoder.tail(b)
+            mean = self.net.add_prior(mean, x)
         return mean / CHI_SCALE, clamp_logvar(logvar) - 2.0 * float(np.log(CHI_SCALE))
+
+
+def scaled_inputs(v: VolumeData) -> torch.Tensor:
+    """The network's input tensor for a prepared volume (scaled field, then scaled prior if any)."""
+    x = v.network_inputs()
+    return to_input(x[:, :1], x[:, 1:] if x.shape[1] > 1 else None)
 
 
 @torch.no_grad()
@@ -248,6 +267,6 @@ def _converged(history: list[dict], tol: float, window: int = 10) -> bool:
 def predict_volume(model_net: PDINet, v: VolumeData) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std (ppm) of a prepared volume, in the full volume's grid, zero outside the mask."""
     model_net.eval()
-    mean, std = run_network(model_net, v.field, str(v.field.device))
+    mean, std = run_network(model_net, v.network_inputs(), str(v.field.device))
     crop = tuple(slice(0, n) for n in v.size)
     return paste(mean[crop], v.full_mask, v.box), paste(std[crop], v.full_mask, v.box)

@@ -174,3 +174,36 @@ def test_prediction_ignores_empty_field_of_view_beyond_the_margin():
     big_mean, big_std = predict(net, big_field, big_mask)
     inner = (slice(15, -15),) * 3
     assert np.allclose(big_mean[inner], mean, atol=1e-6) and np.allclose(big_std[inner], std, atol=1e-6)
+
+
+def test_prior_channel_is_the_tikhonov_inverse_and_the_mean_corrects_it(tmp_path):
+    """A network with the Tikhonov prior input: with a zero mean head its mean is exactly the
+    closed-form Tikhonov solution of the field (computed on the whole volume with its geometry),
+    through predict, through PDI-VI's prepared volume, and after a training round trip."""
+    from PDIQSMLib import phantoms, solvers
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.simulation import field_of
+    from PDIQSMLib.vi import VIConfig, finetune, predict_volume, prepare
+
+    g = Geometry((1.0, 1.0, 2.0), (0.2, 0.0, 0.98))
+    shape = (30, 28, 20)
+    chi = phantoms.sphere(shape, g.voxel_size, 4.0, 0.2)
+    mask = phantoms.sphere(shape, g.voxel_size, 12.0, 1.0) > 0
+    field = field_of(chi, mask, g, 2.0)
+    torch.manual_seed(0)
+    net = PDINet(PRESETS["tiny-prior"]).eval()
+    assert net.encoders[0][0].in_channels == 2
+    torch.nn.init.zeros_(net.mean_decoder.head.weight)
+    torch.nn.init.zeros_(net.mean_decoder.head.bias)
+    tik = solvers.tikhonov(torch.from_numpy(field), torch.from_numpy(mask.astype(np.float32)), g).numpy()
+    mean, std = predict(net, field, mask, geometry=g)
+    assert np.allclose(mean, tik, atol=1e-6) and np.all(std[mask] > 0)
+    with pytest.raises(ValueError, match="geometry"):
+        predict(net, field, mask)
+    v = prepare(field, mask, g, net.config.stride, prior="tikhonov")
+    assert np.allclose(predict_volume(net, v)[0], tik, atol=1e-6)
+    tuned = finetune(net, [v], VIConfig(iterations=2, samples=1, variant="last")).net
+    assert not np.allclose(predict_volume(tuned, v)[0], tik, atol=1e-6)  # the correction is tuned
+    weights = save_weights(net, tmp_path / "p.safetensors")
+    loaded, manifest = load_model(weights)
+    assert manifest["architecture"]["prior"] == "tikhonov" and loaded.config == PRESETS["tiny-prior"]

@@ -44,7 +44,7 @@ def measure(op: str, shape: tuple[int, int, int], device: str, repeats: int) -> 
         from PDIQSMLib.network import PRESETS, PDINet
 
         net = PDINet(PRESETS["default"]).to(device).eval()
-        run = lambda: predict(net, field_np, ph.mask, device)  # noqa: E731
+        run = lambda: predict(net, field_np, ph.mask, device, geometry=g)  # noqa: E731
     elif op == "forward":
         A = DipoleOperator(shape, g, 1.0, torch.float32, device)
         run = lambda: A.forward(field)  # noqa: E731

@@ -77,13 +77,14 @@ def main() -> None:
     bleed = (chi > 1.0) & mask
     net, _ = load_model(device=args.device)
     t0 = time.perf_counter()
-    mean, std = predict(net, field, mask, args.device)
+    mean, std = predict(net, field, mask, args.device, geometry=g)
     rows = {"truth": {"mean_bleed": float(chi[bleed].mean())},
             "pdi": row(mean, std, chi, mask, bleed, round(time.perf_counter() - t0, 2))}
     t0 = time.perf_counter()
     medi = reconstruct(field, mask, g, Settings(method="medi"), noise_std=noise).mean
     rows["medi"] = row(medi, None, chi, mask, bleed, round(time.perf_counter() - t0, 1))
-    volume = vi.prepare(field, mask, g, net.config.stride, data_weight(mask, noise), device=args.device)
+    volume = vi.prepare(field, mask, g, net.config.stride, data_weight(mask, noise), device=args.device,
+                        prior=net.config.prior)
     if args.sweep:
         return sweep(net, volume, rows, chi, mask, bleed, args)
     for name, lam in (("pdi-vi1", MEDI_LAMBDA), ("pdi-vi2", 0.0)):

@@ -24,24 +24,35 @@ def main(log_path: str, out_path: str) -> None:
     records = [by_step[k] for k in sorted(by_step)]
     steps = np.array([r["step"] for r in records])
     loss = np.array([r["loss"] for r in records])
+    beta = np.array([r.get("beta", 0.0) for r in records])
     window = max(1, min(100, len(loss) // 10))
-    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-    val = [(r["step"], r["validation"]) for r in records if "validation" in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.plot(steps, loss, color="0.8", lw=0.5, label="loss per step")
-    a.plot(steps[window - 1:], smooth, color="C0", label=f"running mean ({window})")
+    for i, value in enumerate(sorted(set(beta))):  # beta-NLL values are on another scale: one curve per beta
+        sel = beta == value
+        if sel.sum() > window:
+            smooth = np.convolve(loss[sel], np.ones(window) / window, mode="valid")
+            name = "Eq. 9" if value == 0 else f"beta-NLL, beta {value:g}"
+            a.plot(steps[sel][window - 1:], smooth, ".", ms=1, color=f"C{i}", label=f"{name}, mean of {window}")
     a.set_xlabel("step")
-    a.set_ylabel("Gaussian NLL (Eq. 9, scaled units)")
-    a.legend()
+    a.set_ylabel("training loss (scaled units)")
+    a.legend(markerscale=8)
+    val = [(r["step"], r["validation"]) for r in records if "validation" in r]
     if val:
-        b.plot([s for s, _ in val], [v["rmse"] for _, v in val], "o-", label="validation RMSE (%)")
+        # the first two validation brains are in every check (later checks add two more)
+        first_two = [np.mean(v["rmse_each"][:2]) if "rmse_each" in v else v["rmse"] for _, v in val]
+        b.plot([s for s, _ in val], first_two, "o-", ms=3, label="validation RMSE %, brains 1-2")
+        four = [(s, v["rmse"]) for s, v in val if len(v.get("rmse_each", [])) >= 4]
+        if four:
+            b.plot(*zip(*four), "^-", ms=3, color="C2", label="validation RMSE %, brains 1-4")
         b2 = b.twinx()
-        b2.plot([s for s, _ in val], [100 * v["coverage2"] for _, v in val], "s--", color="C1", label="2-sigma coverage (%)")
+        b2.plot([s for s, _ in val], [100 * v["coverage2"] for _, v in val], "s--", ms=3, color="C1",
+                label="2-sigma coverage (%)")
         b2.set_ylabel("2-sigma coverage (%)")
         b.set_xlabel("step")
         b.set_ylabel("RMSE (%)")
-        b.legend(loc="upper left")
-        b2.legend(loc="upper right")
+        b.legend(loc="upper left", fontsize=8)
+        b2.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     print(out_path)
