@@ -42,33 +42,35 @@ def mask_box(mask: np.ndarray, margin: int = MASK_MARGIN) -> tuple[slice, slice,
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
-def network_inputs(net: PDINet, field: np.ndarray, mask: np.ndarray, geometry=None) -> np.ndarray:
+def network_inputs(net: PDINet, field: np.ndarray, mask: np.ndarray, geometry=None,
+                   weight: np.ndarray | None = None) -> np.ndarray:
     """(C, X, Y, Z) ppm arrays the network reads: the masked field, and its prior channel computed on
-    the whole volume when the architecture has one (which needs the ``geometry``)."""
+    the whole volume when the architecture has one (which needs the ``geometry``; ``weight`` is W)."""
     m = np.asarray(mask) > 0
     channels = [np.where(m, field, 0.0).astype(np.float32)]
     if net.config.prior != "none":
         if geometry is None:
             raise ValueError(f"this network reads a {net.config.prior} prior channel: the geometry is required")
-        channels.append(prior_map(field, m, geometry, net.config.prior))
+        channels.append(prior_map(field, m, geometry, net.config.prior, weight))
     return np.stack(channels)
 
 
 @torch.no_grad()
 def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu",
-            tile: int | None = None, overlap: int = 16, geometry=None) -> tuple[np.ndarray, np.ndarray]:
+            tile: int | None = None, overlap: int = 16, geometry=None,
+            weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation (ppm, float32) of chi for a local field (ppm), zero outside ``mask``.
 
     The network runs on the mask's bounding box (plus a margin): outside the mask its input is zero,
     and the empty rest of the field of view would only cost time. ``tile`` (voxels per side) runs
     overlapping tiles blended with tapered weights, for volumes that do not fit in memory at once;
     on a CUDA out-of-memory error, tiles of 128 are used. ``geometry`` is needed by networks with a
-    prior input channel.
+    prior input channel, and ``weight`` (W, from a noise map) is used by that prior.
     """
     net.eval()
     m = np.asarray(mask) > 0
     box = mask_box(m)
-    x = torch.from_numpy(network_inputs(net, field, m, geometry)[(slice(None),) + box])[None]
+    x = torch.from_numpy(network_inputs(net, field, m, geometry, weight)[(slice(None),) + box])[None]
     if tile is None:
         try:
             mean, std = run_network(net, x, device)

@@ -108,7 +108,8 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     info.update(device=device, weights_sha256=manifest["sha256"])
     if settings.method == "pdi":
         progress.status(f"running PDI on {device}")
-        mean, std = predict(net, field_ppm, mask, device, geometry=geometry)
+        weight = data_weight(mask, noise_std) if noise_std is not None else None
+        mean, std = predict(net, field_ppm, mask, device, geometry=geometry, weight=weight)
         return torch.from_numpy(mean), std
     from . import vi
 

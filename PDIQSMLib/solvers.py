@@ -80,6 +80,55 @@ def tikhonov(field: torch.Tensor, mask: torch.Tensor, geometry: Geometry, lam: f
     return _masked(op.crop(torch.fft.irfftn(spectrum, s=op.pad_shape, dim=(-3, -2, -1))), mask)
 
 
+def tikhonov_weighted(field: torch.Tensor, mask: torch.Tensor, geometry: Geometry, weight: torch.Tensor,
+                      lam: float = TIKHONOV_LAMBDA, pad: float = CLOSED_FORM_PAD, max_iter: int = 15,
+                      tol: float = 1e-3) -> torch.Tensor:
+    """argmin ||V (D chi - b)||^2 + lam ||grad chi||^2 with V = W inside the mask and 1 outside it.
+
+    Outside the mask (and in the padding) the field counts as a measured zero, exactly as in the
+    closed form, which this equals when W = 1; inside, voxels with a noisy field (small W) count
+    less. Solved by conjugate gradients preconditioned with the closed form's k-space inverse, from
+    the closed-form solution, until the residual falls by ``tol`` (on the ICH case the RMSE settles
+    within 10 iterations: 55.9 % after 10, 56.4 % after 50, against 345 % for the closed form).
+    """
+    if lam <= 0:
+        raise ValueError(f"Tikhonov lambda must be > 0, got {lam}")
+    dtype = torch.float32
+    inside = (mask > 0).to(dtype)
+    op = DipoleOperator(field.shape, geometry, pad, dtype, field.device)
+    v2 = op.pad(torch.where(inside > 0, weight.to(dtype), torch.ones_like(inside)) ** 2)
+    v2 = v2 + (1.0 - op.pad(torch.ones_like(inside)))  # the padding: weight 1
+    b = op.pad(field.to(dtype) * inside)
+    d = op.kernel
+    lap = _laplacian_symbol(op.pad_shape, geometry, dtype, field.device)
+    denom = d**2 + lam * lap
+    gain = torch.where(denom == 0, torch.zeros_like(denom), 1.0 / torch.where(denom == 0, torch.ones_like(denom), denom))
+    rfft = lambda x: torch.fft.rfftn(x, dim=(-3, -2, -1))  # noqa: E731
+    irfft = lambda x: torch.fft.irfftn(x, s=op.pad_shape, dim=(-3, -2, -1))  # noqa: E731
+    dconv = lambda x: irfft(rfft(x) * d)  # noqa: E731
+    apply = lambda x: dconv(v2 * dconv(x)) + lam * irfft(rfft(x) * lap)  # noqa: E731
+    precondition = lambda r: irfft(rfft(r) * gain)  # noqa: E731
+    rhs = dconv(v2 * b)
+    x = irfft(rfft(b) * d * gain)  # the closed form (W = 1)
+    r = rhs - apply(x)
+    z = precondition(r)
+    p = z.clone()
+    rz = float((r * z).sum())
+    r0 = float(r.norm())
+    for _ in range(max_iter):
+        if float(r.norm()) <= tol * max(r0, float(rhs.norm()) * 1e-12):
+            break
+        ap = apply(p)
+        alpha = rz / float((p * ap).sum())
+        x = x + alpha * p
+        r = r - alpha * ap
+        z = precondition(r)
+        rz_new = float((r * z).sum())
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return _masked(op.crop(x).to(field.dtype), mask)
+
+
 def tikhonov_lcurve(field: torch.Tensor, mask: torch.Tensor, geometry: Geometry,
                     lambdas=np.logspace(-5, 0, 26), pad: float = CLOSED_FORM_PAD) -> float:
     """Lambda at the L-curve's corner (largest curvature of log residual vs log gradient norm).

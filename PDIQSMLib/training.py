@@ -44,17 +44,28 @@ def to_input(field_ppm: torch.Tensor, prior_ppm: torch.Tensor | None = None) -> 
     return x if prior_ppm is None else torch.cat([x, prior_ppm * CHI_SCALE], dim=1)
 
 
-def prior_map(field_ppm: np.ndarray, mask: np.ndarray, geometry, kind: str) -> np.ndarray | None:
-    """The prior input channel (ppm) for a network whose architecture asks for ``kind``; None for 'none'."""
+def prior_map(field_ppm: np.ndarray, mask: np.ndarray, geometry, kind: str,
+              weight: np.ndarray | None = None) -> np.ndarray | None:
+    """The prior input channel (ppm) for a network whose architecture asks for ``kind``; None for 'none'.
+
+    With a data weight W (from a noise map) that is not uniform, the Tikhonov solution weighs the
+    field by W (``solvers.tikhonov_weighted``), so that a region of very noisy field (a hemorrhage)
+    does not ruin the prior; with W uniform it is the closed form the network was trained with.
+    """
     if kind == "none":
         return None
     if kind != "tikhonov":
         raise ValueError(f"unknown prior input {kind!r}")
-    from .solvers import tikhonov
+    from .solvers import tikhonov, tikhonov_weighted
 
     m = np.asarray(mask) > 0
     b = torch.from_numpy(np.where(m, field_ppm, 0.0).astype(np.float32))
-    return tikhonov(b, torch.from_numpy(m.astype(np.float32)), geometry).numpy().astype(np.float32)
+    mt = torch.from_numpy(m.astype(np.float32))
+    if weight is not None and np.ptp(np.asarray(weight)[m]) > 1e-3 * np.abs(np.asarray(weight)[m]).max():
+        chi = tikhonov_weighted(b, mt, geometry, torch.from_numpy(np.asarray(weight, np.float32)))
+    else:
+        chi = tikhonov(b, mt, geometry)
+    return chi.numpy().astype(np.float32)
 
 
 def with_prior(sample: Sample, kind: str) -> Sample:

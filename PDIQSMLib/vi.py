@@ -92,7 +92,7 @@ def prepare(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, stride:
     f, size = pad_to_stride(f, stride)
     inputs = None
     if prior != "none":
-        p = torch.from_numpy(prior_map(field_ppm, m, geometry, prior)[box])[None, None]
+        p = torch.from_numpy(prior_map(field_ppm, m, geometry, prior, weight)[box])[None, None]
         inputs = torch.cat([f, pad_to_stride(p, stride)[0]], dim=1).to(device)
     padded = lambda a: pad_to_stride(torch.from_numpy(np.asarray(a, np.float32))[None], stride)[0][0]  # noqa: E731
     mt = padded(mb.astype(np.float32))

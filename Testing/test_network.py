@@ -207,3 +207,22 @@ def test_prior_channel_is_the_tikhonov_inverse_and_the_mean_corrects_it(tmp_path
     weights = save_weights(net, tmp_path / "p.safetensors")
     loaded, manifest = load_model(weights)
     assert manifest["architecture"]["prior"] == "tikhonov" and loaded.config == PRESETS["tiny-prior"]
+
+
+def test_bundled_model_scales_with_the_field():
+    """Dipole inversion is linear: twice the field, twice the susceptibility. The first bundled model
+    (group norm) returned the same map for b and 2b (ratio 1.000); see network.UNetConfig."""
+    from PDIQSMLib import phantoms
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.simulation import add_noise, field_of
+
+    net, _ = load_model()
+    g = Geometry((1.0, 1.0, 1.5))
+    rng = np.random.default_rng(4)
+    ph = phantoms.brain((80, 88, 56), g.voxel_size, rng)
+    field = add_noise(field_of(ph.chi, ph.mask, g, 2.0), ph.mask, 1e-3, rng)
+    one = predict(net, field, ph.mask, geometry=g)[0][ph.mask]
+    for factor in (0.5, 2.0):
+        other = predict(net, factor * field, ph.mask, geometry=g)[0][ph.mask]
+        gain = float(other @ one / (one @ one))
+        assert abs(gain / factor - 1) < 0.2, (factor, gain)

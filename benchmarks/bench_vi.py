@@ -77,7 +77,7 @@ def main() -> None:
     bleed = (chi > 1.0) & mask
     net, _ = load_model(device=args.device)
     t0 = time.perf_counter()
-    mean, std = predict(net, field, mask, args.device, geometry=g)
+    mean, std = predict(net, field, mask, args.device, geometry=g, weight=data_weight(mask, noise))
     rows = {"truth": {"mean_bleed": float(chi[bleed].mean())},
             "pdi": row(mean, std, chi, mask, bleed, round(time.perf_counter() - t0, 2))}
     t0 = time.perf_counter()
