@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="weights (safetensors + manifest with sha256) from a training checkpoint")
     x.add_argument("checkpoint", type=Path)
     x.add_argument("--out", type=Path, required=True, help="NAME.safetensors (NAME.json is written beside it)")
+    x.add_argument("--calibrate-std", action="store_true",
+                   help="rescale sigma so that it matches the errors on four held-apart simulated brains")
     _add_common(x)
 
     d = sub.add_parser("demo", help="the main job on built-in data: simulate, reconstruct, figure, metrics")
@@ -249,7 +251,7 @@ def cmd_finetune(args, progress: Progress) -> int:
 def cmd_export(args, progress: Progress) -> int:
     from .training import export
 
-    print(export(args.checkpoint, args.out))
+    print(export(args.checkpoint, args.out, calibrate=args.calibrate_std))
     return 0
 
 

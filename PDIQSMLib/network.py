@@ -140,6 +140,7 @@ class PDINet(nn.Module):
         self.pool = nn.MaxPool3d(2)
         self.mean_decoder = Decoder(f, n)
         self.logvar_decoder = Decoder(f, n)
+        self.logvar_offset = 0.0
         if config.prior != "none":  # training starts from the prior itself: a zero correction
             nn.init.zeros_(self.mean_decoder.head.weight)
             nn.init.zeros_(self.mean_decoder.head.bias)
@@ -147,12 +148,15 @@ class PDINet(nn.Module):
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``inputs`` (B, in_channels, X, Y, Z): the scaled field, then the scaled prior if any."""
         bottom, skips = self.encode(inputs)
-        mean, logvar = self.decode(bottom, skips)
-        return self.add_prior(mean, inputs), logvar
+        return self.finish(*self.decode(bottom, skips), inputs)
 
-    def add_prior(self, mean: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """The mean decoder's output is a correction to the prior channel (when there is one)."""
-        return mean if self.config.prior == "none" else mean + inputs[:, 1:2]
+    def finish(self, mean: torch.Tensor, logvar: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoders' raw outputs -> (mean, log variance): the mean decoder's output is a correction
+        to the prior channel (when there is one); ``logvar_offset`` is a calibration of the variance
+        (0 in training; set from held-apart data at export, see training.calibrate_std)."""
+        if self.config.prior != "none":
+            mean = mean + inputs[:, 1:2]
+        return mean, logvar + self.logvar_offset if self.logvar_offset else logvar
 
     def decode(self, bottom: torch.Tensor, skips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean before the prior is added, log variance) from encoder features."""

@@ -275,9 +275,31 @@ def recalibrate_batchnorm(net: PDINet, patches: int = 64, seed: int = 50_000,
     net.eval()
 
 
-def export(checkpoint: Path, out: Path, recalibrate: bool = True) -> Path:
+CALIBRATION_SEEDS = (20_000, 20_001, 20_002, 20_003)  # apart from training (0), validation (10000+), benchmarks (30000+)
+
+
+@torch.no_grad()
+def calibrate_std(net: PDINet, samples: list[Sample]) -> float:
+    """Set ``net.logvar_offset`` so that the predicted variance matches the squared errors on
+    ``samples`` on average (the maximum-likelihood scalar rescaling of sigma^2, as the authors' code
+    rescales its variance map); returns the factor applied to sigma."""
+    from .inference import predict
+
+    net.logvar_offset = 0.0
+    ratios = []
+    for s in samples:
+        mean, std = predict(net, s.field, s.mask, geometry=s.geometry)
+        m = s.mask > 0
+        ratios.append(((mean[m] - s.chi[m]).astype(np.float64) ** 2 / np.maximum(std[m], 1e-6) ** 2))
+    factor2 = float(np.mean(np.concatenate(ratios)))
+    net.logvar_offset = math.log(factor2)
+    return math.sqrt(factor2)
+
+
+def export(checkpoint: Path, out: Path, recalibrate: bool = True, calibrate: bool = False) -> Path:
     """Weights of a training checkpoint as safetensors + manifest (steps, config, last validation),
-    with batch-norm statistics re-estimated on simulated brains unless ``recalibrate`` is False."""
+    with batch-norm statistics re-estimated on simulated brains unless ``recalibrate`` is False, and
+    sigma rescaled on held-apart simulated brains (``calibrate_std``) when ``calibrate``."""
     from .weights import save_weights
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -290,4 +312,8 @@ def export(checkpoint: Path, out: Path, recalibrate: bool = True) -> Path:
     info = {"preset": state["preset"], "steps": int(state["step"]), "train_config": json.loads(state["config"]),
             "last_validation": validations[-1] if validations else None,
             "field_scale": FIELD_SCALE, "chi_scale": CHI_SCALE, "batchnorm_recalibrated": recalibrate}
+    if calibrate:
+        brains = SimulationConfig(**{**asdict(SimulationConfig()), "brain_fraction": 1.0})
+        samples = [make_volume(np.random.default_rng(seed), brains) for seed in CALIBRATION_SEEDS]
+        info["std_calibration"] = {"sigma_factor": calibrate_std(net, samples), "seeds": list(CALIBRATION_SEEDS)}
     return save_weights(net, out, info)

@@ -163,7 +163,7 @@ class Model:
             else:
                 a, b = self.cache[index]
                 mean, logvar = self.net.mean_decoder.tail(a), self.net.logvar_decoder.tail(b)
-            mean = self.net.add_prior(mean, x)
+            mean, logvar = self.net.finish(mean, logvar, x)
         return mean / CHI_SCALE, clamp_logvar(logvar) - 2.0 * float(np.log(CHI_SCALE))
 
 

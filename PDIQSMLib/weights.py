@@ -40,7 +40,8 @@ def save_weights(net: PDINet, path: Path, info: dict | None = None) -> Path:
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
         tmp.chmod(0o644)
-        manifest = {"architecture": net.config.to_dict(), "sha256": sha256(tmp), **(info or {})}
+        manifest = {"architecture": net.config.to_dict(), "sha256": sha256(tmp),
+                    "logvar_offset": float(net.logvar_offset), **(info or {})}
         tmp_manifest.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         tmp.replace(path)  # both files are complete before either is published
         tmp_manifest.replace(manifest_path(path))
@@ -77,4 +78,5 @@ def load_model(path: Path | None = None, device: str = "cpu") -> tuple[PDINet, d
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "mismatch"
         raise InputError(str(path), f"weights do not fit architecture {config.filters}: {first}") from None
+    net.logvar_offset = float(manifest.get("logvar_offset", 0.0))
     return net.to(device).eval(), manifest

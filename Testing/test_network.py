@@ -226,3 +226,26 @@ def test_bundled_model_scales_with_the_field():
         other = predict(net, factor * field, ph.mask, geometry=g)[0][ph.mask]
         gain = float(other @ one / (one @ one))
         assert abs(gain / factor - 1) < 0.2, (factor, gain)
+
+
+def test_std_calibration_matches_the_errors_and_travels_with_the_weights(tmp_path):
+    """After calibrate_std, mean(error^2 / sigma^2) over the calibration volumes is 1, and the offset
+    is written to the manifest and applied on loading."""
+    from PDIQSMLib import phantoms
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.simulation import Sample, field_of
+    from PDIQSMLib.training import calibrate_std
+
+    g = Geometry((1.0, 1.0, 2.0))
+    rng = np.random.default_rng(5)
+    ph = phantoms.brain((40, 44, 28), g.voxel_size, rng)
+    sample = Sample(ph.chi, ph.mask, field_of(ph.chi, ph.mask, g, 2.0), g, 0.0)
+    torch.manual_seed(0)
+    net = PDINet(PRESETS["tiny-prior"]).eval()
+    factor = calibrate_std(net, [sample])
+    mean, std = predict(net, sample.field, sample.mask, geometry=g)
+    m = sample.mask
+    assert factor > 0 and math.isclose(float(np.mean((mean[m] - ph.chi[m]) ** 2 / std[m] ** 2)), 1.0, rel_tol=0.05)
+    loaded, manifest = load_model(save_weights(net, tmp_path / "c.safetensors"))
+    assert manifest["logvar_offset"] == net.logvar_offset != 0.0
+    assert np.allclose(predict(loaded, sample.field, sample.mask, geometry=g)[1], std)
