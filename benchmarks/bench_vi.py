@@ -3,7 +3,7 @@ and the speed of each fine-tuning variant. Field: forward model with noise s * n
 s = 1e-3 ppm, seed 0 (as in bench_accuracy.py). Writes benchmarks/results/vi_<device>.md.
 
     python benchmarks/bench_vi.py [--iterations 100] [--samples 5] [--device cpu]
-    python benchmarks/bench_vi.py --sweep [--iterations 30]   # lambda, K and variant: vi_sweep_<device>.md
+    python benchmarks/bench_vi.py --sweep --iterations 20   # lambda, K and variant: vi_sweep_<device>.md
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def tuned_row(net, volume, config: vi.VIConfig, chi, mask, bleed) -> dict:
 def sweep(net, volume, rows: dict, chi, mask, bleed, args) -> None:
     """lambda at K = 5, K at the default lambda, and the three variants: one run each."""
     base = dict(samples=5, iterations=args.iterations, variant="last", lam=MEDI_LAMBDA)
-    runs = [dict(lam=lam) for lam in (0.0, 1e-4, 3e-4, 1e-3, 3e-3)]
-    runs += [dict(samples=k) for k in (1, 2, 10)] + [dict(variant=v) for v in ("decoders", "full")]
+    runs = [dict(lam=lam) for lam in (0.0, 1e-4, 1e-3, 3e-3)]
+    runs += [dict(samples=k) for k in (1, 10)] + [dict(variant=v) for v in ("decoders", "full")]
     for change in runs:
         c = {**base, **change}
         rows[f"{c['variant']}, lambda {c['lam']:g}, K {c['samples']}"] = tuned_row(
