@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--brain-fraction", type=float, default=0.7,
                    help="share of simulated volumes that are brains, the rest random shapes (default 0.7)")
     t.add_argument("--validation-count", type=int, default=4, help="held-apart simulated brains for validation")
+    t.add_argument("--ema", type=float, default=0.0,
+                   help="keep a moving average of the weights with this decay (e.g. 0.998), validated and exported")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     _add_common(t)
 
@@ -215,7 +217,7 @@ def cmd_train(args, progress: Progress) -> int:
 
     config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, validate_every=args.validate_every, pool_size=args.pool_size,
-                         patch=tuple(args.patch), threads=args.threads, beta=args.beta,
+                         patch=tuple(args.patch), threads=args.threads, beta=args.beta, ema=args.ema,
                          simulation=SimulationConfig(brain_fov_mm=tuple(args.brain_fov),
                                                      brain_fraction=args.brain_fraction))
     log_path = args.log or args.out.with_name(args.out.name + ".log.jsonl")

@@ -35,6 +35,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     threads: int = 0  # 0: torch's default
     beta: float = 0.0  # 0: Eq. 9; > 0: beta-NLL (see network.gaussian_nll)
+    ema: float = 0.0  # > 0: also keep an exponential moving average of the weights (validated and exported)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
 
@@ -161,6 +162,7 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     rng = np.random.default_rng(config.seed + rank)
     step, history = 0, []
+    ema_state = None
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         if state["preset"] != config.preset:
@@ -170,6 +172,7 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
         for group in opt.param_groups:
             group["lr"] = config.lr  # a resumed run may lower the learning rate
         step, history = int(state["step"]), list(state["history"])
+        ema_state = state.get("ema")
         if rank == 0:
             rng.bit_generator.state = json.loads(state["rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -180,10 +183,18 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
 
         model = DistributedDataParallel(net, device_ids=[local_rank] if device.startswith("cuda") else None)
 
+    ema = None
+    if config.ema > 0:
+        ema = PDINet(net.config).to(device)
+        ema.load_state_dict(ema_state if ema_state is not None else net.state_dict())
+        ema.requires_grad_(False)
+
     def save() -> None:
+        extra = {"ema": ema.state_dict()} if ema is not None else {}
         save_atomic({"preset": config.preset, "config": json.dumps(asdict(config)), "model": net.state_dict(),
                      "optimizer": opt.state_dict(), "step": step, "history": history,
-                     "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state()}, checkpoint)
+                     "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(), **extra},
+                    checkpoint)
 
     net.train()
     t0 = time.perf_counter()
@@ -194,6 +205,10 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
         loss.backward()
         opt.step()
         step += 1
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema.state_dict().values(), net.state_dict().values()):
+                    e.lerp_(p, 1.0 - config.ema) if e.is_floating_point() else e.copy_(p)
         record = {"step": step, "loss": loss.item(), "seconds": round(time.perf_counter() - t0, 2)}
         if config.beta:
             record["beta"] = config.beta
@@ -203,7 +218,7 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
             pool.refresh()
         if rank == 0:
             if validation and step % config.validate_every == 0:
-                record["validation"] = validate(net, validation, device)
+                record["validation"] = validate(ema if ema is not None else net, validation, device)
                 net.train()
             history.append(record)
             log(record)
@@ -304,14 +319,15 @@ def export(checkpoint: Path, out: Path, recalibrate: bool = True, calibrate: boo
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     net = PDINet(PRESETS[state["preset"]])
-    net.load_state_dict(state["model"])
+    net.load_state_dict(state.get("ema") or state["model"])  # the weights' moving average when kept
     recalibrate = recalibrate and any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
     if recalibrate:
         recalibrate_batchnorm(net)
     validations = [r for r in state["history"] if "validation" in r]
     info = {"preset": state["preset"], "steps": int(state["step"]), "train_config": json.loads(state["config"]),
             "last_validation": validations[-1] if validations else None,
-            "field_scale": FIELD_SCALE, "chi_scale": CHI_SCALE, "batchnorm_recalibrated": recalibrate}
+            "field_scale": FIELD_SCALE, "chi_scale": CHI_SCALE, "batchnorm_recalibrated": recalibrate,
+            "weights": "moving average" if state.get("ema") else "last step"}
     if calibrate:
         brains = SimulationConfig(**{**asdict(SimulationConfig()), "brain_fraction": 1.0})
         samples = [make_volume(np.random.default_rng(seed), brains) for seed in CALIBRATION_SEEDS]

@@ -249,3 +249,25 @@ def test_std_calibration_matches_the_errors_and_travels_with_the_weights(tmp_pat
     loaded, manifest = load_model(save_weights(net, tmp_path / "c.safetensors"))
     assert manifest["logvar_offset"] == net.logvar_offset != 0.0
     assert np.allclose(predict(loaded, sample.field, sample.mask, geometry=g)[1], std)
+
+
+def test_weight_moving_average_is_kept_resumed_and_exported(tmp_path):
+    from PDIQSMLib.simulation import SimulationConfig
+
+    cfg = TrainConfig(preset="tiny-prior", steps=1, pool_size=1, patch=(16, 16, 8), refresh_every=100, ema=0.9,
+                      simulation=SimulationConfig(brain_fov_mm=(40.0, 40.0, 30.0), shapes_fov_vox=(24, 24, 16)))
+    ckpt = tmp_path / "e.pt"
+    torch.manual_seed(cfg.seed)
+    init = PDINet(PRESETS["tiny-prior"]).state_dict()
+    train(cfg, ckpt, lambda r: None)
+    state = torch.load(ckpt, weights_only=True)
+    for k in init:
+        assert torch.allclose(state["ema"][k], 0.9 * init[k] + 0.1 * state["model"][k], atol=1e-6)
+    assert any(not torch.equal(state["model"][k], init[k]) for k in init)
+    cfg.steps = 2
+    train(cfg, ckpt, lambda r: None)  # resumes the average from the checkpoint
+    state2 = torch.load(ckpt, weights_only=True)
+    k = "encoders.0.0.weight"
+    assert torch.allclose(state2["ema"][k], 0.9 * state["ema"][k] + 0.1 * state2["model"][k], atol=1e-6)
+    net, manifest = load_model(export(ckpt, tmp_path / "e.safetensors"))
+    assert manifest["weights"] == "moving average" and torch.equal(net.state_dict()[k], state2["ema"][k])

@@ -1,8 +1,8 @@
 """Accuracy of every method on the shared ICH case and on fresh simulated brains.
 
 ICH: field simulated by the forward model (2x padding) with noise sigma = s * noise_std / median(noise_std
-in the mask), s = 1e-3 ppm, seed 0. MEDI uses W from the noise map; TKD, Tikhonov and PDI see the
-field only. Simulated brains: seeds 30000..30002 (never used in training, which draws from one
+in the mask), s = 1e-3 ppm, seed 0. MEDI uses W from the noise map, and so does PDI's Tikhonov
+input channel (weighted Tikhonov); TKD and Tikhonov see the field only. Simulated brains: seeds 30000..30002 (never used in training, which draws from one
 stream seeded 0, nor in validation, 10000+), 1x1x1.5 mm, noise 2e-3 ppm.
 Writes benchmarks/results/accuracy.md.
 """
