@@ -53,7 +53,7 @@ def sweep(net, volume, rows: dict, chi, mask, bleed, args) -> None:
     """lambda at K = 5, K at the default lambda, and the three variants: one run each."""
     base = dict(samples=5, iterations=args.iterations, variant="last", lam=MEDI_LAMBDA)
     runs = [dict(lam=lam) for lam in (0.0, 1e-4, 1e-3, 3e-3)]
-    runs += [dict(samples=k) for k in (1, 10)] + [dict(variant=v) for v in ("decoders", "full")]
+    runs += [dict(samples=k) for k in (1, 10)] + [dict(variant="decoders")]
     for change in runs:
         c = {**base, **change}
         rows[f"{c['variant']}, lambda {c['lam']:g}, K {c['samples']}"] = tuned_row(

@@ -1,6 +1,7 @@
 """Loss curve of a training log (JSON lines): running mean of the training loss and the validations.
 
-    python benchmarks/plot_training.py training/default-log.jsonl Resources/models/pdi-default-loss.png
+    python benchmarks/plot_training.py training/default-log.jsonl Resources/models/pdi-default-loss.png \
+        45.4 "Tikhonov, brains 1-4" 51.6 "TKD, brains 1-4"
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def main(log_path: str, out_path: str) -> None:
+def main(log_path: str, out_path: str, references: list[tuple[float, str]] = ()) -> None:
     by_step = {}
     for line in open(log_path):
         if line.strip():
@@ -34,6 +35,8 @@ def main(log_path: str, out_path: str) -> None:
             smooth = np.convolve(loss[sel], np.ones(window) / window, mode="valid")
             name = "Eq. 9" if value == 0 else f"beta-NLL, beta {value:g}"
             a.plot(steps[sel][window - 1:], smooth, ".", ms=1, color=f"C{i}", label=f"{name}, mean of {window}")
+    lo, hi = np.percentile(loss, [1, 99])
+    a.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))  # rare spikes (a blown-up NLL step) off the chart
     a.set_xlabel("step")
     a.set_ylabel("training loss (scaled units)")
     a.legend(markerscale=8)
@@ -45,6 +48,9 @@ def main(log_path: str, out_path: str) -> None:
         four = [(s, v["rmse"]) for s, v in val if len(v.get("rmse_each", [])) >= 4]
         if four:
             b.plot(*zip(*four), "^-", ms=3, color="C2", label="validation RMSE %, brains 1-4")
+        for value, label in references:
+            b.axhline(value, color="0.4", ls=":", lw=1)
+            b.text(b.get_xlim()[0], value, " " + label, va="bottom", fontsize=7, color="0.3")
         b2 = b.twinx()
         b2.plot([s for s, _ in val], [100 * v["coverage2"] for _, v in val], "s--", ms=3, color="C1",
                 label="2-sigma coverage (%)")
@@ -59,4 +65,6 @@ def main(log_path: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    # optional pairs after the two paths: VALUE LABEL, drawn as reference lines on the validation panel
+    extra = sys.argv[3:]
+    main(sys.argv[1], sys.argv[2], [(float(v), t) for v, t in zip(extra[::2], extra[1::2])])
