@@ -9,6 +9,14 @@ with chi_k = mu + sigma eps_k (reparameterisation), K samples per iteration. W i
 lambda has the meaning it has in ``solvers.medi``. Without a given s, it is estimated from the field
 itself (``estimate_noise_level``).
 
+What sigma to expect: with a flat prior the mean-field optimum per voxel is about
+sigma_j = s / sqrt(sum_i W_i^2 d_ij^2), i.e. about 3.4 s / W where the dipole kernel's energy
+(4/45 on average) stays in weighted voxels; the TV term on the samples adds about lambda c sigma / (2 s^2)
+per voxel (c ~ 3.4), which pulls sigma down to about 2 s^2 / (lambda c), 0.8e-3 ppm for s = 1.2e-3 ppm
+and lambda = 1e-3 (measured on the ICH case: 0.77e-3). The tuned weights are shared by all voxels, so
+a large step for the well-measured brain also moves voxels with large features (a hemorrhage) the most:
+measured, sigma in the bleed falls to the lower bound with either prior (benchmarks/results/vi_cpu.md).
+
 Variants trade speed for flexibility: 'full' tunes every weight; 'decoders' freezes the encoder and
 caches its features; 'last' also caches everything before each decoder's last level, tuning only
 those levels. Batch norm keeps its trained statistics throughout (eval mode).
