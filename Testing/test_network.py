@@ -58,7 +58,7 @@ def test_beta_nll_weights_by_sigma_and_gives_the_mean_a_squared_error_gradient()
     loss = gaussian_nll(mean, logvar, target, mask, beta=1.0)
     # each voxel's Eq. 9 term times its sigma^2: (1/0.25 + log 0.25)/2 * 0.25 and (4/9 + log 9)/2 * 9
     expected = (0.5 * (4.0 + math.log(0.25)) * 0.25 + 0.5 * (4.0 / 9.0 + math.log(9.0)) * 9.0) / 2
-    assert math.isclose(float(loss), expected, rel_tol=1e-6)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
     loss.backward()
     # beta = 1: d/d mean = -(target - mean) / n, whatever sigma (Eq. 9 would divide by sigma^2)
     assert torch.allclose(mean.grad.flatten(), torch.tensor([-0.5, -1.0]), atol=1e-6)
