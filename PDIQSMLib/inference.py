@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .network import PDINet
-from .training import from_output, prior_map, to_input
+from .training import from_output, prior_map, stacked_input
 
 
 def pick_device(name: str = "auto") -> str:
@@ -93,7 +93,7 @@ def run_network(net: PDINet, x: torch.Tensor, device: str) -> tuple[np.ndarray, 
     """Whole-volume pass on ``x`` (1, C, ...) in ppm (field, then prior): (mean, std) as float32 arrays
     of x's spatial shape."""
     padded, size = pad_to_stride(x.to(device), net.config.stride)
-    mean, std = from_output(*net(to_input(padded[:, :1], padded[:, 1:] if padded.shape[1] > 1 else None)))
+    mean, std = from_output(*net(stacked_input(padded)))
     crop = (0, 0) + tuple(slice(0, n) for n in size)
     return mean[crop].float().cpu().numpy(), std[crop].float().cpu().numpy()
 

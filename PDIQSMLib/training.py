@@ -45,6 +45,11 @@ def to_input(field_ppm: torch.Tensor, prior_ppm: torch.Tensor | None = None) -> 
     return x if prior_ppm is None else torch.cat([x, prior_ppm * CHI_SCALE], dim=1)
 
 
+def stacked_input(x_ppm: torch.Tensor) -> torch.Tensor:
+    """``to_input`` for a (B, C, ...) tensor holding the field and, when C = 2, the prior (both ppm)."""
+    return to_input(x_ppm[:, :1], x_ppm[:, 1:] if x_ppm.shape[1] > 1 else None)
+
+
 def prior_map(field_ppm: np.ndarray, mask: np.ndarray, geometry, kind: str,
               weight: np.ndarray | None = None) -> np.ndarray | None:
     """The prior input channel (ppm) for a network whose architecture asks for ``kind``; None for 'none'.

@@ -40,7 +40,7 @@ from .inference import mask_box, pad_to_stride, paste, run_network
 from .network import CHI_SCALE, PDINet
 from .physics import DipoleOperator
 from .solvers import MEDI_LAMBDA
-from .training import clamp_logvar, prior_map, to_input
+from .training import clamp_logvar, prior_map, stacked_input
 
 VARIANTS = ("full", "decoders", "last")
 
@@ -150,7 +150,7 @@ class Model:
         for p in params:
             p.requires_grad_(True)
         self.params = params
-        self.scaled = [scaled_inputs(v) for v in volumes]
+        self.scaled = [stacked_input(v.network_inputs()) for v in volumes]
         self.cache = [self._features(x) for x in self.scaled] if variant != "full" else None
 
     @torch.no_grad()
@@ -174,11 +174,6 @@ class Model:
             mean, logvar = self.net.finish(mean, logvar, x)
         return mean / CHI_SCALE, clamp_logvar(logvar) - 2.0 * float(np.log(CHI_SCALE))
 
-
-def scaled_inputs(v: VolumeData) -> torch.Tensor:
-    """The network's input tensor for a prepared volume (scaled field, then scaled prior if any)."""
-    x = v.network_inputs()
-    return to_input(x[:, :1], x[:, 1:] if x.shape[1] > 1 else None)
 
 
 @torch.no_grad()
