@@ -42,16 +42,17 @@ def mask_box(mask: np.ndarray, margin: int = MASK_MARGIN) -> tuple[slice, slice,
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
-def network_inputs(net: PDINet, field: np.ndarray, mask: np.ndarray, geometry=None,
+def network_inputs(prior: str, field: np.ndarray, mask: np.ndarray, geometry=None,
                    weight: np.ndarray | None = None) -> np.ndarray:
-    """(C, X, Y, Z) ppm arrays the network reads: the masked field, and its prior channel computed on
-    the whole volume when the architecture has one (which needs the ``geometry``; ``weight`` is W)."""
+    """(C, X, Y, Z) ppm arrays a network with prior channel ``prior`` (its config.prior) reads: the
+    masked field, and the prior computed on the whole volume (which needs the ``geometry``; ``weight``
+    is W)."""
     m = np.asarray(mask) > 0
     channels = [np.where(m, field, 0.0).astype(np.float32)]
-    if net.config.prior != "none":
+    if prior != "none":
         if geometry is None:
-            raise ValueError(f"this network reads a {net.config.prior} prior channel: the geometry is required")
-        channels.append(prior_map(field, m, geometry, net.config.prior, weight))
+            raise ValueError(f"this network reads a {prior} prior channel: the geometry is required")
+        channels.append(prior_map(field, m, geometry, prior, weight))
     return np.stack(channels)
 
 
@@ -70,7 +71,7 @@ def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu
     net.eval()
     m = np.asarray(mask) > 0
     box = mask_box(m)
-    x = torch.from_numpy(network_inputs(net, field, m, geometry, weight)[(slice(None),) + box])[None]
+    x = torch.from_numpy(network_inputs(net.config.prior, field, m, geometry, weight)[(slice(None),) + box])[None]
     if tile is None:
         try:
             mean, std = run_network(net, x, device)

@@ -179,7 +179,7 @@ def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor,
     ``beta`` > 0 weights each voxel's term by sigma^(2 beta) held constant (the beta-NLL of Seitzer et
     al., ICLR 2022): the minimiser is unchanged, but voxels with a large sigma no longer get a mean
     gradient shrunk by 1/sigma^2 (beta = 1 gives the mean the plain squared-error gradient). Eq. 9 is
-    beta = 0; the bundled model's training ends with beta = 0.
+    beta = 0 (the bundled model was trained with 0.5, then 1: see its model card).
     """
     m = (mask > 0).to(mean.dtype)
     per_voxel = 0.5 * ((target - mean) ** 2 * torch.exp(-logvar) + logvar)

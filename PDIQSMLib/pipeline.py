@@ -71,8 +71,7 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
     m = np.asarray(mask) > 0
     if not m.any():
         raise InputError("mask", "the mask is empty (no voxel > 0)")
-    if not np.all(np.isfinite(field_ppm[m])):
-        raise InputError("field", "contains NaN or Inf inside the mask")
+    check_finite(field_ppm, m, "field")
     torch.manual_seed(settings.seed)
     t0 = time.perf_counter()
     b = torch.from_numpy(np.where(m, field_ppm, 0.0).astype(np.float32))
@@ -108,19 +107,30 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     info.update(device=device, weights_sha256=manifest["sha256"])
     if settings.method == "pdi":
         progress.status(f"running PDI on {device}")
-        weight = data_weight(mask, noise_std) if noise_std is not None else None
-        mean, std = predict(net, field_ppm, mask, device, geometry=geometry, weight=weight)
+        mean, std = predict(net, field_ppm, mask, device, geometry=geometry, weight=data_weight(mask, noise_std))
         return torch.from_numpy(mean), std
     from . import vi
 
     config = vi_config(settings)
-    volume = vi.prepare(field_ppm, mask, geometry, net.config.stride, data_weight(mask, noise_std),
-                        gradient_mask(mask, magnitude, geometry.voxel_size), device, prior=net.config.prior)
+    volume = vi_volume(net, field_ppm, mask, geometry, magnitude, noise_std, device)
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")
     result = vi.finetune(net, [volume], config, progress.task("vi"))
     mean, std = vi.predict_volume(result.net, volume)
     info.update(vi_summary(config, result))
     return torch.from_numpy(mean), std
+
+
+def check_finite(field_ppm: np.ndarray, mask: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(field_ppm[np.asarray(mask) > 0])):
+        raise InputError(name, "contains NaN or Inf inside the mask")
+
+
+def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_std=None, device: str = "cpu"):
+    """A field prepared for PDI-VI with ``net``: W from the noise std, M from the magnitude, the prior channel."""
+    from .vi import prepare
+
+    return prepare(field_ppm, mask, geometry, net.config.stride, data_weight(mask, noise_std),
+                   gradient_mask(mask, magnitude, geometry.voxel_size), device, prior=net.config.prior)
 
 
 def vi_config(settings: Settings):
@@ -181,13 +191,9 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
 
     def prepared(i: int, field_path, mask_path, noise_path=None, magnitude_path=None):
         inp = load_inputs(field_path, mask_path, magnitude_path, noise_path, **load_kwargs)
-        if not np.all(np.isfinite(inp.field_ppm[inp.mask])):
-            raise InputError(str(field_path), "field contains NaN or Inf inside the mask")
+        check_finite(inp.field_ppm, inp.mask, f"{field_path}: field")
         progress.status(f"field {i}: {inp.field.data.shape}, voxel {inp.geometry.voxel_size} mm")
-        return vi.prepare(inp.field_ppm, inp.mask, inp.geometry, net.config.stride,
-                          data_weight(inp.mask, inp.noise_std),
-                          gradient_mask(inp.mask, inp.magnitude, inp.geometry.voxel_size), device,
-                          prior=net.config.prior)
+        return vi_volume(net, inp.field_ppm, inp.mask, inp.geometry, inp.magnitude, inp.noise_std, device)
 
     volumes = [prepared(i + 1, f, m, (noise_paths or [None] * len(field_paths))[i],
                         (magnitude_paths or [None] * len(field_paths))[i])

@@ -36,11 +36,11 @@ import torch
 from .errors import InputError
 from .geometry import Geometry
 from .gradient import grad
-from .inference import mask_box, pad_to_stride, paste, run_network
+from .inference import mask_box, network_inputs, pad_to_stride, paste, run_network
 from .network import CHI_SCALE, PDINet
 from .physics import DipoleOperator
 from .solvers import MEDI_LAMBDA
-from .training import clamp_logvar, prior_map, stacked_input
+from .training import clamp_logvar, stacked_input
 
 VARIANTS = ("full", "decoders", "last")
 
@@ -96,12 +96,10 @@ def prepare(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, stride:
     m = np.asarray(mask) > 0
     box = mask_box(m)
     mb = m[box]
-    f = torch.from_numpy(np.where(mb, np.asarray(field_ppm)[box], 0.0).astype(np.float32))[None, None]
-    f, size = pad_to_stride(f, stride)
-    inputs = None
-    if prior != "none":
-        p = torch.from_numpy(prior_map(field_ppm, m, geometry, prior, weight)[box])[None, None]
-        inputs = torch.cat([f, pad_to_stride(p, stride)[0]], dim=1).to(device)
+    x = torch.from_numpy(network_inputs(prior, field_ppm, m, geometry, weight)[(slice(None),) + box])[None]
+    x, size = pad_to_stride(x, stride)
+    f = x[:, :1]
+    inputs = x.to(device) if x.shape[1] > 1 else None
     padded = lambda a: pad_to_stride(torch.from_numpy(np.asarray(a, np.float32))[None], stride)[0][0]  # noqa: E731
     mt = padded(mb.astype(np.float32))
     w = padded(np.asarray(weight)[box] if weight is not None else mb.astype(np.float32))
