@@ -39,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--noise-std", type=Path, help="field noise standard deviation map: data weight W = mask / N_std")
     r.add_argument("--method", choices=METHODS, default="pdi", help="reconstruction method (default: pdi)")
     r.add_argument("--lambda", dest="lam", type=float, help="regularisation weight (MEDI default 1e-3, Tikhonov 5e-3)")
-    r.add_argument("--samples", type=int, default=5, help="Monte Carlo samples K for PDI-VI (default 5)")
     r.add_argument("--iterations", type=int, help="iterations: MEDI's maximum (default 200), PDI-VI's count")
     r.add_argument("--threshold", type=float, default=0.2, help="TKD truncation threshold (default 0.2)")
     r.add_argument("--units", default="ppm", help=f"field units: {', '.join(UNITS)} (default ppm)")
@@ -54,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where PDI runs")
     r.add_argument("--weights", type=Path, help="PDI weights (.safetensors with its .json manifest); default: bundled")
     r.add_argument("--seed", type=int, default=0, help="random seed (PDI-VI sampling)")
-    r.add_argument("--vi-variant", choices=("full", "decoders", "last"), default="last",
-                   help="PDI-VI: tune every weight, the decoders (encoder cached), or each decoder's last level (default)")
-    r.add_argument("--noise-level", type=float, help="PDI-VI: field noise std (ppm) where W = 1 (default: estimated)")
+    _add_vi(r)
     r.add_argument("--out-dir", type=Path, required=True, help="output folder (created if needed)")
     r.add_argument("--naming", choices=("pdiqsm", "bids"), help="output names: <stem>_chi-mean (default for a file) "
                    "or BIDS-style <entities>_Chimap with desc-std and a JSON sidecar (default for a folder)")
@@ -123,11 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--method", choices=("pdi-vi1", "pdi-vi2"), default="pdi-vi1",
                    help="pdi-vi1: TV prior weighted by --lambda; pdi-vi2: flat prior (default pdi-vi1)")
     f.add_argument("--lambda", dest="lam", type=float, help="TV weight (default MEDI's 1e-3)")
-    f.add_argument("--samples", type=int, default=5, help="Monte Carlo samples K per iteration (default 5)")
     f.add_argument("--iterations", type=int, default=100, help="iterations in all, over the set (default 100)")
-    f.add_argument("--vi-variant", choices=("full", "decoders", "last"), default="last",
-                   help="which weights are tuned (default last: each decoder's last level)")
-    f.add_argument("--noise-level", type=float, help="field noise std (ppm) where W = 1 (default: estimated)")
+    _add_vi(f)
     f.add_argument("--weights", type=Path, help="weights to start from (default: bundled)")
     f.add_argument("--units", default="ppm", help=f"field units: {', '.join(UNITS)} (default ppm)")
     f.add_argument("--b0", type=float, help="field strength in tesla (needed for hz and rad)")
@@ -167,13 +161,37 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _add_vi(p: argparse.ArgumentParser) -> None:
+    """The PDI-VI settings shared by reconstruct (per volume) and finetune (on a set)."""
+    from .vi import ESTIMATORS, VARIANCES, VARIANTS, VIConfig
+
+    d = VIConfig()
+    p.add_argument("--samples", type=int, default=d.samples,
+                   help=f"PDI-VI: Monte Carlo samples K per iteration with --vi-estimator mc (default {d.samples})")
+    p.add_argument("--vi-variant", choices=VARIANTS, default=d.variant,
+                   help="PDI-VI: tune every weight, the decoders (encoder cached), or each decoder's last level "
+                        f"(default {d.variant})")
+    p.add_argument("--vi-estimator", choices=ESTIMATORS, default=d.estimator,
+                   help="PDI-VI: the KL's expectation by K Monte Carlo samples (mc, the paper's) or in closed "
+                        f"form (exact: no sampling noise, one dipole convolution per iteration; default {d.estimator})")
+    p.add_argument("--vi-variance", choices=VARIANCES, default=d.variance,
+                   help="PDI-VI: sigma from the tuned log-variance decoder (network) or one free log variance per "
+                        "voxel started from it (voxel: reaches the mean-field optimum; per volume only, adapted "
+                        f"weights keep the base sigma; default {d.variance})")
+    p.add_argument("--noise-level", type=float, help="PDI-VI: field noise std (ppm) where W = 1 (default: estimated)")
+
+
+def _vi_settings(args) -> dict:
+    return dict(samples=args.samples, vi_variant=args.vi_variant, vi_estimator=args.vi_estimator,
+                vi_variance=args.vi_variance, noise_level=args.noise_level)
+
+
 def cmd_reconstruct(args, progress: Progress) -> int:
     from .pipeline import reconstruct_files, reconstruct_tree
 
-    settings = Settings(method=args.method, lam=args.lam, samples=args.samples, iterations=args.iterations,
-                        pad=args.pad, threshold=args.threshold, device=args.device,
-                        weights=str(args.weights) if args.weights else None, seed=args.seed,
-                        vi_variant=args.vi_variant, noise_level=args.noise_level)
+    settings = Settings(method=args.method, lam=args.lam, iterations=args.iterations, pad=args.pad,
+                        threshold=args.threshold, device=args.device,
+                        weights=str(args.weights) if args.weights else None, seed=args.seed, **_vi_settings(args))
     if args.field.is_dir():
         done = reconstruct_tree(args.field, args.out_dir, settings, args.field_pattern, args.mask_suffix,
                                 args.naming or "bids", progress, args.overwrite, units=args.units, b0=args.b0,
@@ -240,9 +258,8 @@ def cmd_finetune(args, progress: Progress) -> int:
 
     if (args.validation_field is None) != (args.validation_mask is None):
         raise InputError("--validation-field", "give --validation-field and --validation-mask together")
-    settings = Settings(method=args.method, lam=args.lam, samples=args.samples, iterations=args.iterations,
-                        device=args.device, weights=str(args.weights) if args.weights else None, seed=args.seed,
-                        vi_variant=args.vi_variant, noise_level=args.noise_level)
+    settings = Settings(method=args.method, lam=args.lam, iterations=args.iterations, device=args.device,
+                        weights=str(args.weights) if args.weights else None, seed=args.seed, **_vi_settings(args))
     validation = (args.validation_field, args.validation_mask) if args.validation_field else None
     finetune_files(args.fields, args.masks, args.out, settings, args.noise_std, args.magnitudes, validation,
                    progress, units=args.units, b0=args.b0, te=args.te, b0_dir=args.b0_dir)

@@ -40,6 +40,8 @@ class Settings:
     weights: str | None = None
     seed: int = 0
     vi_variant: str = "last"  # which weights PDI-VI tunes: full, decoders, last
+    vi_estimator: str = "mc"  # PDI-VI's expectation: mc (K samples) or exact
+    vi_variance: str = "voxel"  # PDI-VI's sigma: voxel or network
     noise_level: float | None = None  # PDI-VI: field noise (ppm) where W = 1; None: estimated
 
     def check(self) -> None:
@@ -115,7 +117,7 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     volume = vi_volume(net, field_ppm, mask, geometry, magnitude, noise_std, device)
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")
     result = vi.finetune(net, [volume], config, progress.task("vi"))
-    mean, std = vi.predict_volume(result.net, volume)
+    mean, std = vi.predict_volume(result.net, volume, result.log_variances[0] if result.log_variances else None)
     info.update(vi_summary(config, result))
     return torch.from_numpy(mean), std
 
@@ -141,13 +143,15 @@ def vi_config(settings: Settings):
         raise InputError("--method", f"fine-tuning needs pdi-vi1 or pdi-vi2, not {settings.method!r}")
     lam = 0.0 if settings.method == "pdi-vi2" else (settings.lam if settings.lam is not None else solvers.MEDI_LAMBDA)
     config = VIConfig(lam=lam, samples=settings.samples, iterations=settings.iterations or 100,
-                      variant=settings.vi_variant, noise_level=settings.noise_level, seed=settings.seed)
+                      variant=settings.vi_variant, noise_level=settings.noise_level, seed=settings.seed,
+                      estimator=settings.vi_estimator, variance=settings.vi_variance)
     config.check()
     return config
 
 
 def vi_summary(config, result) -> dict:
     return dict(lam=config.lam, samples=config.samples, iterations=len(result.history), variant=config.variant,
+                estimator=config.estimator, variance=config.variance,
                 noise_level=result.noise_level, finetune_seconds=round(result.seconds, 2),
                 final_terms={k: result.history[-1][k] for k in ("loss", "entropy", "fidelity", "tv")})
 

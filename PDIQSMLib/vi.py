@@ -9,13 +9,26 @@ with chi_k = mu + sigma eps_k (reparameterisation), K samples per iteration. W i
 lambda has the meaning it has in ``solvers.medi``. Without a given s, it is estimated from the field
 itself (``estimate_noise_level``).
 
-What sigma to expect: with a flat prior the mean-field optimum per voxel is about
-sigma_j = s / sqrt(sum_i W_i^2 d_ij^2), i.e. about 3.4 s / W where the dipole kernel's energy
-(4/45 on average) stays in weighted voxels; the TV term on the samples adds about lambda c sigma / (2 s^2)
-per voxel (c ~ 3.4), which pulls sigma down to about 2 s^2 / (lambda c), 0.8e-3 ppm for s = 1.2e-3 ppm
-and lambda = 1e-3 (measured on the ICH case: 0.77e-3). The tuned weights are shared by all voxels, so
-a large step for the well-measured brain also moves voxels with large features (a hemorrhage) the most:
-measured, sigma in the bleed falls to the lower bound with either prior (benchmarks/results/vi_cpu.md).
+What sigma to expect: with a flat prior the mean-field optimum per voxel is exactly
+sigma_j = s / sqrt(P_j), P_j = sum_i W_i^2 d_ij^2 (``fidelity_diagonal``), whatever the mean: about
+3.4 s / W where the dipole kernel's energy stays in weighted voxels, and large where the field is
+unmeasured around a voxel (ICH: median 4.2e-3 ppm in the brain, 0.05 ppm in the bleed and its noisy
+halo). The TV term on the samples adds about lambda c sigma / (2 s^2) per voxel (c ~ 3.4) and pulls sigma
+towards 2 s^2 / (lambda c). This is the mean-field sigma: the spread of chi_j given its neighbours, not
+its marginal spread, so it is smaller than the error wherever the error is bias (measured on ICH: 2-sigma
+coverage 40-52 %, benchmarks/results/vi_cpu.md).
+
+Where sigma comes from (``VIConfig.variance``):
+- 'voxel' (default): the log-variance decoder is frozen; its output is the start of one free log
+  variance per voxel (the classical mean-field parameters, Adam step ``voxel_lr``), so each voxel
+  can reach its own optimum. Adapted weights written for a set keep the base network's sigma.
+- 'network': the decoder is tuned, as in the paper. Measured, it cannot fit the optimum's pattern:
+  the KL's cost is quadratic in sigma above the optimum and only logarithmic below, so shared weights
+  push every voxel down to cut the worst; on the ICH case sigma falls to the lower bound (1e-4 ppm)
+  in the bleed and to 1e-3 in the brain (2-sigma coverage 3 %), with either estimator.
+
+How the expectation over q is taken (``VIConfig.estimator``): 'mc', K reparameterised samples (the
+paper's); 'exact', in closed form (``expected_kl``), the K -> infinity loss without sampling noise.
 
 Variants trade speed for flexibility: 'full' tunes every weight; 'decoders' freezes the encoder and
 caches its features; 'last' also caches everything before each decoder's last level, tuning only
@@ -43,6 +56,8 @@ from .solvers import MEDI_LAMBDA
 from .training import clamp_logvar, stacked_input
 
 VARIANTS = ("full", "decoders", "last")
+ESTIMATORS = ("mc", "exact")  # the KL's expectation over q: K Monte Carlo samples, or in closed form
+VARIANCES = ("network", "voxel")  # sigma from the log-variance decoder, or per voxel (refined from it)
 
 
 @dataclass
@@ -56,6 +71,9 @@ class VIConfig:
     tol: float = 0.0  # stop when the loss's relative change over 10 iterations is below this (0: never)
     seed: int = 0
     pad: float = 1.0
+    estimator: str = "mc"
+    variance: str = "voxel"
+    voxel_lr: float = 0.1  # Adam step for the per-voxel log variances ('voxel')
 
     def check(self) -> None:
         if self.samples < 1:
@@ -66,6 +84,10 @@ class VIConfig:
             raise InputError("--iterations", f"must be >= 1, got {self.iterations}")
         if self.variant not in VARIANTS:
             raise InputError("--vi-variant", f"unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
+        if self.estimator not in ESTIMATORS:
+            raise InputError("--vi-estimator", f"unknown estimator {self.estimator!r}; expected one of {', '.join(ESTIMATORS)}")
+        if self.variance not in VARIANCES:
+            raise InputError("--vi-variance", f"unknown variance {self.variance!r}; expected one of {', '.join(VARIANCES)}")
         if self.noise_level is not None and not self.noise_level > 0:
             raise InputError("--noise-level", f"must be > 0 ppm, got {self.noise_level}")
 
@@ -84,9 +106,29 @@ class VolumeData:
     box: tuple[slice, slice, slice]  # where the box sits in the full volume
     full_mask: np.ndarray
     inputs: torch.Tensor | None = None  # (1, C, X', Y', Z') ppm: the field and the prior channel, if any
+    _diagonal: torch.Tensor | None = None
 
     def network_inputs(self) -> torch.Tensor:
         return self.field if self.inputs is None else self.inputs
+
+    def diagonal(self) -> torch.Tensor:
+        """diag(D^T W^2 D), shape of the field: computed once, see ``fidelity_diagonal``."""
+        if self._diagonal is None:
+            self._diagonal = fidelity_diagonal(self.op, self.weight)
+        return self._diagonal
+
+
+@torch.no_grad()
+def fidelity_diagonal(op: DipoleOperator, weight: torch.Tensor) -> torch.Tensor:
+    """P_j = sum_i W_i^2 d_ij^2 = diag(D^T W^2 D): the expected data misfit ||W D e_j||^2 of unit noise
+    in voxel j alone. D is a (circular, on the padded grid) convolution with the even kernel d, so P is
+    W^2 convolved with d^2: one FFT pair. It makes the fidelity's expectation exact:
+    E ||W (D (mu + sigma eps) - b)||^2 = ||W (D mu - b)||^2 + sum_j sigma_j^2 P_j."""
+    dims = (-3, -2, -1)
+    d = torch.fft.irfftn(op.kernel, s=op.pad_shape, dim=dims)
+    w2 = op.pad(weight.to(d.dtype) ** 2)
+    p = torch.fft.irfftn(torch.fft.rfftn(w2, dim=dims) * torch.fft.rfftn(d * d, dim=dims), s=op.pad_shape, dim=dims)
+    return op.crop(p).clamp_min(0.0)
 
 
 def prepare(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, stride: int, weight: np.ndarray | None = None,
@@ -129,27 +171,69 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, data: VolumeData, lam: flo
     return {"loss": total, "entropy": entropy, "fidelity": scale * fidelity, "tv": scale * lam * tv}
 
 
-class Model:
-    """The network split for the chosen variant, with the cached inputs of its trainable part."""
+def expected_kl(mean: torch.Tensor, logvar: torch.Tensor, data: VolumeData, lam: float,
+                noise_level: float) -> dict[str, torch.Tensor]:
+    """Eq. 11 (Eq. 12 when lam = 0) with the expectation over q taken in closed form, not sampled.
 
-    def __init__(self, net: PDINet, variant: str, volumes: list[VolumeData]) -> None:
+    q is a product of Gaussians, so the fidelity's expectation is exact (``fidelity_diagonal``), and
+    each component of M grad chi is one Gaussian, N(a, v) with a = grad(mu) and v the sum of the two
+    voxels' variances over h^2, whose absolute value has the mean sqrt(2v/pi) exp(-a^2/2v) + a erf(a/sqrt(2v)).
+    The loss and its gradient are those of K -> infinity, without Monte Carlo noise; one dipole
+    convolution per iteration instead of K.
+    """
+    m = data.mask
+    var = torch.exp(logvar) * m
+    mu = mean * m
+    entropy = -0.5 * (logvar * m).sum()
+    residual = data.weight * (data.op.forward(mu) - data.field)
+    fidelity = (residual**2).sum() + (var * data.diagonal()).sum()
+    tv = torch.zeros((), device=mean.device)
+    if lam > 0:
+        h = data.geometry.voxel_size
+        a = grad(mu[0, 0], h)
+        v = torch.stack([(torch.roll(var[0, 0], -1, d) + var[0, 0]) / hd**2 for d, hd in zip((-3, -2, -1), h)]) + 1e-12
+        folded = torch.sqrt(2.0 * v / math.pi) * torch.exp(-(a * a) / (2.0 * v)) + a * torch.erf(a / torch.sqrt(2.0 * v))
+        tv = (data.edges * folded).sum()
+    scale = 1.0 / (2.0 * noise_level**2)
+    return {"loss": entropy + scale * (fidelity + lam * tv), "entropy": entropy, "fidelity": scale * fidelity,
+            "tv": scale * lam * tv}
+
+
+class Model:
+    """The network split for the chosen variant, with the cached inputs of its trainable part.
+
+    With ``variance='voxel'`` the log-variance decoder is frozen: its output, computed once, is the
+    starting point of one free log variance per voxel (``offsets``, one tensor per volume), the
+    classical mean-field parameters, which the optimiser can set voxel by voxel."""
+
+    def __init__(self, net: PDINet, variant: str, volumes: list[VolumeData], variance: str = "network") -> None:
         self.net = net
         self.variant = variant
         net.eval()
         for p in net.parameters():
             p.requires_grad_(variant == "full")
+        decoders = (net.mean_decoder,) if variance == "voxel" else (net.mean_decoder, net.logvar_decoder)
         if variant == "decoders":
-            params = list(net.mean_decoder.parameters()) + list(net.logvar_decoder.parameters())
+            params = [p for d in decoders for p in d.parameters()]
         elif variant == "last":
-            params = [p for d in (net.mean_decoder, net.logvar_decoder)
-                      for p in list(d.convs[-1].parameters()) + list(d.head.parameters())]
+            params = [p for d in decoders for p in list(d.convs[-1].parameters()) + list(d.head.parameters())]
         else:
-            params = list(net.parameters())
+            params = [p for p in net.parameters()]
+            if variance == "voxel":
+                ignored = {id(p) for p in net.logvar_decoder.parameters()}
+                params = [p for p in params if id(p) not in ignored]
+        for p in net.parameters():
+            p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
         self.params = params
         self.scaled = [stacked_input(v.network_inputs()) for v in volumes]
         self.cache = [self._features(x) for x in self.scaled] if variant != "full" else None
+        self.offsets = None
+        if variance == "voxel":
+            with torch.no_grad():
+                self.base = [net(x)[1] for x in self.scaled]
+            self.offsets = [torch.zeros_like(b, requires_grad=True) for b in self.base]
 
     @torch.no_grad()
     def _features(self, x: torch.Tensor):
@@ -161,17 +245,24 @@ class Model:
     def __call__(self, index: int, v: VolumeData) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean ppm, log variance in ppm^2) for volume ``index``."""
         x = self.scaled[index]
+        voxel = self.offsets is not None
         if self.variant == "full":
-            mean, logvar = self.net(x)
+            features = self.net.encode(x)
+            mean = self.net.mean_decoder(*features)
+            logvar = None if voxel else self.net.logvar_decoder(*features)
+        elif self.variant == "decoders":
+            mean = self.net.mean_decoder(*self.cache[index])
+            logvar = None if voxel else self.net.logvar_decoder(*self.cache[index])
         else:
-            if self.variant == "decoders":
-                mean, logvar = self.net.decode(*self.cache[index])
-            else:
-                a, b = self.cache[index]
-                mean, logvar = self.net.mean_decoder.tail(a), self.net.logvar_decoder.tail(b)
+            a, b = self.cache[index]
+            mean = self.net.mean_decoder.tail(a)
+            logvar = None if voxel else self.net.logvar_decoder.tail(b)
+        if voxel:
+            mean = self.net.finish(mean, torch.zeros_like(mean), x)[0]
+            logvar = self.base[index] + self.offsets[index]
+        else:
             mean, logvar = self.net.finish(mean, logvar, x)
         return mean / CHI_SCALE, clamp_logvar(logvar) - 2.0 * float(np.log(CHI_SCALE))
-
 
 
 @torch.no_grad()
@@ -206,6 +297,7 @@ class FinetuneResult:
     history: list[dict] = field(default_factory=list)
     noise_level: float = 0.0
     seconds: float = 0.0
+    log_variances: list[torch.Tensor] | None = None  # 'voxel' variance: per volume, ppm^2, padded box
 
 
 def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
@@ -219,17 +311,20 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
     """
     config.check()
     tuned = copy.deepcopy(net)
-    model = Model(tuned, config.variant, volumes + ([validation] if validation is not None else []))
+    model = Model(tuned, config.variant, volumes + ([validation] if validation is not None else []), config.variance)
     noise = config.noise_level or estimate_noise_level(volumes)
     best = (float("inf"), None)
-    opt = torch.optim.Adam(model.params, lr=config.lr)
+    groups = [{"params": model.params, "lr": config.lr}]
+    if model.offsets is not None:
+        groups.append({"params": model.offsets[:len(volumes)], "lr": config.voxel_lr})
+    opt = torch.optim.Adam(groups)
     gen = torch.Generator(device=volumes[0].field.device).manual_seed(config.seed)
     history: list[dict] = []
     t0 = time.perf_counter()
     for it in range(1, config.iterations + 1):
         i = (it - 1) % len(volumes)
         mean, logvar = model(i, volumes[i])
-        terms = kl_loss(mean, logvar, volumes[i], config.lam, config.samples, noise, gen)
+        terms = loss_terms(mean, logvar, volumes[i], config, noise, gen)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         opt.step()
@@ -238,7 +333,7 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
             with torch.no_grad():
                 mean_v, logvar_v = model(len(volumes), validation)
                 val_gen = torch.Generator(device=validation.field.device).manual_seed(config.seed + 1)
-                record["validation"] = float(kl_loss(mean_v, logvar_v, validation, config.lam, config.samples, noise, val_gen)["loss"])
+                record["validation"] = float(loss_terms(mean_v, logvar_v, validation, config, noise, val_gen)["loss"])
             if record["validation"] < best[0]:
                 best = (record["validation"], copy.deepcopy(tuned.state_dict()))
         history.append(record)
@@ -253,7 +348,19 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
         tuned.load_state_dict(best[1])
     for p in tuned.parameters():
         p.requires_grad_(False)
-    return FinetuneResult(tuned, history, noise, time.perf_counter() - t0)
+    logvars = None
+    if model.offsets is not None:
+        with torch.no_grad():
+            logvars = [model(i, v)[1] for i, v in enumerate(volumes)]
+    return FinetuneResult(tuned, history, noise, time.perf_counter() - t0, logvars)
+
+
+def loss_terms(mean: torch.Tensor, logvar: torch.Tensor, data: VolumeData, config: VIConfig, noise_level: float,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The KL of ``config``: sampled (``kl_loss``, K = config.samples) or exact (``expected_kl``)."""
+    if config.estimator == "exact":
+        return expected_kl(mean, logvar, data, config.lam, noise_level)
+    return kl_loss(mean, logvar, data, config.lam, config.samples, noise_level, generator)
 
 
 def _converged(history: list[dict], tol: float, window: int = 10) -> bool:
@@ -265,9 +372,12 @@ def _converged(history: list[dict], tol: float, window: int = 10) -> bool:
 
 
 @torch.no_grad()
-def predict_volume(model_net: PDINet, v: VolumeData) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std (ppm) of a prepared volume, in the full volume's grid, zero outside the mask."""
+def predict_volume(model_net: PDINet, v: VolumeData, logvar: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (ppm) of a prepared volume, in the full volume's grid, zero outside the mask;
+    ``logvar`` (ppm^2, from ``FinetuneResult.log_variances``) replaces the network's variance."""
     model_net.eval()
     mean, std = run_network(model_net, v.network_inputs(), str(v.field.device))
+    if logvar is not None:
+        std = torch.exp(0.5 * logvar)[0, 0].cpu().numpy()
     crop = tuple(slice(0, n) for n in v.size)
     return paste(mean[crop], v.full_mask, v.box), paste(std[crop], v.full_mask, v.box)
