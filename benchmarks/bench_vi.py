@@ -4,6 +4,7 @@ s = 1e-3 ppm, seed 0 (as in bench_accuracy.py). Writes benchmarks/results/vi_<de
 
     python benchmarks/bench_vi.py [--iterations 100] [--samples 5] [--device cpu]
     python benchmarks/bench_vi.py --sweep --iterations 20   # lambda, K and variant: vi_sweep_<device>.md
+    python benchmarks/bench_vi.py --uniform-noise           # the same noise level everywhere: vi_uniform_<device>.md
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,8 +57,11 @@ def data_limit_rows(chi, mask, noise, g: Geometry, bleed) -> dict:
     stay below the truth, no method that weighs the data by the noise map can recover it."""
     clean = torch.from_numpy(ich_field(chi, mask, noise, 0.0, 0, g))
     rows = {}
-    for name, w in (("wls, noise-free field, W from noise map", data_weight(mask, noise)),
-                    ("wls, noise-free field, W = 1", data_weight(mask))):
+    weights = {"wls, noise-free field, W from noise map": data_weight(mask, noise),
+               "wls, noise-free field, W = 1": data_weight(mask)}
+    for name, w in weights.items():
+        if name != "wls, noise-free field, W = 1" and np.all(w[mask > 0] == 1):
+            continue
         x = solvers.tikhonov_weighted(clean, torch.from_numpy(mask.astype("float32")), g, torch.from_numpy(w),
                                       lam=1e-4, max_iter=100, tol=1e-8).numpy()
         rows[name] = row(x, None, chi, mask, bleed, None)
@@ -73,7 +78,8 @@ def sweep(net, volume, rows: dict, chi, mask, bleed, args) -> None:
         c = {**base, **change}
         rows[f"{c['variant']}, lambda {c['lam']:g}, K {c['samples']}"] = tuned_row(
             net, volume, vi.VIConfig(**c), chi, mask, bleed)
-    text = (f"ICH case, s = 1e-3 ppm, seed 0; W from the noise map; {args.iterations} iterations per run, "
+    noise_text = "uniform noise (W = 1)" if args.uniform_noise else "W from the noise map"
+    text = (f"ICH case, s = 1e-3 ppm, seed 0; {noise_text}; {args.iterations} iterations per run, "
             "one setting changed at a time from (variant last, lambda 1e-3, K 5).\n\n" + format_table(rows, COLUMNS))
     write_table(f"vi_sweep_{args.device}", "PDI-VI on the ICH case: lambda, K and variant", text)
 
@@ -85,8 +91,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--variant-iterations", type=int, default=3, help="iterations timed per variant")
     ap.add_argument("--sweep", action="store_true", help="lambda, K and variant sweep instead")
+    ap.add_argument("--uniform-noise", action="store_true",
+                    help="noise of one level everywhere (W = 1: the bleed is measured); writes vi_uniform_<device>.md")
     args = ap.parse_args()
     chi, mask, noise, like = load_ich()
+    if args.uniform_noise:
+        noise = np.ones_like(noise)
     g = Geometry(like.voxel_size)
     field = ich_field(chi, mask, noise, 1e-3, 0, g)
     bleed = (chi > 1.0) & mask
@@ -118,12 +128,14 @@ def main() -> None:
             timing.append(f"| {variant} | {variance} | {estimator} | {result.seconds / len(result.history):.2f} |")
             print(timing[-1], flush=True)
     d = vi.VIConfig()
-    text = (f"ICH case, s = 1e-3 ppm, seed 0; W from the noise map; {args.iterations} iterations, K = {args.samples}, "
+    noise_text = "uniform noise (W = 1)" if args.uniform_noise else "W from the noise map"
+    text = (f"ICH case, s = 1e-3 ppm, seed 0; {noise_text}; {args.iterations} iterations, K = {args.samples}, "
             f"lambda (VI1) = {MEDI_LAMBDA}; defaults: variant {d.variant}, sigma {d.variance}, estimator "
             f"{d.estimator}. The wls rows use the noise-free field (see data_limit_rows).\n\n"
             + format_table(rows, COLUMNS)
             + "\n\n## Fine-tuning variants (time per iteration on the ICH volume)\n\n" + "\n".join(timing))
-    write_table(f"vi_{args.device}", "PDI-VI on the ICH case", text)
+    name = f"vi_uniform_{args.device}" if args.uniform_noise else f"vi_{args.device}"
+    write_table(name, "PDI-VI on the ICH case" + (", uniform noise" if args.uniform_noise else ""), text)
 
 
 if __name__ == "__main__":
