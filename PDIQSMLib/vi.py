@@ -209,6 +209,7 @@ class Model:
     def __init__(self, net: PDINet, variant: str, volumes: list[VolumeData], variance: str = "network") -> None:
         self.net = net
         self.variant = variant
+        self.voxel = variance == "voxel"
         net.eval()
         for p in net.parameters():
             p.requires_grad_(variant == "full")
@@ -218,7 +219,7 @@ class Model:
         elif variant == "last":
             params = [p for d in decoders for p in list(d.convs[-1].parameters()) + list(d.head.parameters())]
         else:
-            params = [p for p in net.parameters()]
+            params = list(net.parameters())
             if variance == "voxel":
                 ignored = {id(p) for p in net.logvar_decoder.parameters()}
                 params = [p for p in params if id(p) not in ignored]
@@ -240,12 +241,13 @@ class Model:
         bottom, skips = self.net.encode(x)
         if self.variant == "decoders":
             return bottom, skips
-        return self.net.mean_decoder.trunk(bottom, skips), self.net.logvar_decoder.trunk(bottom, skips)
+        logvar = None if self.voxel else self.net.logvar_decoder.trunk(bottom, skips)  # unused with 'voxel'
+        return self.net.mean_decoder.trunk(bottom, skips), logvar
 
     def __call__(self, index: int, v: VolumeData) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean ppm, log variance in ppm^2) for volume ``index``."""
         x = self.scaled[index]
-        voxel = self.offsets is not None
+        voxel = self.voxel
         if self.variant == "full":
             features = self.net.encode(x)
             mean = self.net.mean_decoder(*features)
