@@ -117,7 +117,7 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     volume = vi_volume(net, field_ppm, mask, geometry, magnitude, noise_std, device)
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")
     result = vi.finetune(net, [volume], config, progress.task("vi"))
-    mean, std = vi.predict_volume(result.net, volume, result.log_variances[0] if result.log_variances else None)
+    mean, std = result.predict(volume)
     info.update(vi_summary(config, result))
     return torch.from_numpy(mean), std
 

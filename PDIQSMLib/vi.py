@@ -301,6 +301,11 @@ class FinetuneResult:
     seconds: float = 0.0
     log_variances: list[torch.Tensor] | None = None  # 'voxel' variance: per volume, ppm^2, padded box
 
+    def predict(self, v: VolumeData, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std (ppm) of training volume ``index`` (``v``): the tuned network's mean, and the
+        per-voxel variances when they were tuned ('voxel'), else the network's."""
+        return predict_volume(self.net, v, self.log_variances[index] if self.log_variances else None)
+
 
 def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
              progress: Callable[[int, int], None] | None = None,

@@ -45,28 +45,31 @@ def row(mean, std, chi, mask, bleed, seconds, per_it=None) -> dict:
 
 def tuned_row(net, volume, config: vi.VIConfig, chi, mask, bleed) -> dict:
     result = vi.finetune(net, [volume], config)
-    m, s = vi.predict_volume(result.net, volume, result.log_variances[0] if result.log_variances else None)
+    m, s = result.predict(volume)
     r = row(m, s, chi, mask, bleed, round(result.seconds, 1), round(result.seconds / len(result.history), 2))
     print(config, {k: r[k] for k in COLUMNS if k in r}, flush=True)
     return r
 
 
-def data_limit_rows(chi, mask, noise, g: Geometry, bleed) -> dict:
+def data_limit_rows(chi, mask, noise, g: Geometry, bleed, uniform: bool) -> dict:
     """What the field can tell about the bleed: weighted least squares (lambda 1e-4, 100 PCG
-    iterations) on the NOISE-FREE field, with W from the noise map and with W = 1. If even these
-    stay below the truth, no method that weighs the data by the noise map can recover it."""
+    iterations) on the NOISE-FREE field, with W from the noise map (unless ``uniform``) and with W = 1.
+    If even these stay below the truth, no method that weighs the data by the noise map can recover it."""
     clean = torch.from_numpy(ich_field(chi, mask, noise, 0.0, 0, g))
+    weights = {} if uniform else {"wls, noise-free field, W from noise map": data_weight(mask, noise)}
+    weights["wls, noise-free field, W = 1"] = data_weight(mask)
     rows = {}
-    weights = {"wls, noise-free field, W from noise map": data_weight(mask, noise),
-               "wls, noise-free field, W = 1": data_weight(mask)}
     for name, w in weights.items():
-        if name != "wls, noise-free field, W = 1" and np.all(w[mask > 0] == 1):
-            continue
         x = solvers.tikhonov_weighted(clean, torch.from_numpy(mask.astype("float32")), g, torch.from_numpy(w),
                                       lam=1e-4, max_iter=100, tol=1e-8).numpy()
         rows[name] = row(x, None, chi, mask, bleed, None)
         print(name, rows[name]["mean_bleed"], flush=True)
     return rows
+
+
+def case(args) -> tuple[str, str]:
+    """(description of the noise, suffix of the table's file name) for --uniform-noise or not."""
+    return ("uniform noise (W = 1)", "_uniform") if args.uniform_noise else ("W from the noise map", "")
 
 
 def sweep(net, volume, rows: dict, chi, mask, bleed, args) -> None:
@@ -78,10 +81,10 @@ def sweep(net, volume, rows: dict, chi, mask, bleed, args) -> None:
         c = {**base, **change}
         rows[f"{c['variant']}, lambda {c['lam']:g}, K {c['samples']}"] = tuned_row(
             net, volume, vi.VIConfig(**c), chi, mask, bleed)
-    noise_text = "uniform noise (W = 1)" if args.uniform_noise else "W from the noise map"
+    noise_text, suffix = case(args)
     text = (f"ICH case, s = 1e-3 ppm, seed 0; {noise_text}; {args.iterations} iterations per run, "
             "one setting changed at a time from (variant last, lambda 1e-3, K 5).\n\n" + format_table(rows, COLUMNS))
-    write_table(f"vi_sweep_{args.device}", "PDI-VI on the ICH case: lambda, K and variant", text)
+    write_table(f"vi_sweep{suffix}_{args.device}", "PDI-VI on the ICH case: lambda, K and variant", text)
 
 
 def main() -> None:
@@ -122,7 +125,7 @@ def main() -> None:
     for name, change in runs.items():
         config = vi.VIConfig(samples=args.samples, iterations=args.iterations, **change)
         rows[name] = tuned_row(net, volume, config, chi, mask, bleed)
-    rows.update(data_limit_rows(chi, mask, noise, g, bleed))
+    rows.update(data_limit_rows(chi, mask, noise, g, bleed, args.uniform_noise))
     timing = ["| variant | sigma | estimator | seconds per iteration (K = %d) |" % args.samples, "|---|---|---|---|"]
     for variant in vi.VARIANTS if not args.uniform_noise else ():
         for variance, estimator in (("voxel", "mc"), ("voxel", "exact"), ("network", "mc")):
@@ -131,15 +134,14 @@ def main() -> None:
             result = vi.finetune(net, [volume], config)
             timing.append(f"| {variant} | {variance} | {estimator} | {result.seconds / len(result.history):.2f} |")
             print(timing[-1], flush=True)
-    noise_text = "uniform noise (W = 1)" if args.uniform_noise else "W from the noise map"
+    noise_text, suffix = case(args)
     text = (f"ICH case, s = 1e-3 ppm, seed 0; {noise_text}; {args.iterations} iterations, K = {args.samples}, "
             f"lambda (VI1) = {MEDI_LAMBDA}; defaults: variant {d.variant}, sigma {d.variance}, estimator "
             f"{d.estimator}. The wls rows use the noise-free field (see data_limit_rows).\n\n"
             + format_table(rows, COLUMNS))
     if len(timing) > 2:
         text += "\n\n## Fine-tuning variants (time per iteration on the ICH volume)\n\n" + "\n".join(timing)
-    name = f"vi_uniform_{args.device}" if args.uniform_noise else f"vi_{args.device}"
-    write_table(name, "PDI-VI on the ICH case" + (", uniform noise" if args.uniform_noise else ""), text)
+    write_table(f"vi{suffix}_{args.device}", "PDI-VI on the ICH case" + (", uniform noise" if suffix else ""), text)
 
 
 if __name__ == "__main__":
