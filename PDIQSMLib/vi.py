@@ -229,20 +229,27 @@ class Model:
             p.requires_grad_(True)
         self.params = params
         self.scaled = [stacked_input(v.network_inputs()) for v in volumes]
-        self.cache = [self._features(x) for x in self.scaled] if variant != "full" else None
-        self.offsets = None
-        if variance == "voxel":
-            with torch.no_grad():
-                self.base = [net(x)[1] for x in self.scaled]
+        self.cache, self.base, self.offsets = [], [], None
+        for x in self.scaled:  # one encoder pass per volume gives the cache and the starting variances
+            cached, base = self._features(x)
+            self.cache.append(cached)
+            self.base.append(base)
+        if variant == "full":
+            self.cache = None
+        if self.voxel:
             self.offsets = [torch.zeros_like(b, requires_grad=True) for b in self.base]
 
     @torch.no_grad()
     def _features(self, x: torch.Tensor):
+        """(what the trainable part starts from, the frozen log variance with 'voxel' variance)."""
         bottom, skips = self.net.encode(x)
+        base = self.net.finish(x[:, :1], self.net.logvar_decoder(bottom, skips), x)[1] if self.voxel else None
+        if self.variant == "full":
+            return None, base
         if self.variant == "decoders":
-            return bottom, skips
+            return (bottom, skips), base
         logvar = None if self.voxel else self.net.logvar_decoder.trunk(bottom, skips)  # unused with 'voxel'
-        return self.net.mean_decoder.trunk(bottom, skips), logvar
+        return (self.net.mean_decoder.trunk(bottom, skips), logvar), base
 
     def __call__(self, index: int, v: VolumeData) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean ppm, log variance in ppm^2) for volume ``index``."""
