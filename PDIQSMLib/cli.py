@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pdi-vi1: TV prior weighted by --lambda; pdi-vi2: flat prior (default pdi-vi1)")
     f.add_argument("--lambda", dest="lam", type=float, help="TV weight (default MEDI's 1e-3)")
     f.add_argument("--iterations", type=int, default=100, help="iterations in all, over the set (default 100)")
-    _add_vi(f)
+    _add_vi(f, on_set=True)
     f.add_argument("--weights", type=Path, help="weights to start from (default: bundled)")
     f.add_argument("--units", default="ppm", help=f"field units: {', '.join(UNITS)} (default ppm)")
     f.add_argument("--b0", type=float, help="field strength in tesla (needed for hz and rad)")
@@ -161,16 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _add_vi(p: argparse.ArgumentParser) -> None:
+def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
     """The PDI-VI settings shared by reconstruct (per volume) and finetune (on a set)."""
-    from .vi import ESTIMATORS, VARIANCES, VARIANTS, VIConfig
+    from .vi import DEFAULT_VARIANT, ESTIMATORS, SET_VARIANT, VARIANCES, VARIANTS, VIConfig
 
     d = VIConfig()
     p.add_argument("--samples", type=int, default=d.samples,
                    help=f"PDI-VI: Monte Carlo samples K per iteration with --vi-estimator mc (default {d.samples})")
-    p.add_argument("--vi-variant", choices=VARIANTS, default=d.variant,
+    why = "the encoder stays frozen, so the adapted weights keep the base sigma" if on_set else "the only variant that moved the ICH bleed towards the data"
+    p.add_argument("--vi-variant", choices=VARIANTS,
                    help="PDI-VI: tune every weight, the decoders (encoder cached), or each decoder's last level "
-                        f"(default {d.variant})")
+                        f"(default {SET_VARIANT if on_set else DEFAULT_VARIANT}: {why})")
     p.add_argument("--vi-estimator", choices=ESTIMATORS, default=d.estimator,
                    help="PDI-VI: the KL's expectation by K Monte Carlo samples (mc, the paper's) or in closed "
                         f"form (exact: no sampling noise, one dipole convolution per iteration; default {d.estimator})")

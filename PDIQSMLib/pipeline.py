@@ -39,7 +39,7 @@ class Settings:
     device: str = "auto"
     weights: str | None = None
     seed: int = 0
-    vi_variant: str = "last"  # which weights PDI-VI tunes: full, decoders, last
+    vi_variant: str | None = None  # which weights PDI-VI tunes: full, decoders, last (None: full per volume, decoders on a set)
     vi_estimator: str = "mc"  # PDI-VI's expectation: mc (K samples) or exact
     vi_variance: str = "voxel"  # PDI-VI's sigma: voxel or network
     noise_level: float | None = None  # PDI-VI: field noise (ppm) where W = 1; None: estimated
@@ -135,15 +135,17 @@ def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_st
                    gradient_mask(mask, magnitude, geometry.voxel_size), device, prior=net.config.prior)
 
 
-def vi_config(settings: Settings):
-    """PDI-VI settings from a reconstruction's: lambda 0 for pdi-vi2, MEDI's default for pdi-vi1."""
-    from .vi import VIConfig
+def vi_config(settings: Settings, on_set: bool = False):
+    """PDI-VI settings from a reconstruction's: lambda 0 for pdi-vi2, MEDI's default for pdi-vi1; the
+    variant by default every weight for one volume, the decoders for a set (see vi.SET_VARIANT)."""
+    from .vi import DEFAULT_VARIANT, SET_VARIANT, VIConfig
 
     if settings.method not in ("pdi-vi1", "pdi-vi2"):
         raise InputError("--method", f"fine-tuning needs pdi-vi1 or pdi-vi2, not {settings.method!r}")
     lam = 0.0 if settings.method == "pdi-vi2" else (settings.lam if settings.lam is not None else solvers.MEDI_LAMBDA)
+    variant = settings.vi_variant or (SET_VARIANT if on_set else DEFAULT_VARIANT)
     config = VIConfig(lam=lam, samples=settings.samples, iterations=settings.iterations or 100,
-                      variant=settings.vi_variant, noise_level=settings.noise_level, seed=settings.seed,
+                      variant=variant, noise_level=settings.noise_level, seed=settings.seed,
                       estimator=settings.vi_estimator, variance=settings.vi_variance)
     config.check()
     return config
@@ -154,6 +156,15 @@ def vi_summary(config, result) -> dict:
                 estimator=config.estimator, variance=config.variance,
                 noise_level=result.noise_level, finetune_seconds=round(result.seconds, 2),
                 final_terms={k: result.history[-1][k] for k in ("loss", "entropy", "fidelity", "tv")})
+
+
+def set_sigma(config) -> str:
+    """What sigma the weights adapted on a set give on unseen fields (recorded in their manifest)."""
+    if config.variance == "network":
+        return "tuned log-variance decoder (the paper's; it collapses towards its lower bound)"
+    if config.variant == "full":
+        return "base log-variance decoder reading a tuned encoder (not calibrated)"
+    return "base network's (encoder and log-variance decoder frozen)"
 
 
 def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths=None, magnitude_paths=None,
@@ -169,7 +180,7 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
     from .weights import DEFAULT_WEIGHTS, load_model, save_weights
 
     settings.check()
-    config = vi_config(settings)
+    config = vi_config(settings, on_set=True)
     progress = progress or Progress("none")
     field_paths = [Path(p) for p in field_paths]
     if not field_paths:
@@ -204,11 +215,14 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
                for i, (f, m) in enumerate(zip(field_paths, mask_paths))]
     held_out = prepared(0, *validation) if validation else None
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {len(volumes)} field(s), {device}")
+    sigma = set_sigma(config)
+    if "not calibrated" in sigma:
+        progress.status(f"warning: the adapted weights' sigma will be the {sigma}")
     torch.manual_seed(settings.seed)
     result = vi.finetune(net, volumes, config, progress.task("vi"), validation=held_out)
     info = {"base_weights_sha256": manifest["sha256"], "base_weights": str(weights),
             "finetuned_on": [str(p) for p in field_paths], "validation": [str(p) for p in validation or ()],
-            "method": settings.method, **vi_summary(config, result), "pdiqsm_version": __version__}
+            "method": settings.method, **vi_summary(config, result), "sigma": sigma, "pdiqsm_version": __version__}
     if held_out is not None:
         info["best_validation_loss"] = min(h["validation"] for h in result.history if "validation" in h)
     save_weights(result.net, out, info)

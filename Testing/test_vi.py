@@ -55,6 +55,19 @@ def test_bad_settings(kwargs, match):
         VIConfig(**kwargs).check()
 
 
+def test_variant_defaults_per_volume_and_on_a_set_and_what_sigma_a_set_keeps():
+    from PDIQSMLib.pipeline import Settings, set_sigma, vi_config
+
+    assert vi_config(Settings(method="pdi-vi2")).variant == "full"
+    assert vi_config(Settings(method="pdi-vi2"), on_set=True).variant == "decoders"
+    assert vi_config(Settings(method="pdi-vi1", vi_variant="last"), on_set=True).variant == "last"
+    with pytest.raises(InputError, match="variant"):
+        vi_config(Settings(method="pdi-vi1", vi_variant="encoder"))
+    assert set_sigma(VIConfig(variant="decoders")).startswith("base network")
+    assert "not calibrated" in set_sigma(VIConfig(variant="full"))
+    assert "collapses" in set_sigma(VIConfig(variant="last", variance="network"))
+
+
 def lesion_brain(seed: int = 11, center=(38, 36, 24), shape=(64, 72, 48)):
     """A small brain with an inserted 1.2 ppm lesion (absent from training), noisy field."""
     vs = (1.5, 1.5, 2.0)
@@ -73,8 +86,14 @@ def lesion_case():
 
 
 def test_finetuning_reduces_misfit_and_moves_lesion_towards_truth(lesion_case):
-    # measured with the bundled weights (4300 steps), per-voxel sigma: brain RMSE 41.4 % -> 36.5 %, data
-    # misfit down to 0.12 of its start, lesion mean 1.05 -> 1.03 ppm (truth 1.2), in 40 iterations, K = 2
+    """PDI-VI2 (flat prior) per volume with the default variant (every weight), exact expectation.
+
+    Measured with the bundled weights (4300 steps), 100 iterations: lesion mean 1.051 -> 1.066 ppm (truth
+    1.2; 200 iterations: 1.090), brain RMSE 41.4 % -> 30.0 %, the KL's fidelity term 7.7e6 -> 2.6e5. The
+    move is slow: the lesion's share of the misfit is small (8 %) and the weights are shared. The 'last'
+    variant gets 1.033 and the decoders 1.041 (40 iterations), and with the TV prior (VI1, lambda 1e-3)
+    the lesion falls slightly (1.034-1.042) while the misfit falls as much.
+    """
     from PDIQSMLib.weights import load_model
 
     chi, mask, field, lesion, g = lesion_case
@@ -82,15 +101,18 @@ def test_finetuning_reduces_misfit_and_moves_lesion_towards_truth(lesion_case):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     v = prepare(field, mask, g, net.config.stride, prior=net.config.prior)
     mean0, _ = predict_volume(net, v)
-    result = finetune(net, [v], VIConfig(iterations=40, samples=2, variant="last"))
-    mean1, std1 = predict_volume(result.net, v)
+    result = finetune(net, [v], VIConfig(lam=0.0, iterations=100, estimator="exact"))
+    # the default variant tunes the encoder too; the log-variance decoder stays (per-voxel sigma)
+    tuned = result.net.state_dict()
+    assert any(not torch.equal(before[k], tuned[k]) for k in before if k.startswith("encoders"))
+    assert all(torch.equal(before[k], tuned[k]) for k in before if k.startswith("logvar_decoder"))
+    mean1, std1 = result.predict(v)
     h = result.history
-    assert h[-1]["fidelity"] < 0.5 * h[0]["fidelity"]
-    # the lesion's mean: with the first bundled model 0.60 -> 0.82 ppm; the current model already gives
-    # 1.05 (truth 1.2) and VI leaves it there (1.03): it must not lose the lesion
-    assert abs(mean1[lesion].mean() - mean0[lesion].mean()) < 0.1
+    assert h[-1]["fidelity"] < 0.1 * h[0]["fidelity"]
+    # towards the truth, by at least a third of the measured move
+    assert mean0[lesion].mean() + 0.005 < mean1[lesion].mean() < 1.2
     rmse = lambda m: np.linalg.norm(m[mask] - chi[mask]) / np.linalg.norm(chi[mask])  # noqa: E731
-    assert rmse(mean1) < rmse(mean0)
+    assert rmse(mean1) < 0.8 * rmse(mean0)
     assert np.all(np.isfinite(std1)) and np.all(std1[mask] > 0)
     # the input network is untouched
     assert all(torch.equal(before[k], t) for k, t in net.state_dict().items())
@@ -125,6 +147,8 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     assert main(args) == 0
     manifest = json.loads(out.with_suffix(".json").read_text())
     assert manifest["base_weights_sha256"] == base_sha and manifest["iterations"] == 30
+    # on a set the encoder stays frozen (default variant 'decoders'), so the base sigma is kept
+    assert manifest["variant"] == "decoders" and manifest["sigma"].startswith("base network")
     assert sha256(out) == manifest["sha256"] and sha256(DEFAULT_WEIGHTS) == base_sha
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -136,7 +160,7 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     op = DipoleOperator(field.shape, g, 2.0)
     misfit = lambda m: float(((op.forward(torch.from_numpy(m)).numpy() - field)[mask] ** 2).sum())  # noqa: E731
     rmse = lambda m: np.linalg.norm(m[mask] - chi[mask]) / np.linalg.norm(chi[mask])  # noqa: E731
-    # measured: misfit 0.99 -> 0.29, RMSE 39.5 % -> 39.3 %, lesion error 0.17 -> 0.18 ppm
+    # measured (decoders, 30 iterations): misfit 0.99 -> 0.29, RMSE 39.5 % -> 39.6 %, lesion error 0.17 -> 0.18 ppm
     assert misfit(adapted.mean) < 0.5 * misfit(base.mean)
     assert rmse(adapted.mean) < 1.05 * rmse(base.mean) and err(adapted.mean) < err(base.mean) + 0.05
     assert np.all(np.isfinite(adapted.std)) and np.all(adapted.std[mask] > 0)
