@@ -62,10 +62,8 @@ from .training import clamp_logvar, stacked_input
 VARIANTS = ("full", "decoders", "last")
 ESTIMATORS = ("mc", "exact")  # the KL's expectation over q: K Monte Carlo samples, or in closed form
 VARIANCES = ("network", "voxel")  # sigma from the log-variance decoder, or per voxel (refined from it)
-# Per volume every weight is tuned: on the ICH case with uniform noise only 'full' moves the bleed towards
-# the data (1.217 -> 1.27 ppm in 200 iterations; 'decoders' 1.235 and 'last' 1.198, where it plateaus).
-# On a set the encoder stays frozen so that the written weights keep the base network's calibrated sigma
-# on unseen fields ('voxel' variance freezes the log-variance decoder, which reads the encoder).
+# Why these defaults: the module's docstring (per volume) and pipeline.set_sigma (on a set: a frozen
+# encoder keeps the base network's sigma, since the frozen log-variance decoder reads the encoder).
 DEFAULT_VARIANT = "full"
 SET_VARIANT = "decoders"
 
@@ -253,7 +251,10 @@ class Model:
     def _features(self, x: torch.Tensor):
         """(what the trainable part starts from, the frozen log variance with 'voxel' variance)."""
         bottom, skips = self.net.encode(x)
-        base = self.net.finish(x[:, :1], self.net.logvar_decoder(bottom, skips), x)[1] if self.voxel else None
+        base = None
+        if self.voxel:
+            logvar = self.net.logvar_decoder(bottom, skips)
+            base = self.net.finish(torch.zeros_like(logvar), logvar, x)[1]  # (finish also adds any calibration)
         if self.variant == "full":
             return None, base
         if self.variant == "decoders":
