@@ -158,13 +158,14 @@ def vi_summary(config, result) -> dict:
                 final_terms={k: result.history[-1][k] for k in ("loss", "entropy", "fidelity", "tv")})
 
 
-def set_sigma(config) -> str:
-    """What sigma the weights adapted on a set give on unseen fields (recorded in their manifest)."""
+def set_sigma(config) -> tuple[str, bool]:
+    """What sigma the weights adapted on a set give on unseen fields (recorded in their manifest), and
+    whether it is still the base network's calibrated one."""
     if config.variance == "network":
-        return "tuned log-variance decoder (the paper's; it collapses towards its lower bound)"
+        return "tuned log-variance decoder (the paper's; it collapses towards its lower bound)", False
     if config.variant == "full":
-        return "base log-variance decoder reading a tuned encoder (not calibrated)"
-    return "base network's (encoder and log-variance decoder frozen)"
+        return "base log-variance decoder reading a tuned encoder (not calibrated)", False
+    return "base network's (encoder and log-variance decoder frozen)", True
 
 
 def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths=None, magnitude_paths=None,
@@ -215,8 +216,8 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
                for i, (f, m) in enumerate(zip(field_paths, mask_paths))]
     held_out = prepared(0, *validation) if validation else None
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {len(volumes)} field(s), {device}")
-    sigma = set_sigma(config)
-    if "not calibrated" in sigma:
+    sigma, calibrated = set_sigma(config)
+    if not calibrated and config.variance == "voxel":
         progress.status(f"warning: the adapted weights' sigma will be the {sigma}")
     torch.manual_seed(settings.seed)
     result = vi.finetune(net, volumes, config, progress.task("vi"), validation=held_out)

@@ -250,6 +250,8 @@ class Model:
     @torch.no_grad()
     def _features(self, x: torch.Tensor):
         """(what the trainable part starts from, the frozen log variance with 'voxel' variance)."""
+        if self.variant == "full" and not self.voxel:
+            return None, None  # nothing to cache or to start from
         bottom, skips = self.net.encode(x)
         base = None
         if self.voxel:

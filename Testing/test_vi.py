@@ -63,9 +63,12 @@ def test_variant_defaults_per_volume_and_on_a_set_and_what_sigma_a_set_keeps():
     assert vi_config(Settings(method="pdi-vi1", vi_variant="last"), on_set=True).variant == "last"
     with pytest.raises(InputError, match="variant"):
         vi_config(Settings(method="pdi-vi1", vi_variant="encoder"))
-    assert set_sigma(VIConfig(variant="decoders")).startswith("base network")
-    assert "not calibrated" in set_sigma(VIConfig(variant="full"))
-    assert "collapses" in set_sigma(VIConfig(variant="last", variance="network"))
+    text, calibrated = set_sigma(VIConfig(variant="decoders"))
+    assert text.startswith("base network") and calibrated
+    text, calibrated = set_sigma(VIConfig(variant="full"))
+    assert "not calibrated" in text and not calibrated
+    text, calibrated = set_sigma(VIConfig(variant="last", variance="network"))
+    assert "collapses" in text and not calibrated
 
 
 def lesion_brain(seed: int = 11, center=(38, 36, 24), shape=(64, 72, 48)):

@@ -67,6 +67,19 @@ def data_limit_rows(chi, mask, noise, g: Geometry, bleed, uniform: bool) -> dict
     return rows
 
 
+def variant_timings(net, volume, args) -> str:
+    """Seconds per iteration of each variant, sigma and estimator (a few iterations each): a table."""
+    lines = ["| variant | sigma | estimator | seconds per iteration (K = %d) |" % args.samples, "|---|---|---|---|"]
+    for variant in vi.VARIANTS:
+        for variance, estimator in (("voxel", "mc"), ("voxel", "exact"), ("network", "mc")):
+            config = vi.VIConfig(samples=args.samples, iterations=args.variant_iterations, variant=variant,
+                                 variance=variance, estimator=estimator)
+            result = vi.finetune(net, [volume], config)
+            lines.append(f"| {variant} | {variance} | {estimator} | {result.seconds / len(result.history):.2f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def case(args) -> tuple[str, str]:
     """(description of the noise, suffix of the table's file name) for --uniform-noise or not."""
     return ("uniform noise (W = 1)", "_uniform") if args.uniform_noise else ("W from the noise map", "")
@@ -128,21 +141,13 @@ def main() -> None:
         config = vi.VIConfig(**{"samples": args.samples, "iterations": args.iterations, **change})
         rows[name] = tuned_row(net, volume, config, chi, mask, bleed)
     rows.update(data_limit_rows(chi, mask, noise, g, bleed, args.uniform_noise))
-    timing = ["| variant | sigma | estimator | seconds per iteration (K = %d) |" % args.samples, "|---|---|---|---|"]
-    for variant in vi.VARIANTS if not args.uniform_noise else ():
-        for variance, estimator in (("voxel", "mc"), ("voxel", "exact"), ("network", "mc")):
-            config = vi.VIConfig(samples=args.samples, iterations=args.variant_iterations, variant=variant,
-                                 variance=variance, estimator=estimator)
-            result = vi.finetune(net, [volume], config)
-            timing.append(f"| {variant} | {variance} | {estimator} | {result.seconds / len(result.history):.2f} |")
-            print(timing[-1], flush=True)
     noise_text, suffix = case(args)
     text = (f"ICH case, s = 1e-3 ppm, seed 0; {noise_text}; {args.iterations} iterations, K = {args.samples}, "
             f"lambda (VI1) = {MEDI_LAMBDA}; defaults: variant {d.variant}, sigma {d.variance}, estimator "
             f"{d.estimator}. The wls rows use the noise-free field (see data_limit_rows).\n\n"
             + format_table(rows, COLUMNS))
-    if len(timing) > 2:
-        text += "\n\n## Fine-tuning variants (time per iteration on the ICH volume)\n\n" + "\n".join(timing)
+    if not args.uniform_noise:
+        text += "\n\n## Fine-tuning variants (time per iteration on the ICH volume)\n\n" + variant_timings(net, volume, args)
     write_table(f"vi{suffix}_{args.device}", "PDI-VI on the ICH case" + (", uniform noise" if suffix else ""), text)
 
 
