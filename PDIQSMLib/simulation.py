@@ -1,10 +1,13 @@
 """Simulated training and test data: phantoms, their fields by the forward model, noise, patches.
 
-The recipe (documented in the model card): a volume is a procedural brain (probability
-``brain_fraction``) or a DeepQSM-style random-shapes volume; voxel size 1 mm in-plane and 1..3 mm
-through-plane; B0 tilted from the third voxel axis by up to ``max_tilt_deg``; brains rotated
-in-plane by up to +-15 degrees; field = F^-1 D F chi with 1.5x padding, masked; white Gaussian
-noise whose standard deviation is log-uniform in ``noise_ppm`` and modulated smoothly in space.
+The recipe (documented in the model card): a volume is an anatomical brain (the MNI152 template,
+deformed and resampled to a random acquisition grid; probability ``anatomical_fraction``), a
+procedural brain (``brain_fraction`` of the rest) or a DeepQSM-style random-shapes volume; B0 tilted
+from the third voxel axis by up to ``max_tilt_deg``; field = F^-1 D F chi with 1.5x padding, masked.
+Then what a real local field carries beside ``D chi`` (``realistic``, see fieldterms.py): white-matter
+anisotropy, background-field residue, correlated and white noise, a mask off by a voxel or two. Their
+amplitudes are drawn so that the fields' cone power share spans the real range (3-10 %, fieldstats.py;
+the table is benchmarks/results/field_stats.md).
 """
 
 from __future__ import annotations
@@ -14,19 +17,32 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import phantoms
+from . import anatomy, fieldterms, phantoms
 from .geometry import Geometry
 from .physics import simulate_field
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    brain_fraction: float = 0.7
+    brain_fraction: float = 0.7  # procedural brains among the volumes that are not anatomical
     brain_fov_mm: tuple[float, float, float] = (128.0, 150.0, 120.0)
     shapes_fov_vox: tuple[int, int, int] = (96, 96, 48)
     slice_mm: tuple[float, float] = (1.0, 3.0)
     max_tilt_deg: float = 20.0
-    noise_ppm: tuple[float, float] = (3e-4, 6e-3)
+    noise_ppm: tuple[float, float] = (3e-4, 6e-3)  # white noise (log-uniform)
+    anatomical_fraction: float = 0.0  # MNI152 brains (needs nilearn's package data)
+    anatomical_max_shape: tuple[int, int, int] = (144, 144, 96)
+    in_plane_mm: tuple[float, float] = (0.6, 1.2)  # anatomical brains' in-plane voxel size
+    realistic: bool = False  # add the non-dipolar field terms below
+    anisotropy_ppm: tuple[float, float] = (0.005, 0.025)  # white-matter delta chi (uniform)
+    residue_ppm: tuple[float, float] = (5e-4, 6e-3)  # background residue std in the mask (log-uniform)
+    correlated_ppm: tuple[float, float] = (1.5e-3, 8e-3)  # correlated noise std (log-uniform)
+    correlated_width_vox: tuple[float, float] = (0.5, 1.5)
+    mask_error_vox: float = 2.0  # mask edge moved by up to this (in 70 % of volumes)
+
+
+# The realistic recipe: what the bundled model is trained on (TrainConfig's default).
+REALISTIC = SimulationConfig(anatomical_fraction=0.6, realistic=True, noise_ppm=(3e-4, 4e-3))
 
 
 @dataclass
@@ -60,8 +76,14 @@ def field_of(chi: np.ndarray, mask: np.ndarray, geometry: Geometry, pad: float =
     return np.where(mask, b, 0.0).astype(np.float32)
 
 
+def log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    return float(np.exp(rng.uniform(*np.log(bounds))))
+
+
 def make_volume(rng: np.random.Generator, config: SimulationConfig = SimulationConfig()) -> Sample:
     """One simulated training volume drawn by ``rng``."""
+    if config.anatomical_fraction > 0 and rng.random() < config.anatomical_fraction:  # (no draw at 0: old seeds keep their volumes)
+        return anatomical_volume(rng, config)
     slice_mm = float(rng.uniform(*config.slice_mm))
     if rng.random() < config.brain_fraction:
         vs = (1.0, 1.0, slice_mm)
@@ -73,10 +95,48 @@ def make_volume(rng: np.random.Generator, config: SimulationConfig = SimulationC
         ph.mask = phantoms.smooth_noise(ph.chi.shape, vs, 15.0, rng) > -1.0 if rng.random() < 0.5 else ph.mask
         ph.chi = np.where(ph.mask, ph.chi, 0.0).astype(np.float32)
     geometry = Geometry(vs, random_b0(rng, config.max_tilt_deg))
+    if config.realistic and not ph.mask.all():
+        return realistic_sample(ph.chi, ph.mask, geometry, rng, config)
     field = field_of(ph.chi, ph.mask, geometry)
-    sigma = float(np.exp(rng.uniform(*np.log(config.noise_ppm))))
+    sigma = log_uniform(rng, config.noise_ppm)
     modulation = np.exp(0.5 * phantoms.smooth_noise(field.shape, vs, 20.0, rng))
     return Sample(ph.chi, ph.mask, add_noise(field, ph.mask, sigma * modulation, rng), geometry, sigma)
+
+
+def anatomical_volume(rng: np.random.Generator, config: SimulationConfig) -> Sample:
+    """An MNI152 brain on a random acquisition grid, with its (realistic, when asked) local field."""
+    vs = anatomy.random_grid(rng, config.in_plane_mm, config.slice_mm)
+    brain = anatomy.anatomical_brain(rng, vs, config.anatomical_max_shape)
+    geometry = Geometry(vs, random_b0(rng, config.max_tilt_deg))
+    if config.realistic:
+        return realistic_sample(brain.chi, brain.mask, geometry, rng, config, brain.wm)
+    sigma = log_uniform(rng, config.noise_ppm)
+    return Sample(brain.chi, brain.mask, add_noise(field_of(brain.chi, brain.mask, geometry), brain.mask, sigma, rng),
+                  geometry, sigma)
+
+
+def realistic_sample(chi: np.ndarray, mask: np.ndarray, geometry: Geometry, rng: np.random.Generator,
+                     config: SimulationConfig, wm: np.ndarray | None = None) -> Sample:
+    """``D chi`` plus the non-dipolar terms of a real local field (fieldterms.py), on a mask that may miss or
+    overhang the brain; ``wm`` (white-matter fraction) enables the anisotropy term. ``noise_ppm`` of the
+    sample is the std of everything that is not ``D chi`` inside the mask."""
+    vs = geometry.voxel_size
+    dipole = simulate_field(torch.from_numpy(np.ascontiguousarray(chi, dtype=np.float32)), geometry, 1.5).numpy()
+    extra = np.zeros(chi.shape, np.float32)
+    if wm is not None:
+        directions = fieldterms.fibre_directions(chi.shape, vs, rng)
+        extra += fieldterms.anisotropy_field(wm, geometry, rng.uniform(*config.anisotropy_ppm), directions)
+    extra += log_uniform(rng, config.residue_ppm) * fieldterms.background_residue(mask, geometry, rng)
+    width = rng.uniform(*config.correlated_width_vox)
+    extra += log_uniform(rng, config.correlated_ppm) * fieldterms.correlated_noise(chi.shape, rng, width)
+    white = log_uniform(rng, config.noise_ppm)
+    extra += white * rng.standard_normal(chi.shape).astype(np.float32)
+    given = fieldterms.perturbed_mask(mask, vs, rng, config.mask_error_vox) if rng.random() < 0.7 else mask
+    overhang = given & ~mask  # no tissue there: the low signal's noise
+    extra += np.where(overhang, 3.0 * white * rng.standard_normal(chi.shape), 0.0).astype(np.float32)
+    field = np.where(given, dipole + extra, 0.0).astype(np.float32)
+    truth = np.where(given, chi, 0.0).astype(np.float32)
+    return Sample(truth, given, field, geometry, float(extra[given].std()))
 
 
 def random_patch(sample: Sample, patch: tuple[int, int, int], rng: np.random.Generator,

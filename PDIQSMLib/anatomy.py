@@ -1,0 +1,180 @@
+"""Brains with real anatomy: susceptibility phantoms built on the MNI152 2009a symmetric template.
+
+nilearn's wheel carries the ICBM 2009a symmetric T1 and grey- and white-matter probability maps at
+1 mm (package data; read here with nibabel, nilearn itself is never imported, nothing is downloaded).
+Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological
+Institute, McGill University (Fonov et al., NeuroImage 2011 and 2009; Collins et al., 1999); the
+notice travels with the model card. Each phantom draws tissue values from published ranges
+(METHOD.md), places the deep grey nuclei at their MNI positions (restricted by the template's grey
+matter), adds veins, calcifications and microbleeds, deforms the anatomy (rotation, scaling, smooth
+elastic displacement) and resamples it to a random acquisition grid with partial-volume blurring.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .phantoms import _add_calcifications, _add_veins, random_rotation, smooth_noise, sphere
+
+TEMPLATE_NAME = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+MNI_ORIGIN_VOX = np.array([98.0, 134.0, 72.0])  # voxel index of MNI (0, 0, 0) in nilearn's 1 mm files
+
+# Deep grey nuclei: MNI centre (mm, right hemisphere; mirrored to the left), semi-axes (mm), ppm range
+# (published 3 T values relative to CSF; e.g. Li et al. 2014, Lim et al. 2013), and whether the
+# template's grey-matter map delineates the nucleus (the globus pallidus and the brainstem nuclei
+# look like white matter on T1, so their ellipsoid is used as it is).
+NUCLEI = (
+    ("caudate", (13, 12, 10), (4.5, 9, 7), (0.04, 0.10), True),
+    ("putamen", (25, 2, 1), (5.5, 13, 9), (0.03, 0.12), True),
+    ("globus pallidus", (19, -3, -1), (3.5, 7, 5), (0.10, 0.25), False),
+    ("thalamus", (11, -18, 7), (7, 11, 7), (0.00, 0.05), True),
+    ("red nucleus", (5, -20, -8), (3, 3.5, 3.5), (0.07, 0.18), False),
+    ("substantia nigra", (10, -18, -12), (3, 7, 2.5), (0.10, 0.22), False),
+    ("dentate nucleus", (15, -57, -34), (6, 8, 5), (0.05, 0.15), False),
+)
+
+
+@dataclass
+class AnatomicalBrain:
+    """A resampled brain: chi (ppm, isotropic part), brain mask, white-matter probability (for the
+    anisotropy term), T1 (a magnitude stand-in) and the region labels of the nuclei (index in NUCLEI + 1),
+    on a grid of ``voxel_size`` (mm)."""
+
+    chi: np.ndarray
+    mask: np.ndarray
+    wm: np.ndarray
+    t1: np.ndarray
+    labels: np.ndarray
+    voxel_size: tuple[float, float, float]
+
+
+def template_dir() -> Path:
+    """Folder of nilearn's packaged MNI152 files (found without importing nilearn)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the anatomical phantoms read the MNI152 template from nilearn's wheel: "
+                                  "pip install 'PDIQSMLib[train]' (or nilearn)")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+def available() -> bool:
+    """Whether the MNI152 template files can be read here."""
+    try:
+        return (template_dir() / TEMPLATE_NAME.format("gm")).exists()
+    except ModuleNotFoundError:
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def templates() -> dict[str, np.ndarray]:
+    """T1, grey and white matter (0..1, float32, 1 mm, MNI voxel grid) and the brain mask."""
+    import nibabel as nib
+
+    folder = template_dir()
+    maps = {n: nib.load(folder / TEMPLATE_NAME.format(n)).get_fdata(dtype=np.float32) / 255.0 for n in ("t1", "gm", "wm")}
+    tissue = maps["gm"] + maps["wm"]
+    brain = ndimage.binary_fill_holes(ndimage.binary_closing(tissue > 0.4, iterations=3))  # ventricles included
+    brain &= ndimage.binary_opening(tissue > 0.05, iterations=1) | (tissue <= 0.05)  # no stray voxels
+    brain = ndimage.binary_fill_holes(brain)
+    idx = np.argwhere(brain)
+    box = tuple(slice(int(max(a, 0)), int(b)) for a, b in zip(idx.min(0) - 4, idx.max(0) + 5))  # the brain, 4 mm margin
+    maps = {n: np.ascontiguousarray(m[box]) for n, m in maps.items()}
+    maps["mask"] = brain[box]
+    maps["depth"] = ndimage.distance_transform_edt(maps["mask"]).astype(np.float32)  # mm below the surface
+    maps["origin"] = MNI_ORIGIN_VOX - np.array([b.start for b in box])  # voxel of MNI (0, 0, 0) in the crop
+    return maps
+
+
+def _ellipsoid_box(shape, centre_vox, semi_mm) -> tuple[tuple[slice, ...], np.ndarray]:
+    """An axis-aligned ellipsoid on a 1 mm grid, evaluated in its bounding box: (box, region in the box)."""
+    lo = np.maximum(np.floor(np.asarray(centre_vox) - semi_mm).astype(int), 0)
+    hi = np.minimum(np.ceil(np.asarray(centre_vox) + semi_mm).astype(int) + 1, shape)
+    box = tuple(slice(int(a), int(max(a, b))) for a, b in zip(lo, hi))
+    grids = np.ogrid[box]
+    return box, sum(((g - c) / s) ** 2 for g, c, s in zip(grids, centre_vox, semi_mm)) <= 1.0
+
+
+def susceptibility_1mm(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(chi in ppm, nucleus labels) on the template's 1 mm grid, tissue values drawn by ``rng``."""
+    t = templates()
+    shape, vs = t["gm"].shape, (1.0, 1.0, 1.0)
+    mask = t["mask"]
+    wm_chi = rng.uniform(-0.045, -0.015) + 0.010 * smooth_noise(shape, vs, 10.0, rng)
+    gm_chi = rng.uniform(0.015, 0.05) + 0.008 * smooth_noise(shape, vs, 8.0, rng)
+    chi = (t["wm"] * wm_chi + t["gm"] * gm_chi).astype(np.float32)  # CSF (the rest) is the 0 ppm reference
+    labels = np.zeros(shape, np.uint8)
+    texture = 1.0 + 0.15 * smooth_noise(shape, vs, 4.0, rng)
+    shift = rng.normal(0.0, 1.0, 3)
+    for index, (_, centre, semi, (lo, hi), by_gm) in enumerate(NUCLEI, start=1):
+        value = rng.uniform(lo, hi)
+        for side in (1, -1):
+            c = t["origin"] + np.array([side * centre[0], centre[1], centre[2]]) + shift
+            box, region = _ellipsoid_box(shape, c, np.asarray(semi) * rng.uniform(0.9, 1.1))
+            region &= mask[box]
+            if by_gm:
+                region &= t["gm"][box] > 0.35
+            chi[box][region] = value * texture[box][region]
+            labels[box][region] = index
+    _add_veins(chi, mask, t["depth"], vs, rng)
+    _add_calcifications(chi, mask, vs, rng)
+    _add_microbleeds(chi, mask, vs, rng)
+    chi[~mask] = 0.0
+    return chi, labels
+
+
+def _add_microbleeds(chi, mask, vs, rng, chance: float = 0.3) -> None:
+    """With probability ``chance``, a few small strongly paramagnetic spheres (haemosiderin)."""
+    if rng.random() >= chance:
+        return
+    pts = np.argwhere(mask)
+    for idx in rng.choice(len(pts), size=int(rng.integers(1, 4))):
+        ball = sphere(chi.shape, vs, rng.uniform(1.0, 3.0), 1.0, center=pts[idx]) > 0
+        chi[ball & mask] = rng.uniform(0.3, 1.0)
+
+
+def random_grid(rng: np.random.Generator, in_plane_mm=(0.6, 1.2), slice_mm=(1.0, 3.0)) -> tuple[float, float, float]:
+    """An acquisition voxel size: square in plane, thicker slices along the third axis."""
+    a = float(rng.uniform(*in_plane_mm))
+    return (a, a, float(max(a, rng.uniform(*slice_mm))))
+
+
+def anatomical_brain(rng: np.random.Generator, voxel_size, max_shape=(144, 144, 96),
+                     elastic_mm: float = 2.0, scale_range=(0.9, 1.1)) -> AnatomicalBrain:
+    """A deformed MNI brain resampled to ``voxel_size``; a field of view of at most ``max_shape`` voxels,
+    placed at random over the brain when the whole brain does not fit (keeping simulation cheap)."""
+    t = templates()
+    chi1, labels1 = susceptibility_1mm(rng)
+    vs = np.asarray(voxel_size, float)
+    rot = random_rotation(rng, 15.0, 10.0)
+    scale = rng.uniform(*scale_range, 3)
+    extent = np.ptp(np.argwhere(t["mask"]), axis=0) + 1.0  # mm
+    centre = np.argwhere(t["mask"]).mean(0)
+    full = np.ceil(extent * scale.max() * 1.05 / vs).astype(int)
+    shape = np.minimum(full, max_shape)
+    offset = (rng.uniform(-0.5, 0.5, 3) * np.maximum(full - shape, 0)) * vs  # mm, where the box sits
+    grids = np.meshgrid(*[(np.arange(n) - (n - 1) / 2.0) * h + o for n, h, o in zip(shape, vs, offset)],
+                        indexing="ij")
+    points = np.stack([g.ravel() for g in grids])  # target mm
+    source = (rot.T @ points) / scale[:, None]
+    if elastic_mm > 0:
+        for axis in range(3):
+            source[axis] += elastic_mm * smooth_noise(tuple(shape), tuple(vs), 15.0, rng).ravel()
+    source += centre[:, None]
+    blur = [np.sqrt(max(h**2 - 1.0, 0.0)) / 2.355 for h in vs]  # partial volume of the thicker voxel
+
+    def resample(volume: np.ndarray, order: int = 1, smooth: bool = True) -> np.ndarray:
+        v = ndimage.gaussian_filter(volume, blur) if smooth and any(blur) else volume
+        return ndimage.map_coordinates(v, source, order=order, mode="constant").reshape(tuple(shape)).astype(np.float32)
+
+    chi1 = ndimage.gaussian_filter(chi1, 0.5)  # partial volume at 1 mm
+    mask = resample(t["mask"].astype(np.float32), smooth=False) > 0.5
+    chi = np.where(mask, resample(chi1), 0.0).astype(np.float32)
+    return AnatomicalBrain(chi, mask, resample(t["wm"]), resample(t["t1"]),
+                           resample(labels1.astype(np.float32), order=0, smooth=False).astype(np.uint8) * mask,
+                           tuple(float(h) for h in vs))

@@ -1,0 +1,99 @@
+"""Statistics that tell a real local field from a simulated one, and its noise level read from the data.
+
+A field made only by susceptibility, ``b = F^-1 D F chi``, has almost no power where the dipole
+kernel vanishes (the magic-angle cone, ``|D(k)| < 0.1``); white noise and every non-dipolar part of a
+real field (fibre anisotropy, background residue, correlated noise, mask errors) spread their power
+evenly over k-space, so they put the cone's volume share there. The share of a field's power in the
+cone therefore measures how much of it no susceptibility map can explain, without any reference
+(METHOD.md, "Real fields"). The same reading is used for simulated and real fields, always the same
+way: brain-masked, demeaned in the mask, no padding, k inside the sphere of the coarsest axis's
+Nyquist frequency, k = 0 left out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .geometry import Geometry
+from .physics import dipole_kernel, kspace_axes
+
+CONE_THRESHOLD = 0.1  # |D(k)| below this is "the cone"
+
+
+@dataclass(frozen=True)
+class FieldStats:
+    """What ``field_stats`` reads off a field (ppm)."""
+
+    std_ppm: float  # standard deviation of the demeaned field in the mask
+    cone_share: float  # share of the power inside the cone (0..1)
+    cone_volume_share: float  # the cone's share of the k-space sphere (white noise's cone share)
+    white_noise_ppm: float  # white noise by (1, -2, 1)^3 second differences
+    cone_noise_ppm: float  # effective noise: std * sqrt(cone share / cone volume share)
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 6) for k, v in asdict(self).items()}
+
+
+def _kspace_sphere(shape, geometry: Geometry) -> torch.Tensor:
+    """Boolean half-k-space grid: inside the sphere of the coarsest axis's Nyquist frequency, k != 0."""
+    axes = kspace_axes(tuple(shape), geometry.voxel_size, True, torch.float64)
+    k2 = sum(k**2 for k in axes)
+    k_max = 0.5 / max(geometry.voxel_size)
+    return (k2 <= k_max**2) & (k2 > 0)
+
+
+def _half_weights(shape) -> torch.Tensor:
+    """Multiplicity of each rfft sample in the full spectrum (2 but for the k_z = 0 and Nyquist planes)."""
+    nz = shape[2] // 2 + 1
+    w = torch.full((nz,), 2.0, dtype=torch.float64)
+    w[0] = 1.0
+    if shape[2] % 2 == 0:
+        w[-1] = 1.0
+    return w.reshape(1, 1, -1)
+
+
+def cone_share(field: np.ndarray, mask: np.ndarray, geometry: Geometry) -> tuple[float, float]:
+    """(share of the masked, demeaned field's power in the cone, the cone's share of the k-space sphere)."""
+    m = np.asarray(mask) > 0
+    f = np.where(m, np.asarray(field, np.float64) - float(np.asarray(field, np.float64)[m].mean()), 0.0)
+    power = torch.fft.rfftn(torch.from_numpy(f)).abs() ** 2
+    inside = _kspace_sphere(f.shape, geometry)
+    cone = dipole_kernel(f.shape, geometry, True, torch.float64).abs() < CONE_THRESHOLD
+    w = _half_weights(f.shape).expand_as(power)
+    total = float((power * w)[inside].sum())
+    share = float((power * w)[inside & cone].sum()) / max(total, 1e-300)
+    volume = float(w[inside & cone].sum() / w[inside].sum())
+    return share, volume
+
+
+def second_difference_noise(field: np.ndarray, mask: np.ndarray) -> float:
+    """White-noise std (ppm) by the (1, -2, 1) second difference along all three axes: white noise of std
+    s gives std sqrt(6^3) s; smooth tissue field is cancelled; median absolute response in the eroded mask."""
+    c = torch.from_numpy(np.asarray(field, np.float64))
+    inner = torch.from_numpy(np.asarray(mask) > 0)
+    for d in range(3):
+        c = torch.roll(c, 1, d) - 2.0 * c + torch.roll(c, -1, d)
+        inner = inner & torch.roll(inner, 1, d) & torch.roll(inner, -1, d)
+    if not inner.any():
+        return float("nan")
+    return float(1.4826 * c[inner].abs().median() / math.sqrt(216.0))
+
+
+def field_stats(field: np.ndarray, mask: np.ndarray, geometry: Geometry) -> FieldStats:
+    """The real-field statistics of ``field`` (ppm) inside ``mask``."""
+    m = np.asarray(mask) > 0
+    if m.sum() < 27:
+        raise ValueError("the mask holds fewer than 27 voxels: no field statistics")
+    std = float(np.asarray(field, np.float64)[m].std())
+    share, volume = cone_share(field, m, geometry)
+    return FieldStats(std, share, volume, second_difference_noise(field, m), std * math.sqrt(share / volume))
+
+
+def cone_noise(field: np.ndarray, mask: np.ndarray, geometry: Geometry) -> float:
+    """The effective noise level (ppm) of a field: the part no susceptibility map can explain, read off
+    the cone (``field_stats``'s ``cone_noise_ppm``)."""
+    return field_stats(field, mask, geometry).cone_noise_ppm
