@@ -1,4 +1,4 @@
-"""The ``pdiqsm`` command: reconstruct, simulate, evaluate, train, finetune, export, demo."""
+"""The ``pdiqsm`` command: reconstruct, simulate, evaluate, fieldstats, train, finetune, export, demo."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import __version__
+from . import __version__, defaults
 from .errors import Cancelled, InputError
 from .pipeline import METHODS, Settings
 from .progress import Progress
@@ -37,10 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mask", type=Path, help="brain mask (NIfTI, > 0 inside), same grid as the field (required for a file)")
     r.add_argument("--magnitude", type=Path, help="magnitude image: edges are spared by MEDI's TV (gradient mask)")
     r.add_argument("--noise-std", type=Path, help="field noise standard deviation map: data weight W = mask / N_std")
-    r.add_argument("--method", choices=METHODS, default="pdi", help="reconstruction method (default: pdi)")
-    r.add_argument("--lambda", dest="lam", type=float, help="regularisation weight (MEDI default 1e-3, Tikhonov 5e-3)")
+    r.add_argument("--method", choices=METHODS, default=defaults.METHOD,
+                   help=f"reconstruction method (default: {defaults.METHOD})")
+    r.add_argument("--lambda", dest="lam", type=float, help="regularisation weight; default for MEDI and Tikhonov: automatic, c x s^2 "
+                   "with s the field's effective noise read off the magic-angle cone (run.json records it); "
+                   "PDI-VI1: MEDI's 1e-3")
     r.add_argument("--iterations", type=int, help="iterations: MEDI's maximum (default 200), PDI-VI's count")
-    r.add_argument("--threshold", type=float, default=0.2, help="TKD truncation threshold (default 0.2)")
+    r.add_argument("--threshold", type=float, default=defaults.TKD_THRESHOLD,
+                   help=f"TKD truncation threshold (default {defaults.TKD_THRESHOLD})")
     r.add_argument("--units", default="ppm", help=f"field units: {', '.join(UNITS)} (default ppm)")
     r.add_argument("--b0", type=float, help="field strength in tesla (needed for hz and rad)")
     r.add_argument("--te", type=float, help="echo time in seconds (needed for rad)")
@@ -50,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--volume", type=int, help="index of the volume to use when the field is 4D")
     r.add_argument("--pad", type=float, help="zero-padding factor for the FFT (>= 1; default 1.5 for TKD and "
                                               "Tikhonov, 1 for MEDI)")
-    r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where PDI runs")
+    r.add_argument("--device", default=defaults.DEVICE, choices=("auto", "cpu", "cuda", "mps"), help="where PDI runs")
     r.add_argument("--weights", type=Path, help="PDI weights (.safetensors with its .json manifest); default: bundled")
     r.add_argument("--seed", type=int, default=0, help="random seed (PDI-VI sampling)")
     _add_vi(r)
@@ -82,6 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, help="also write the table as JSON here")
     _add_common(e)
 
+    fs = sub.add_parser("fieldstats", help="how real a local field looks: cone power share, noise levels",
+                        description="Prints the statistics that tell real local fields from dipole fields plus white "
+                                    "noise (brain-masked, demeaned, no padding, k up to the coarsest axis's Nyquist): "
+                                    "std, share of the power in the magic-angle cone |D(k)| < 0.1 and that cone's share "
+                                    "of k-space, white noise by second differences, and the effective noise read off "
+                                    "the cone (what the automatic lambda uses). Real 3 T brains: cone share 5-9 %; a "
+                                    "dipole field plus white noise: 1-2 %.")
+    fs.add_argument("field", type=Path, help="local field map (NIfTI), units set by --units")
+    fs.add_argument("--mask", type=Path, required=True)
+    fs.add_argument("--units", default="ppm", help=f"field units: {', '.join(UNITS)} (default ppm)")
+    fs.add_argument("--b0", type=float, help="field strength in tesla (needed for hz and rad)")
+    fs.add_argument("--te", type=float, help="echo time in seconds (needed for rad)")
+    fs.add_argument("--b0-dir", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                    help="B0 direction in voxel axes (default: scanner z through the NIfTI affine)")
+    fs.add_argument("--params", type=Path, help="QSM-CI params.json (B0_dir, voxel_size, B0, TE)")
+    fs.add_argument("--json", type=Path, help="also write the statistics as JSON here")
+    _add_common(fs)
+
     t = sub.add_parser("train", help="supervised Bayesian training on simulated data (Eq. 9), resumable")
     t.add_argument("--preset", default="default", help="architecture preset: default, paper, tiny")
     t.add_argument("--steps", type=int, required=True, help="train until this many steps in total")
@@ -99,10 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--beta", type=float, default=0.0,
                    help="0: the Gaussian NLL of Eq. 9; 0.5..1: beta-NLL, faster progress of the mean (finish with 0)")
     t.add_argument("--brain-fraction", type=float, default=0.7,
-                   help="share of simulated volumes that are brains, the rest random shapes (default 0.7)")
+                   help="share of brains among the simulated volumes that are not anatomical, the rest random shapes (default 0.7)")
     t.add_argument("--validation-count", type=int, default=4, help="held-apart simulated brains for validation")
     t.add_argument("--ema", type=float, default=0.0,
                    help="keep a moving average of the weights with this decay (e.g. 0.998), validated and exported")
+    t.add_argument("--simulator", choices=("realistic", "clean"), default="realistic",
+                   help="realistic: MNI152 brains and the non-dipolar field terms of real fields (default); "
+                        "clean: procedural brains, dipole field plus white noise (the first models')")
+    t.add_argument("--workers", type=int, default=0,
+                   help="background processes simulating volumes (0: in the loop, exactly reproducible)")
+    t.add_argument("--init-from", type=Path,
+                   help="a new run starts from these weights (checkpoint or .safetensors; fitting names and shapes)")
+    t.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast on GPUs and on CPUs with bf16 arithmetic, else fp32")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     _add_common(t)
 
@@ -187,12 +218,17 @@ def _vi_settings(args) -> dict:
                 vi_variance=args.vi_variance, noise_level=args.noise_level)
 
 
+def reconstruct_settings(args) -> Settings:
+    """The reconstruction settings that parsed ``reconstruct`` arguments stand for."""
+    return Settings(method=args.method, lam=args.lam, iterations=args.iterations, pad=args.pad,
+                    threshold=args.threshold, device=args.device,
+                    weights=str(args.weights) if args.weights else None, seed=args.seed, **_vi_settings(args))
+
+
 def cmd_reconstruct(args, progress: Progress) -> int:
     from .pipeline import reconstruct_files, reconstruct_tree
 
-    settings = Settings(method=args.method, lam=args.lam, iterations=args.iterations, pad=args.pad,
-                        threshold=args.threshold, device=args.device,
-                        weights=str(args.weights) if args.weights else None, seed=args.seed, **_vi_settings(args))
+    settings = reconstruct_settings(args)
     if args.field.is_dir():
         done = reconstruct_tree(args.field, args.out_dir, settings, args.field_pattern, args.mask_suffix,
                                 args.naming or "bids", progress, args.overwrite, units=args.units, b0=args.b0,
@@ -228,17 +264,37 @@ def cmd_evaluate(args, progress: Progress) -> int:
     return 0
 
 
+def cmd_fieldstats(args, progress: Progress) -> int:
+    from .fieldstats import field_stats
+    from .io import write_json_atomic
+    from .pipeline import load_inputs
+
+    inputs = load_inputs(args.field, args.mask, units=args.units, b0=args.b0, te=args.te, b0_dir=args.b0_dir,
+                         params_path=args.params)
+    stats = field_stats(inputs.field_ppm, inputs.mask, inputs.geometry).as_dict()
+    stats.update(voxel_size_mm=list(inputs.geometry.voxel_size), b0_dir=list(inputs.geometry.b0_dir))
+    width = max(len(k) for k in stats)
+    for key, value in stats.items():
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        write_json_atomic(args.json, stats)
+    return 0
+
+
 def cmd_train(args, progress: Progress) -> int:
     from .inference import pick_device
     from .training import TrainConfig, train, validation_set
 
-    from .simulation import SimulationConfig
+    from dataclasses import replace
 
+    from .simulation import REALISTIC, SimulationConfig
+
+    base = REALISTIC if args.simulator == "realistic" else SimulationConfig()
     config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, validate_every=args.validate_every, pool_size=args.pool_size,
                          patch=tuple(args.patch), threads=args.threads, beta=args.beta, ema=args.ema,
-                         simulation=SimulationConfig(brain_fov_mm=tuple(args.brain_fov),
-                                                     brain_fraction=args.brain_fraction))
+                         workers=args.workers, precision=args.precision,
+                         simulation=replace(base, brain_fov_mm=tuple(args.brain_fov), brain_fraction=args.brain_fraction))
     log_path = args.log or args.out.with_name(args.out.name + ".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     step_fn = progress.task("train")
@@ -249,7 +305,7 @@ def cmd_train(args, progress: Progress) -> int:
             step_fn(record["step"], config.steps)
         rank = int(os.environ.get("RANK", "0"))
         validation = validation_set(count=args.validation_count, config=config.simulation) if rank == 0 and args.validate_every > 0 else None
-        train(config, args.out, log, validation, pick_device(args.device))
+        train(config, args.out, log, validation, pick_device(args.device), args.init_from)
     print(args.out)
     return 0
 
@@ -282,7 +338,7 @@ def cmd_demo(args, progress: Progress) -> int:
     return 0
 
 
-COMMANDS = {"reconstruct": cmd_reconstruct, "simulate": cmd_simulate, "evaluate": cmd_evaluate,
+COMMANDS = {"reconstruct": cmd_reconstruct, "simulate": cmd_simulate, "evaluate": cmd_evaluate, "fieldstats": cmd_fieldstats,
             "train": cmd_train, "finetune": cmd_finetune, "export": cmd_export, "demo": cmd_demo}
 
 if __name__ == "__main__":

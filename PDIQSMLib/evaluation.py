@@ -47,14 +47,15 @@ def compare_methods(field: np.ndarray, mask: np.ndarray, geometry, truth: np.nda
                     progress=None, regions: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
     """Reconstruct with each method and score it: (rows for ``format_table``, results by method).
 
-    ``regions`` maps a name to a boolean mask; each row then also gets the mean chi there
+    ``methods`` holds method names (default settings) or (row label, Settings) pairs. ``regions`` maps a name to a boolean mask; each row then also gets the mean chi there
     (``mean_<name>``), and for methods with a std map, the mean std there (``std_<name>``).
     """
     from .pipeline import Settings, reconstruct
 
     rows, results = {}, {}
-    for method in methods:
-        res = reconstruct(field, mask, geometry, Settings(method=method), noise_std=noise_std, progress=progress)
+    for item in methods:
+        method, settings = (item, Settings(method=item)) if isinstance(item, str) else item
+        res = reconstruct(field, mask, geometry, settings, noise_std=noise_std, progress=progress)
         results[method] = res
         row = {**evaluate_arrays(res.mean, truth, mask, res.std), "seconds": res.info["seconds"]}
         for name, region in (regions or {}).items():

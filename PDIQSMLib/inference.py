@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .network import PDINet
-from .training import from_output, prior_map, stacked_input
+from .network_io import from_output, network_inputs, stacked_input
 
 
 def pick_device(name: str = "auto") -> str:
@@ -40,20 +40,6 @@ def mask_box(mask: np.ndarray, margin: int = MASK_MARGIN) -> tuple[slice, slice,
     lo = np.maximum(idx.min(0) - margin, 0)
     hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-
-
-def network_inputs(prior: str, field: np.ndarray, mask: np.ndarray, geometry=None,
-                   weight: np.ndarray | None = None) -> np.ndarray:
-    """(C, X, Y, Z) ppm arrays a network with prior channel ``prior`` (its config.prior) reads: the
-    masked field, and the prior computed on the whole volume (which needs the ``geometry``; ``weight``
-    is W)."""
-    m = np.asarray(mask) > 0
-    channels = [np.where(m, field, 0.0).astype(np.float32)]
-    if prior != "none":
-        if geometry is None:
-            raise ValueError(f"this network reads a {prior} prior channel: the geometry is required")
-        channels.append(prior_map(field, m, geometry, prior, weight))
-    return np.stack(channels)
 
 
 @torch.no_grad()

@@ -32,7 +32,8 @@ class UNetConfig:
 
     filters: tuple[int, ...] = (12, 24, 48, 96)
     norm: str = "none"
-    prior: str = "none"  # 'tikhonov': a second input channel, see PRIORS
+    prior: str = "none"  # 'tikhonov' or 'tikhonov-auto': a second input channel, see network_io
+    upsample: str = "transpose"  # or 'resize': see UPSAMPLING
 
     @property
     def stride(self) -> int:
@@ -43,28 +44,37 @@ class UNetConfig:
         return 1 if self.prior == "none" else 2
 
     def to_dict(self) -> dict:
-        return {"filters": list(self.filters), "norm": self.norm, "prior": self.prior}
+        return {"filters": list(self.filters), "norm": self.norm, "prior": self.prior, "upsample": self.upsample}
 
     @staticmethod
     def from_dict(d: dict) -> "UNetConfig":
-        return UNetConfig(tuple(int(f) for f in d["filters"]), str(d.get("norm", "batch")), str(d.get("prior", "none")))
+        return UNetConfig(tuple(int(f) for f in d["filters"]), str(d.get("norm", "batch")), str(d.get("prior", "none")),
+                          str(d.get("upsample", "transpose")))
 
 
 # A physics-informed input: the network sees, beside the field, its closed-form Tikhonov inverse
-# (solvers.tikhonov, default lambda, 1.5x padding), which carries what the field alone hides from a
-# convolutional network (the B0 direction and the voxel size through the dipole kernel); the mean
-# decoder predicts a correction to it. q(chi | b) is still a function of the field b alone.
-PRIORS = ("none", "tikhonov")
+# (network_io.prior_map), which carries what the field alone hides from a convolutional network (the
+# B0 direction and the voxel size through the dipole kernel); the mean decoder predicts a correction
+# to it. q(chi | b) is still a function of the field b alone.
+PRIORS = ("none", "tikhonov", "tikhonov-auto")
+
+# Upsampling in the decoders. 'transpose' (the paper's 2x2x2 stride-2 transposed convolution) gives
+# every output voxel one of 8 kernels by its position parity: a 3D checkerboard (22 % of the std map's
+# mean on a real brain, issue 12). 'resize' (trilinear x2, then a 1x1x1 convolution) treats every
+# voxel alike: no checkerboard.
+UPSAMPLING = ("transpose", "resize")
 
 
 PRESETS: dict[str, UNetConfig] = {
     "paper": UNetConfig((32, 64, 128, 256, 512), "batch"),  # MIDL 2020 architecture
-    "default": UNetConfig((12, 24, 48, 96), "none", "tikhonov"),  # compact: a 160^3 brain in ~5 s on 2 CPU cores
+    "default": UNetConfig((12, 24, 48, 96), "none", "tikhonov-auto", "resize"),  # compact: a 160^3 brain in ~5 s on 2 CPU cores
+    "default-v1": UNetConfig((12, 24, 48, 96), "none", "tikhonov"),  # the first retrained model (fixed lambda, checkerboard)
     "default-field": UNetConfig((12, 24, 48, 96), "none"),  # the same, the field as the only input
     "default-gn": UNetConfig((12, 24, 48, 96), "group"),  # first bundled model (amplitude-blind, see above)
     "default-bn": UNetConfig((12, 24, 48, 96), "batch"),  # the compact net with the paper's batch norm
     "tiny": UNetConfig((4, 8), "batch"),  # tests only
     "tiny-prior": UNetConfig((4, 8), "none", "tikhonov"),  # tests only
+    "tiny-auto": UNetConfig((4, 8), "none", "tikhonov-auto", "resize"),  # tests only
 }
 
 
@@ -95,14 +105,24 @@ def double_conv(c_in: int, c_out: int, norm: str = "batch") -> nn.Sequential:
     return nn.Sequential(*conv_relu(c_in, c_out, norm), *conv_relu(c_out, c_out, norm))
 
 
-class Decoder(nn.Module):
-    """Transposed-convolution upsampling with skip connections, ending in a 1x1x1 convolution."""
+def upsampler(kind: str, deep: int, shallow: int) -> nn.Module:
+    """x2 upsampling from ``deep`` to ``shallow`` channels (see UPSAMPLING)."""
+    if kind == "transpose":
+        return nn.ConvTranspose3d(deep, shallow, 2, stride=2)
+    if kind == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+                             nn.Conv3d(deep, shallow, 1))
+    raise ValueError(f"unknown upsampling {kind!r}; expected one of {', '.join(UPSAMPLING)}")
 
-    def __init__(self, filters: tuple[int, ...], norm: str = "batch") -> None:
+
+class Decoder(nn.Module):
+    """Upsampling with skip connections, ending in a 1x1x1 convolution."""
+
+    def __init__(self, filters: tuple[int, ...], norm: str = "batch", upsample: str = "transpose") -> None:
         super().__init__()
         ups, convs = [], []
         for deep, shallow in zip(filters[:0:-1], filters[-2::-1]):
-            ups.append(nn.ConvTranspose3d(deep, shallow, 2, stride=2))
+            ups.append(upsampler(upsample, deep, shallow))
             convs.append(double_conv(2 * shallow, shallow, norm))
         self.ups = nn.ModuleList(ups)
         self.convs = nn.ModuleList(convs)
@@ -138,8 +158,8 @@ class PDINet(nn.Module):
         self.encoders = nn.ModuleList([double_conv(config.in_channels, f[0], n)]
                                       + [double_conv(a, b, n) for a, b in zip(f[:-1], f[1:])])
         self.pool = nn.MaxPool3d(2)
-        self.mean_decoder = Decoder(f, n)
-        self.logvar_decoder = Decoder(f, n)
+        self.mean_decoder = Decoder(f, n, config.upsample)
+        self.logvar_decoder = Decoder(f, n, config.upsample)
         self.logvar_offset = 0.0
         if config.prior != "none":  # training starts from the prior itself: a zero correction
             nn.init.zeros_(self.mean_decoder.head.weight)

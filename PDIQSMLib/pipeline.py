@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, solvers
+from . import __version__, defaults, solvers
+from .defaults import METHODS
 from .errors import InputError
 from .geometry import Geometry, geometry_from_affine, normalise_b0_dir
 from .io import Params, Volume, check_same_grid, load_mask, load_volume, nifti_stem, read_params, save_volume, write_json_atomic
@@ -23,20 +24,18 @@ from .progress import Progress
 from .units import to_ppm
 from .weighting import data_weight, gradient_mask
 
-METHODS = ("pdi", "pdi-vi1", "pdi-vi2", "medi", "tikhonov", "tkd")
-
 
 @dataclass
 class Settings:
     """Every user setting of a reconstruction (defaults are the documented ones)."""
 
     method: str = "medi"
-    lam: float | None = None  # None: the method's default
-    samples: int = 5
+    lam: float | None = None  # None: the method's default (Tikhonov and MEDI: automatic, from the field's noise)
+    samples: int = defaults.VI_SAMPLES
     iterations: int | None = None
     pad: float | None = None  # None: the method's default (1.5 for TKD and Tikhonov, 1 for MEDI)
-    threshold: float = solvers.TKD_THRESHOLD
-    device: str = "auto"
+    threshold: float = defaults.TKD_THRESHOLD
+    device: str = defaults.DEVICE
     weights: str | None = None
     seed: int = 0
     vi_variant: str | None = None  # which weights PDI-VI tunes: full, decoders, last (None: full per volume, decoders on a set)
@@ -64,6 +63,16 @@ class Result:
     info: dict = field(default_factory=dict)
 
 
+def _auto_lambda(method: str, field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, info: dict) -> float:
+    """The automatic lambda of ``method`` for this field (``solvers.auto_lambda`` of its cone noise; for
+    MEDI the field weighted by W, whose noise is the one where W = 1); recorded in ``info``."""
+    from .fieldstats import cone_noise
+
+    noise = cone_noise(field_ppm, mask, geometry)
+    info["lambda_rule"] = f"auto: {solvers.AUTO_LAMBDA_PER_NOISE2[method]:g} x (cone noise {noise:.5f} ppm)^2"
+    return solvers.auto_lambda(method, noise)
+
+
 def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, settings: Settings,
                 magnitude: np.ndarray | None = None, noise_std: np.ndarray | None = None,
                 progress: Progress | None = None) -> Result:
@@ -83,12 +92,12 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
     if settings.method == "tkd":
         chi = solvers.tkd(b, mt, geometry, settings.threshold, settings.pad or solvers.CLOSED_FORM_PAD)
     elif settings.method == "tikhonov":
-        lam = settings.lam if settings.lam is not None else solvers.TIKHONOV_LAMBDA
+        lam = settings.lam if settings.lam is not None else _auto_lambda("tikhonov", field_ppm, m, geometry, info)
         chi = solvers.tikhonov(b, mt, geometry, lam, settings.pad or solvers.CLOSED_FORM_PAD)
         info["lambda"] = lam
     elif settings.method == "medi":
-        lam = settings.lam if settings.lam is not None else solvers.MEDI_LAMBDA
         w = torch.from_numpy(data_weight(m, noise_std))
+        lam = settings.lam if settings.lam is not None else _auto_lambda("medi", field_ppm * w.numpy(), m, geometry, info)
         edges = torch.from_numpy(gradient_mask(m, magnitude, geometry.voxel_size))
         chi = solvers.medi(b, mt, geometry, lam, w, edges, settings.pad or 1.0,
                            settings.iterations or solvers.MEDI_MAX_ITER, progress=progress.task("medi"))

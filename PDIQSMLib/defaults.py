@@ -1,0 +1,17 @@
+"""The documented defaults of a reconstruction, in one place that imports nothing heavy: the command
+line (pipeline.Settings, cli), the solvers and the Slicer panel all read them from here, so the same
+data give the same map in Slicer and on the command line."""
+
+METHOD = "pdi"
+METHODS = ("pdi", "pdi-vi1", "pdi-vi2", "medi", "tikhonov", "tkd")
+LAMBDA_METHODS = ("medi", "tikhonov", "pdi-vi1")  # methods whose --lambda means something
+TKD_THRESHOLD = 0.2
+TIKHONOV_LAMBDA = 5e-3  # the fixed value (simulator's best); the default is automatic (solvers.auto_lambda)
+MEDI_LAMBDA = 1e-3  # likewise
+VI_SAMPLES = 5
+VI_ITERATIONS = 100
+MEDI_MAX_ITER = 200
+DEVICE = "auto"
+UNITS = "ppm"
+B0_TESLA = 3.0
+TE_SECONDS = 0.02

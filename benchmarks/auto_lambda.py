@@ -1,0 +1,92 @@
+"""The regularisation weight from the field's own noise level: measure the rule, then check it.
+
+On realistic simulated brains (MNI152 anatomy, non-dipolar field terms; seeds 600.., never used in
+training) at three strengths of the non-dipolar part, the best fixed lambda of Tikhonov and MEDI
+(demeaned NRMSE, the QSM-CI board's metric) is found on a grid and compared with the automatic one,
+``lambda = c * s^2`` with s the cone estimate of the effective noise (fieldstats.cone_noise): the
+Bayesian reading of both priors (lambda = noise variance / prior variance). ``--fit`` prints the c
+that fits the grid optima (the constants in solvers.py come from it); the table says how far the
+automatic choice is from the best fixed one. Writes benchmarks/results/auto_lambda.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from benchmarks.common import write_table  # noqa: E402
+from PDIQSMLib import metrics, solvers  # noqa: E402
+from PDIQSMLib.fieldstats import cone_noise  # noqa: E402
+from PDIQSMLib.simulation import REALISTIC, make_volume  # noqa: E402
+
+SEEDS = (600, 601)
+STRENGTHS = (0.5, 1.0, 2.0)  # multiplies every non-dipolar amplitude range
+TIK = np.logspace(-3, 0, 13)
+MEDI = np.logspace(-4, -1, 7)
+MEDI_FIT = np.logspace(-3.5, -1.5, 5)  # --fit for MEDI: a coarser grid (MEDI costs 5-15 s a run)
+
+
+KINDS = ("anatomical", "procedural")  # the two brain kinds of the training mix
+
+
+def scaled(strength: float, kind: str):
+    s = strength
+    return replace(REALISTIC, anatomical_fraction=1.0 if kind == "anatomical" else 0.0, brain_fraction=1.0,
+                   anatomical_max_shape=(112, 128, 80), brain_fov_mm=(112.0, 128.0, 100.0),
+                   residue_ppm=tuple(s * v for v in REALISTIC.residue_ppm),
+                   correlated_ppm=tuple(s * v for v in REALISTIC.correlated_ppm),
+                   noise_ppm=tuple(s * v for v in REALISTIC.noise_ppm),
+                   anisotropy_ppm=tuple(s * v for v in REALISTIC.anisotropy_ppm))
+
+
+def cases():
+    for kind in KINDS:
+        for strength in STRENGTHS:
+            for seed in SEEDS:
+                yield f"{kind} x{strength:g}", seed, make_volume(np.random.default_rng(seed), scaled(strength, kind))
+
+
+def sweep(method: str, sample, grid) -> list[float]:
+    b, m = torch.from_numpy(sample.field), torch.from_numpy(sample.mask.astype(np.float32))
+    solve = solvers.tikhonov if method == "tikhonov" else solvers.medi
+    return [metrics.nrmse_demeaned(solve(b, m, sample.geometry, float(lam)).numpy(), sample.chi, sample.mask)
+            for lam in grid]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--methods", nargs="+", default=["tikhonov", "medi"])
+    parser.add_argument("--fit", action="store_true", help="print the fitted constant c per method")
+    args = parser.parse_args()
+    grids = {"tikhonov": TIK, "medi": MEDI_FIT if args.fit else MEDI}
+    rows, fits = [], {m: [] for m in args.methods}
+    for case, seed, sample in cases():
+        s = cone_noise(sample.field, sample.mask, sample.geometry)
+        for method in args.methods:
+            errors = sweep(method, sample, grids[method])
+            best = int(np.argmin(errors))
+            fits[method].append(np.log(grids[method][best] / s**2))
+            auto = solvers.auto_lambda(method, s) if hasattr(solvers, "auto_lambda") else float("nan")
+            auto_err = sweep(method, sample, [auto])[0] if np.isfinite(auto) else float("nan")
+            rows.append((method, case, seed, s, grids[method][best], errors[best], auto, auto_err))
+            print(rows[-1], flush=True)
+    for method, logs in fits.items():
+        print(f"{method}: c = {np.exp(np.median(logs)):.4g} (lambda = c s^2; spread of log c {np.std(logs):.2f})")
+    if args.fit:
+        return
+    lines = ["| method | brain, non-dipolar strength | seed | cone noise s (ppm) | best fixed lambda | its NRMSE % | "
+             "automatic lambda | its NRMSE % | excess % |", "|---|---|---|---|---|---|---|---|---|"]
+    for method, case, seed, s, lam, err, auto, auto_err in rows:
+        lines.append(f"| {method} | {case} | {seed} | {s:.4f} | {lam:.3g} | {err:.1f} | {auto:.3g} | "
+                     f"{auto_err:.1f} | {100 * (auto_err / err - 1):+.1f} |")
+    write_table("auto_lambda", "Automatic lambda from the cone noise vs the best fixed lambda, realistic simulated "
+                "brains (demeaned NRMSE)", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
