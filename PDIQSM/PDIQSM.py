@@ -5,6 +5,7 @@ Module, Widget, Logic and Test in Slicer's scripted-module shape. Everything tha
 """
 
 import os
+import pathlib
 from typing import Annotated, Optional
 
 import qt
@@ -17,11 +18,10 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-METHODS = {"PDI": "pdi", "PDI-VI1": "pdi-vi1", "PDI-VI2": "pdi-vi2", "MEDI": "medi", "Tikhonov": "tikhonov", "TKD": "tkd"}
-UNITS = {"ppm": "ppm", "Hz": "hz", "rad": "rad"}
-DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
-REQUIRED_PACKAGES = {"nibabel": "nibabel>=5.0", "scipy": "scipy>=1.10", "safetensors": "safetensors>=0.4",
-                     "matplotlib": "matplotlib>=3.7"}
+# PDIQSMLib is installed beside this file; these modules import nothing but numpy (which Slicer ships),
+# so the panel loads before the reconstruction's own packages are installed.
+from PDIQSMLib import defaults
+from PDIQSMLib.slicer_logic import PANEL_DEVICES, PANEL_METHODS, PANEL_UNITS, TORCH_REQUIREMENT, label_of
 
 
 class PDIQSM(ScriptedLoadableModule):
@@ -66,29 +66,34 @@ def registerSampleData():
         category="PDIQSM", sampleName="PDIQSMPhantom",
         thumbnailFileName=os.path.join(here, "Resources", "Icons", "PDIQSM.png"),
         uris=[qt.QUrl.fromLocalFile(os.path.join(data, f"{n}.nii.gz")).toString() for n in names],
-        fileNames=[f"{n}.nii.gz" for n in names], nodeNames=names, loadFileType="VolumeFile",
+        fileNames=[f"{n}.nii.gz" for n in names], nodeNames=names, loadFileTypes=["VolumeFile"] * len(names),
     )
 
 
 @parameterNodeWrapper
 class PDIQSMParameterNode:
+    """Every setting of the panel; widget types follow Slicer's GUI connectors (Testing/test_slicer_module_static.py
+    checks each field's type against its widget's connector). Defaults come from PDIQSMLib.defaults, as the
+    command line's do; PDIQSMLib.slicer_logic.request_from_panel maps them to the command."""
+
     fieldVolume: vtkMRMLScalarVolumeNode
     maskVolume: vtkMRMLScalarVolumeNode
     magnitudeVolume: vtkMRMLScalarVolumeNode
     noiseStdVolume: vtkMRMLScalarVolumeNode
-    units: Annotated[str, Choice(list(UNITS))] = "ppm"
-    b0Tesla: Annotated[float, WithinRange(0.0, 20.0)] = 3.0
-    teSeconds: Annotated[float, WithinRange(0.0, 1.0)] = 0.02
+    units: Annotated[str, Choice(list(PANEL_UNITS))] = label_of(PANEL_UNITS, defaults.UNITS)
+    b0Tesla: Annotated[float, WithinRange(0.0, 20.0)] = defaults.B0_TESLA
+    teSeconds: Annotated[float, WithinRange(0.0, 1.0)] = defaults.TE_SECONDS
     b0FromGeometry: bool = True
-    b0DirX: float = 0.0
-    b0DirY: float = 0.0
-    b0DirZ: float = 1.0
-    method: Annotated[str, Choice(list(METHODS))] = "PDI"
-    lam: Annotated[float, WithinRange(0.0, 1.0)] = 0.001
-    samples: Annotated[float, WithinRange(1, 50)] = 5
-    iterations: Annotated[int, WithinRange(1, 2000)] = 100
-    device: Annotated[str, Choice(list(DEVICES))] = "Auto"
-    weightsPath: str = ""
+    b0DirX: Annotated[float, WithinRange(-1.0, 1.0)] = 0.0
+    b0DirY: Annotated[float, WithinRange(-1.0, 1.0)] = 0.0
+    b0DirZ: Annotated[float, WithinRange(-1.0, 1.0)] = 1.0
+    method: Annotated[str, Choice(list(PANEL_METHODS))] = label_of(PANEL_METHODS, defaults.METHOD)
+    lambdaAuto: bool = True
+    lam: Annotated[float, WithinRange(0.0, 1.0)] = defaults.MEDI_LAMBDA
+    samples: Annotated[float, WithinRange(1, 50)] = defaults.VI_SAMPLES
+    iterations: Annotated[int, WithinRange(1, 2000)] = defaults.VI_ITERATIONS
+    device: Annotated[str, Choice(list(PANEL_DEVICES))] = label_of(PANEL_DEVICES, defaults.DEVICE)
+    weightsPath: pathlib.Path  # empty: the bundled model
     outputMean: vtkMRMLScalarVolumeNode
     outputStd: vtkMRMLScalarVolumeNode
 
@@ -104,6 +109,7 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._request = None
         self._buffer = ""
+        self._connectedNode = None  # the parameter node whose GUI connection is live
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -117,6 +123,7 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reconstructButton.connect("clicked(bool)", self.onReconstruct)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.b0FromGeometryCheckBox.connect("toggled(bool)", self._updateB0FromGeometry)
+        self.ui.lambdaAutoCheckBox.connect("toggled(bool)", self._updateLambdaAuto)
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.setValue(0)
         self.initializeParameterNode()
@@ -130,9 +137,17 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self) -> None:
         if self._parameterNode:
+            self._disconnectGui()
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def _disconnectGui(self) -> None:
+        """Undo connectGui. On Slicer 5.8 connectGui returns no tag and disconnectGui(None) does nothing:
+        the connection then stays live and is not made again on re-entry (setParameterNode), so that
+        connectors do not pile up and reset the settings."""
+        if self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._connectedNode = None
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -150,13 +165,21 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setParameterNode(self, inputParameterNode: Optional[PDIQSMParameterNode]) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._disconnectGui()
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            node = self._parameterNode.parameterNode
+            if self._connectedNode is not node:
+                self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+                self._connectedNode = node
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._updateB0FromGeometry(self._parameterNode.b0FromGeometry)
+            self._updateLambdaAuto(self._parameterNode.lambdaAuto)
             self._checkCanApply()
+
+    def _updateLambdaAuto(self, automatic: bool) -> None:
+        self.ui.lambdaSpinBox.enabled = not automatic
 
     def _updateB0FromGeometry(self, fromGeometry: bool) -> None:
         for box in (self.ui.b0XSpinBox, self.ui.b0YSpinBox, self.ui.b0ZSpinBox):
@@ -190,20 +213,27 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.clear()
         self.ui.progressBar.setValue(0)
         self._setRunning(True)
-        process = qt.QProcess()
+        # Parented to the panel: Qt owns it, so it is not deleted while it emits 'finished' when the
+        # last Python reference goes in the slot; it is deleted later by Qt (deleteLater).
+        process = qt.QProcess(self.parent)
         env = qt.QProcessEnvironment.systemEnvironment()
         for key, value in self._job.env.items():
             env.insert(key, value)
         process.setProcessEnvironment(env)
         process.connect("readyReadStandardError()", self._onOutput)
         process.connect("finished(int,QProcess::ExitStatus)", self._onFinished)
+        process.connect("errorOccurred(QProcess::ProcessError)", self._onProcessError)
         self._process = process
+        self._buffer = ""
         process.start(self._job.args[0], self._job.args[1:])
 
     def _onOutput(self) -> None:
         from PDIQSMLib.progress import parse_line
+        from PDIQSMLib.slicer_logic import decode_output
 
-        self._buffer += bytes(self._process.readAllStandardError()).decode(errors="replace")
+        if self._process is None:
+            return
+        self._buffer += decode_output(self._process.readAllStandardError())
         *lines, self._buffer = self._buffer.split("\n")
         for line in lines:
             self.ui.logTextEdit.appendPlainText(line)
@@ -215,16 +245,34 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif line.startswith("STATUS "):
                 self.ui.statusLabel.text = line[len("STATUS "):]
 
-    def _onFinished(self, exitCode, exitStatus) -> None:
-        from PDIQSMLib.slicer_logic import last_error
+    def _onProcessError(self, error) -> None:
+        """A process that could not start never emits 'finished': end the run here (other errors, such as
+        a crash, are followed by 'finished', which reports them)."""
+        if error != qt.QProcess.FailedToStart or self._process is None:
+            return
+        process, job, self._process, self._job = self._process, self._job, None, None
+        process.deleteLater()
+        if job is not None:
+            self.logic.engine.discard(job)
+        self._setRunning(False)
+        self.ui.statusLabel.text = _("Failed")
+        slicer.util.errorDisplay(_("Could not start the reconstruction: ") + str(process.errorString()))
 
-        job, self._process, self._job = self._job, None, None
+    def _onFinished(self, exitCode, exitStatus) -> None:
+        from PDIQSMLib.slicer_logic import process_outcome
+
+        if self._process is None:
+            return
+        self._onOutput()  # what is left in the pipe
+        process, job, self._process, self._job = self._process, self._job, None, None
+        process.deleteLater()
         self._setRunning(False)
         if job is None:  # cancelled
             return
-        if exitCode != 0:
+        message = process_outcome(int(exitCode), exitStatus == qt.QProcess.CrashExit,
+                                  self.ui.logTextEdit.toPlainText() + "\n" + self._buffer)
+        if message is not None:
             self.logic.engine.discard(job)
-            message = last_error(self.ui.logTextEdit.toPlainText(), exitCode)
             self.ui.statusLabel.text = _("Failed")
             slicer.util.errorDisplay(_("Reconstruction failed: ") + message)
             return
@@ -240,7 +288,8 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         job, self._job = self._job, None
         self._process.kill()
-        self._process.waitForFinished(5000)
+        if self._process is not None:
+            self._process.waitForFinished(5000)
         if job is not None:
             self.logic.engine.discard(job)
         self.ui.statusLabel.text = _("Cancelled: nothing was added to the scene")
@@ -265,36 +314,30 @@ class PDIQSMLogic(ScriptedLoadableModuleLogic):
         return PDIQSMParameterNode(super().getParameterNode())
 
     def request(self, p: PDIQSMParameterNode):
-        from PDIQSMLib.slicer_logic import Request
+        from PDIQSMLib.slicer_logic import request_from_panel
 
-        return Request(
-            field=p.fieldVolume, mask=p.maskVolume, magnitude=p.magnitudeVolume, noise_std=p.noiseStdVolume,
-            units=UNITS[p.units], b0=p.b0Tesla if p.units != "ppm" else None, te=p.teSeconds if p.units == "rad" else None,
-            b0_dir=None if p.b0FromGeometry else (p.b0DirX, p.b0DirY, p.b0DirZ), method=METHODS[p.method],
-            lam=p.lam if p.method in ("MEDI", "Tikhonov", "PDI-VI1") else None, samples=int(p.samples),
-            iterations=int(p.iterations) if p.method.startswith("PDI-VI") else None, device=DEVICES[p.device],
-            weights=p.weightsPath or None, output_mean=p.outputMean, output_std=p.outputStd,
-        )
+        return request_from_panel(p)
 
     def ensureDependencies(self) -> bool:
         """torch through the PyTorch extension; other packages installed on first use after the user agrees.
-        Nothing is installed in testing mode."""
-        import importlib.util
+        Nothing is installed in testing mode (returns False; the self-test skips)."""
+        from PDIQSMLib.slicer_logic import missing_packages, torch_available
 
-        missing = [pkg for mod, pkg in REQUIRED_PACKAGES.items() if importlib.util.find_spec(mod) is None]
-        if importlib.util.find_spec("torch") is None:
+        missing = missing_packages()
+        if not torch_available():
             if slicer.app.testingEnabled():
-                raise RuntimeError("PyTorch is not installed (testing mode installs nothing)")
+                return False
             try:
                 import PyTorchUtils
             except ImportError:
                 slicer.util.errorDisplay(_("PDIQSM needs PyTorch: install the PyTorch extension, restart, and retry."))
                 return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
+                                                             torchVersionRequirement=TORCH_REQUIREMENT) is None:
                 return False
         if missing:
             if slicer.app.testingEnabled():
-                raise RuntimeError(f"missing Python packages: {', '.join(missing)} (testing mode installs nothing)")
+                return False
             if not slicer.util.confirmOkCancelDisplay(_("PDIQSM needs these Python packages: ") + ", ".join(missing)
                                                       + _(". Install them now?")):
                 return False
@@ -303,8 +346,16 @@ class PDIQSMLogic(ScriptedLoadableModuleLogic):
 
     def reconstruct(self, request, progress=None):
         """Synchronous reconstruction (console and self-test): (mean node, std node or None)."""
-        self.ensureDependencies()
+        if not self.ensureDependencies():
+            raise RuntimeError("PDIQSM's Python packages are missing: " + ", ".join(self.missing()))
         return self.engine.reconstruct(request, progress=progress)
+
+    @staticmethod
+    def missing() -> list:
+        """What the reconstruction still needs here (torch and pip requirements)."""
+        from PDIQSMLib.slicer_logic import TORCH_REQUIREMENT, missing_packages, torch_available
+
+        return ([] if torch_available() else [f"torch{TORCH_REQUIREMENT} (PyTorch extension)"]) + missing_packages()
 
 
 class PDIQSMTest(ScriptedLoadableModuleTest):
@@ -315,6 +366,9 @@ class PDIQSMTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        missing = PDIQSMLogic.missing()
+        if missing:  # extension build dashboards have no torch: report and skip, do not fail
+            self.skipTest("PDIQSM self-test skipped: missing " + ", ".join(missing))
         self.test_TKD_and_PDI_on_phantom()
 
     def _phantom(self):

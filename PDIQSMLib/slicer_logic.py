@@ -4,6 +4,12 @@ Imports ``slicer`` for MRML only (never ``qt``), so it runs inside Slicer and un
 the PyPI package ``slicer-core``. The reconstruction runs as a separate process (``pdiqsm
 reconstruct`` through the same Python), whose ``PROGRESS`` lines drive a callback; cancelling ends
 the process and leaves no output nodes and no temporary files.
+
+At import it needs only numpy (which Slicer ships): nibabel and the rest of the library are imported
+where they are used, so the module's panel loads, and can offer to install what is missing
+(``missing_packages``), before any of them is present. The pieces the Qt widget needs to get right
+(decoding PythonQt's process output, reading a finished process's status, the panel's parameters as a
+request) are plain functions here, tested without Qt.
 """
 
 from __future__ import annotations
@@ -18,14 +24,55 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
 import numpy as np
 
+from . import defaults
 from .errors import Cancelled, InputError
 from .geometry import b0_dir_from_affine
-from .io import Volume, save_volume
 from .progress import parse_line
 from .units import ppm_per_unit
+
+# Python packages the reconstruction process needs, as pip requirements (torch comes from Slicer's
+# PyTorch extension, see TORCH_REQUIREMENT); Slicer ships numpy.
+REQUIRED_PACKAGES = {"nibabel": "nibabel>=5.0", "scipy": "scipy>=1.10", "safetensors": "safetensors>=0.4",
+                     "matplotlib": "matplotlib>=3.7"}
+TORCH_REQUIREMENT = ">=2.2,<=2.13.0"  # the range pyproject.toml accepts
+
+
+def missing_packages() -> list[str]:
+    """pip requirements of the packages that cannot be imported here (torch excluded)."""
+    import importlib.util
+
+    return [req for module, req in REQUIRED_PACKAGES.items() if importlib.util.find_spec(module) is None]
+
+
+def torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def decode_output(data) -> str:
+    """Text of a process's output as Qt hands it over: PythonQt's QByteArray (``.data()`` gives bytes;
+    ``bytes(...)`` raises on it), bytes, or str."""
+    if isinstance(data, str):
+        return data
+    if hasattr(data, "data") and callable(data.data):
+        data = data.data()
+    if isinstance(data, str):
+        return data
+    return bytes(data).decode("utf-8", errors="replace")
+
+
+def process_outcome(exit_code: int, crashed: bool, stderr_tail: str) -> str | None:
+    """None when a finished ``pdiqsm`` process succeeded; else the message for the user. A crash (killed,
+    e.g. out of memory) is never a success, whatever exit code Qt reports with it."""
+    if crashed:
+        return ("the pdiqsm process crashed or was killed (out of memory?); " + last_error(stderr_tail, exit_code)
+                if stderr_tail.strip() else "the pdiqsm process crashed or was killed (out of memory?)")
+    if exit_code != 0:
+        return last_error(stderr_tail, exit_code)
+    return None
 
 MEAN_WINDOW_PPM = (-0.15, 0.15)
 STD_OPACITY = 0.5
@@ -41,19 +88,53 @@ class Request:
     mask: object  # vtkMRMLScalarVolumeNode or vtkMRMLLabelMapVolumeNode
     magnitude: object | None = None
     noise_std: object | None = None
-    units: str = "ppm"
+    units: str = defaults.UNITS
     b0: float | None = None
     te: float | None = None
     b0_dir: tuple[float, float, float] | None = None  # None: from the field's geometry
-    method: str = "pdi"
+    method: str = defaults.METHOD
     lam: float | None = None
-    samples: int = 5
+    samples: int = defaults.VI_SAMPLES
     iterations: int | None = None
-    device: str = "auto"
+    device: str = defaults.DEVICE
     weights: str | None = None
     output_mean: object | None = None  # existing nodes to fill; None: new nodes named after the field
     output_std: object | None = None
     extra_args: list[str] = field(default_factory=list)
+
+
+# The panel's choices (labels shown) and the command's values.
+PANEL_METHODS = {"PDI": "pdi", "PDI-VI1": "pdi-vi1", "PDI-VI2": "pdi-vi2", "MEDI": "medi", "Tikhonov": "tikhonov",
+                 "TKD": "tkd"}
+PANEL_UNITS = {"ppm": "ppm", "Hz": "hz", "rad": "rad"}
+PANEL_DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
+
+
+def label_of(choices: dict[str, str], value: str) -> str:
+    """The panel label of a command value (the parameter node's defaults come from defaults.py)."""
+    return next(label for label, v in choices.items() if v == value)
+
+
+def _unset_path(path) -> bool:
+    return path is None or str(path).strip() in ("", ".")
+
+
+def request_from_panel(p) -> Request:
+    """The request that the panel's parameters ``p`` (a parameter node, or any object with its fields)
+    stand for: the one mapping of GUI settings to the command, so that the panel's defaults give the
+    command's defaults for every method (tested against the command line)."""
+    method = PANEL_METHODS[p.method]
+    automatic = p.lambdaAuto and method in ("medi", "tikhonov", "pdi-vi1")
+    units = PANEL_UNITS[p.units]
+    return Request(
+        field=p.fieldVolume, mask=p.maskVolume, magnitude=p.magnitudeVolume, noise_std=p.noiseStdVolume,
+        units=units, b0=p.b0Tesla if units != "ppm" else None, te=p.teSeconds if units == "rad" else None,
+        b0_dir=None if p.b0FromGeometry else (p.b0DirX, p.b0DirY, p.b0DirZ), method=method,
+        lam=None if automatic or method not in defaults.LAMBDA_METHODS else float(p.lam),
+        samples=int(p.samples), iterations=int(p.iterations) if method.startswith("pdi-vi") else None,
+        device=PANEL_DEVICES[p.device], weights=None if _unset_path(p.weightsPath) else str(p.weightsPath),
+        output_mean=p.outputMean, output_std=p.outputStd,
+    )
 
 
 def node_affine(node) -> np.ndarray:
@@ -80,6 +161,8 @@ def default_b0_dir(node) -> tuple[float, float, float]:
 def problems(request: Request) -> list[str]:
     """What stops a run, in words for the GUI (empty when the request can run)."""
     out = []
+    if request.method not in defaults.METHODS:
+        return [f"unknown method {request.method!r}"]
     if request.field is None or request.field.GetImageData() is None:
         return ["select a field volume"]
     if request.mask is None or request.mask.GetImageData() is None:
@@ -92,7 +175,7 @@ def problems(request: Request) -> list[str]:
             out.append(f"{role} '{node.GetName()}' has another size than the field")
         elif not np.allclose(node_affine(node), node_affine(request.field), atol=1e-4):
             out.append(f"{role} '{node.GetName()}' has another geometry than the field")
-    if not out and not np.any(node_array(request.mask) > 0):
+    if not out and request.mask.GetImageData().GetScalarRange()[1] <= 0:  # no copy of the mask's voxels
         out.append(f"mask '{request.mask.GetName()}' is empty")
     try:
         ppm_per_unit(request.units, request.b0, request.te)
@@ -230,6 +313,8 @@ class Logic:
         return self.finish(job, request)
 
     def _command(self, request: Request, work: Path) -> list[str]:
+        from .io import Volume, save_volume
+
         affine = node_affine(request.field)
         paths = {}
         for role, node in (("field", request.field), ("mask", request.mask), ("magnitude", request.magnitude),
@@ -251,6 +336,7 @@ class Logic:
         return args + list(request.extra_args)
 
     def _output_node(self, request: Request, path: Path, suffix: str, node=None):
+        import nibabel as nib
         import vtk
 
         img = nib.load(str(path))

@@ -45,14 +45,13 @@ def test_parameter_names_match_the_parameter_node_both_ways():
 
 
 def test_choices_in_the_ui_match_the_module_maps():
-    tree = ast.parse(MODULE.read_text())
-    maps = {t.id: list(ast.literal_eval(n.value)) for n in tree.body if isinstance(n, ast.Assign)
-            for t in n.targets if isinstance(t, ast.Name) and t.id in ("METHODS", "UNITS", "DEVICES")}
+    from PDIQSMLib.slicer_logic import PANEL_DEVICES, PANEL_METHODS, PANEL_UNITS
+
     combos = {w.get("name"): [i.find("property/string").text for i in w.findall("item")]
               for w in ui_tree().iter("widget") if w.get("class") == "QComboBox"}
-    assert combos["methodComboBox"] == maps["METHODS"]
-    assert combos["unitsComboBox"] == maps["UNITS"]
-    assert combos["deviceComboBox"] == maps["DEVICES"]
+    assert combos["methodComboBox"] == list(PANEL_METHODS)
+    assert combos["unitsComboBox"] == list(PANEL_UNITS)
+    assert combos["deviceComboBox"] == list(PANEL_DEVICES)
 
 
 def test_node_selectors_get_the_scene():
