@@ -1,27 +1,34 @@
 # The README's two commands: `make demo` (main job on built-in data) and `make test` (the test suite).
-# Both create .venv on first use, installing torch 2.13.0 (CPU build) before the project.
+# Both create .venv on first use, installing torch 2.13.0 (CPU build) before the project; the demo
+# installs only what it needs, the tests add their extras (slicer-core, vtk, qsm-ci, snakemake, nilearn).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.installed-core
+EXTRAS := $(VENV)/.installed-test
 
 .PHONY: demo test bench clean-venv
 
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e .
+	touch $(CORE)
+
+$(EXTRAS): $(CORE)
 	$(PY) -m pip install --quiet -e ".[test]"
-	touch $(STAMP)
+	touch $(EXTRAS)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(VENV)/bin/pdiqsm demo --out-dir out/demo
+	@echo "The pdiqsm command is in $(VENV)/bin: run 'source $(VENV)/bin/activate' to use it as the README does."
 
-test: $(STAMP)
+test: $(EXTRAS)
 	$(PY) -m pytest Testing
 
-bench: $(STAMP)
-	$(PY) benchmarks/bench_solvers.py
+bench: $(EXTRAS)
+	$(PY) benchmarks/bench_speed.py
 
 clean-venv:
 	rm -rf $(VENV)

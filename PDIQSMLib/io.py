@@ -109,6 +109,8 @@ def save_volume(path, data: np.ndarray, like: Volume, description: str = "PDIQSM
     img.header.set_slope_inter(1.0, 0.0)
     img.header["descrip"] = description[:79].encode()
     img.header["cal_min"], img.header["cal_max"] = 0.0, 0.0
+    if img.header.get_xyzt_units()[0] == "unknown":  # our affines are in mm; say so (an input's units are kept)
+        img.header.set_xyzt_units("mm", img.header.get_xyzt_units()[1])
     p.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if p.name.lower().endswith(".gz") else ".nii"
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=p.parent)

@@ -1,17 +1,29 @@
 """Progress on stderr: a bar for people, or one parseable line per step for a GUI.
 
 Line format (stable, read by the Slicer module): ``PROGRESS <done>/<total> <label>``; free-text
-status lines start with ``STATUS ``.
+status lines start with ``STATUS ``. A long loop also says how long it will take: from its second step
+on, the time left at the pace so far (``STATUS <label>: about N s left``, at most every ETA_EVERY_S
+seconds; on a bar, after the count).
 """
 
 from __future__ import annotations
 
 import re
 import sys
+import time
 from typing import Callable, TextIO
 
 LINE = re.compile(r"^PROGRESS (\d+)/(\d+) (\S+)$")
 StepFn = Callable[[int, int], None]
+ETA_EVERY_S = 5.0
+
+
+def eta_text(elapsed_s: float, done: int, total: int) -> str | None:
+    """'about N s left' (or min) at the pace so far, once a step is done and while some are left."""
+    if done < 1 or done >= total or elapsed_s <= 0:
+        return None
+    left = elapsed_s / done * (total - done)
+    return f"about {left:.0f} s left" if left < 120 else f"about {left / 60:.0f} min left"
 
 
 class Progress:
@@ -25,16 +37,25 @@ class Progress:
             raise ValueError(f"unknown progress mode {mode!r}")
         self.mode = mode
 
-    def task(self, label: str) -> StepFn:
-        """A callback ``(done, total)`` for one named loop."""
+    def task(self, label: str, clock: Callable[[], float] = time.monotonic) -> StepFn:
+        """A callback ``(done, total)`` for one named loop; the loop starts at the first call."""
+        start = clock()
+        said = [start]  # when the time left was last written
+
         def step(done: int, total: int) -> None:
+            now = clock()
+            eta = eta_text(now - start, done, total)
             if self.mode == "lines":
                 self.stream.write(f"PROGRESS {done}/{total} {label}\n")
+                if eta and now - said[0] >= ETA_EVERY_S:
+                    self.stream.write(f"STATUS {label}: {eta}\n")
+                    said[0] = now
             elif self.mode == "bar":
                 width = 30
                 filled = int(width * done / max(total, 1))
                 end = "\n" if done >= total else ""
-                self.stream.write(f"\r{label:>10} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+                tail = f" {eta}" if eta else ""
+                self.stream.write(f"\r{label:>10} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{tail:<22}{end}")
             self.stream.flush()
         return step
 

@@ -89,3 +89,20 @@ def test_gradient_mask_spares_edges_of_magnitude():
     assert np.all(m[2, :, :, 9] == 0)  # the edge's gradient component is excluded
     assert m.mean() > 0.6  # 90 % of N out of 3N components are above the threshold: 70 % stay
     assert np.array_equal(gradient_mask(mask, None, (1, 1, 1)), np.ones((3,) + shape, np.float32))
+
+
+def test_progress_says_how_long_a_loop_will_take():
+    import io
+
+    from PDIQSMLib.progress import Progress, eta_text, parse_line
+
+    ticks = iter([0.0, 10.0, 20.0, 22.0, 40.0])  # the loop starts at 0; steps end at 10, 20, 22, 40 s
+    out = io.StringIO()
+    step = Progress("lines", out).task("vi", clock=lambda: next(ticks))
+    for done in (1, 2, 3, 4):
+        step(done, 4)
+    lines = out.getvalue().splitlines()
+    assert [parse_line(x) for x in lines if x.startswith("PROGRESS")] == [(d, 4, "vi") for d in (1, 2, 3, 4)]
+    # 10 s for the first step: 30 s left; at 22 s (3 done) only 2 s after the last note: no new one; none at the end
+    assert [x for x in lines if x.startswith("STATUS")] == ["STATUS vi: about 30 s left", "STATUS vi: about 20 s left"]
+    assert eta_text(600.0, 1, 3) == "about 20 min left" and eta_text(5.0, 0, 3) is None
