@@ -16,6 +16,16 @@ from .progress import Progress
 from .units import UNITS
 
 
+def _add_field_units(p: argparse.ArgumentParser) -> None:
+    """How to read a field file: its units (with B0 and TE where needed), B0 direction, QSM-CI params."""
+    p.add_argument("--units", default="ppm", help=f"field units: {', '.join(UNITS)} (default ppm)")
+    p.add_argument("--b0", type=float, help="field strength in tesla (needed for hz and rad)")
+    p.add_argument("--te", type=float, help="echo time in seconds (needed for rad)")
+    p.add_argument("--b0-dir", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="B0 direction in voxel axes (default: scanner z through the NIfTI affine)")
+    p.add_argument("--params", type=Path, help="QSM-CI params.json (B0_dir, voxel_size, B0, TE)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=("auto", "bar", "lines", "none"), default="auto",
                    help="progress on stderr: a bar on a terminal, else one 'PROGRESS i/n label' line per step")
@@ -45,12 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--iterations", type=int, help="iterations: MEDI's maximum (default 200), PDI-VI's count")
     r.add_argument("--threshold", type=float, default=defaults.TKD_THRESHOLD,
                    help=f"TKD truncation threshold (default {defaults.TKD_THRESHOLD})")
-    r.add_argument("--units", default="ppm", help=f"field units: {', '.join(UNITS)} (default ppm)")
-    r.add_argument("--b0", type=float, help="field strength in tesla (needed for hz and rad)")
-    r.add_argument("--te", type=float, help="echo time in seconds (needed for rad)")
-    r.add_argument("--b0-dir", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                   help="B0 direction in voxel axes (default: scanner z through the NIfTI affine)")
-    r.add_argument("--params", type=Path, help="QSM-CI params.json (B0_dir, voxel_size, B0, TE)")
+    _add_field_units(r)
     r.add_argument("--volume", type=int, help="index of the volume to use when the field is 4D")
     r.add_argument("--pad", type=float, help="zero-padding factor for the FFT (>= 1; default 1.5 for TKD and "
                                               "Tikhonov, 1 for MEDI)")
@@ -95,12 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "dipole field plus white noise: 1-2 %.")
     fs.add_argument("field", type=Path, help="local field map (NIfTI), units set by --units")
     fs.add_argument("--mask", type=Path, required=True)
-    fs.add_argument("--units", default="ppm", help=f"field units: {', '.join(UNITS)} (default ppm)")
-    fs.add_argument("--b0", type=float, help="field strength in tesla (needed for hz and rad)")
-    fs.add_argument("--te", type=float, help="echo time in seconds (needed for rad)")
-    fs.add_argument("--b0-dir", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                    help="B0 direction in voxel axes (default: scanner z through the NIfTI affine)")
-    fs.add_argument("--params", type=Path, help="QSM-CI params.json (B0_dir, voxel_size, B0, TE)")
+    _add_field_units(fs)
     fs.add_argument("--json", type=Path, help="also write the statistics as JSON here")
     _add_common(fs)
 
