@@ -29,7 +29,7 @@ CLOSED_FORM_PAD = 1.5
 # lambda = (noise variance) / (prior scale), so lambda = c s^2 with s the effective noise (the cone
 # estimate, fieldstats.cone_noise). c is fitted to the best fixed lambda on realistic simulated brains
 # (benchmarks/auto_lambda.py --fit; its table shows how close the rule comes to the best fixed lambda).
-AUTO_LAMBDA_PER_NOISE2 = {"tikhonov": 3.0e3, "medi": 1.0e2}
+AUTO_LAMBDA_PER_NOISE2 = {"tikhonov": 3.0e3, "medi": 50.0}
 AUTO_LAMBDA_RANGE = (1e-4, 1.0)
 
 
