@@ -171,3 +171,18 @@ def test_bad_input_gives_message_and_no_nodes(case, problem):
     with pytest.raises((InputError, RuntimeError), match=phrase):
         Logic(scene).reconstruct(request)
     assert scene.GetNumberOfNodes() == before
+
+
+def test_checking_a_request_does_not_copy_the_mask(case, monkeypatch):
+    """problems() runs on every parameter change in the panel: it reads the mask's scalar range, never
+    a copy of its voxels (issue 16 point 9), and still finds an empty mask."""
+    import PDIQSMLib.slicer_logic as logic
+
+    def no_copy(node):
+        raise AssertionError("problems() copied a volume")
+
+    monkeypatch.setattr(logic, "node_array", no_copy)
+    nodes = case["nodes"]
+    assert logic.problems(Request(nodes["field"], nodes["mask"])) == []
+    slicer.util.updateVolumeFromArray(nodes["mask"], np.zeros_like(slicer.util.arrayFromVolume(nodes["mask"])))
+    assert logic.problems(Request(nodes["field"], nodes["mask"])) == ["mask 'mask' is empty"]
