@@ -42,12 +42,20 @@ def main(log_path: str, out_path: str, references: list[tuple[float, str]] = ())
     a.legend(markerscale=8)
     val = [(r["step"], r["validation"]) for r in records if "validation" in r]
     if val:
-        # the first two validation brains are in every check (later checks add two more)
-        first_two = [np.mean(v["rmse_each"][:2]) if "rmse_each" in v else v["rmse"] for _, v in val]
-        b.plot([s for s, _ in val], first_two, "o-", ms=3, label="validation RMSE %, brains 1-2")
-        four = [(s, v["rmse"]) for s, v in val if len(v.get("rmse_each", [])) >= 4]
-        if four:
-            b.plot(*zip(*four), "^-", ms=3, color="C2", label="validation RMSE %, brains 1-4")
+        counts = {len(v.get("rmse_each", [])) for _, v in val}
+        if len(counts) == 1 and min(counts) > 0:  # the same brains in every check: their mean
+            n = counts.pop()
+            b.plot([s for s, _ in val], [v["rmse"] for _, v in val], "o-", ms=3, label=f"validation RMSE %, brains 1-{n}")
+            if all("rmse_demeaned" in v for _, v in val):
+                b.plot([s for s, _ in val], [v["rmse_demeaned"] for _, v in val], "^-", ms=3, color="C2",
+                       label=f"demeaned, brains 1-{n}")
+        else:
+            # the first two validation brains are in every check (later checks add two more)
+            first_two = [np.mean(v["rmse_each"][:2]) if "rmse_each" in v else v["rmse"] for _, v in val]
+            b.plot([s for s, _ in val], first_two, "o-", ms=3, label="validation RMSE %, brains 1-2")
+            four = [(s, v["rmse"]) for s, v in val if len(v.get("rmse_each", [])) >= 4]
+            if four:
+                b.plot(*zip(*four), "^-", ms=3, color="C2", label="validation RMSE %, brains 1-4")
         for value, label in references:
             b.axhline(value, color="0.4", ls=":", lw=1)
             b.text(b.get_xlim()[0], value, " " + label, va="bottom", fontsize=7, color="0.3")
