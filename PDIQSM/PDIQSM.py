@@ -353,7 +353,7 @@ class PDIQSMLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def missing() -> list:
         """What the reconstruction still needs here (torch and pip requirements)."""
-        from PDIQSMLib.slicer_logic import TORCH_REQUIREMENT, missing_packages, torch_available
+        from PDIQSMLib.slicer_logic import missing_packages, torch_available
 
         return ([] if torch_available() else [f"torch{TORCH_REQUIREMENT} (PyTorch extension)"]) + missing_packages()
 

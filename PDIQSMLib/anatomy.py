@@ -1,7 +1,7 @@
 """Brains with real anatomy: susceptibility phantoms built on the MNI152 2009a symmetric template.
 
 nilearn's wheel carries the ICBM 2009a symmetric T1 and grey- and white-matter probability maps at
-1 mm (package data; read here with nibabel, nilearn itself is never imported, nothing is downloaded).
+1 mm; the probability maps are read here (package data; with nibabel, nilearn itself is never imported, nothing is downloaded).
 Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological
 Institute, McGill University (Fonov et al., NeuroImage 2011 and 2009; Collins et al., 1999); the
 notice travels with the model card. Each phantom draws tissue values from published ranges
@@ -43,13 +43,12 @@ NUCLEI = (
 @dataclass
 class AnatomicalBrain:
     """A resampled brain: chi (ppm, isotropic part), brain mask, white-matter probability (for the
-    anisotropy term), T1 (a magnitude stand-in) and the region labels of the nuclei (index in NUCLEI + 1),
-    on a grid of ``voxel_size`` (mm)."""
+    anisotropy term) and the region labels of the nuclei (index in NUCLEI + 1), on a grid of
+    ``voxel_size`` (mm)."""
 
     chi: np.ndarray
     mask: np.ndarray
     wm: np.ndarray
-    t1: np.ndarray
     labels: np.ndarray
     voxel_size: tuple[float, float, float]
 
@@ -73,11 +72,12 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def templates() -> dict[str, np.ndarray]:
-    """T1, grey and white matter (0..1, float32, 1 mm, MNI voxel grid) and the brain mask."""
+    """Grey and white matter (0..1, float32, 1 mm, the MNI voxel grid cropped to the brain), the brain
+    mask, its depth (mm below the surface) and the voxel of MNI (0, 0, 0)."""
     import nibabel as nib
 
     folder = template_dir()
-    maps = {n: nib.load(folder / TEMPLATE_NAME.format(n)).get_fdata(dtype=np.float32) / 255.0 for n in ("t1", "gm", "wm")}
+    maps = {n: nib.load(folder / TEMPLATE_NAME.format(n)).get_fdata(dtype=np.float32) / 255.0 for n in ("gm", "wm")}
     tissue = maps["gm"] + maps["wm"]
     brain = ndimage.binary_fill_holes(ndimage.binary_closing(tissue > 0.4, iterations=3))  # ventricles included
     brain &= ndimage.binary_opening(tissue > 0.05, iterations=1) | (tissue <= 0.05)  # no stray voxels
@@ -175,6 +175,6 @@ def anatomical_brain(rng: np.random.Generator, voxel_size, max_shape=(144, 144, 
     chi1 = ndimage.gaussian_filter(chi1, 0.5)  # partial volume at 1 mm
     mask = resample(t["mask"].astype(np.float32), smooth=False) > 0.5
     chi = np.where(mask, resample(chi1), 0.0).astype(np.float32)
-    return AnatomicalBrain(chi, mask, resample(t["wm"]), resample(t["t1"]),
+    return AnatomicalBrain(chi, mask, resample(t["wm"]),
                            resample(labels1.astype(np.float32), order=0, smooth=False).astype(np.uint8) * mask,
                            tuple(float(h) for h in vs))

@@ -70,17 +70,22 @@ def cone_share(field: np.ndarray, mask: np.ndarray, geometry: Geometry) -> tuple
     return share, volume
 
 
-def second_difference_noise(field: np.ndarray, mask: np.ndarray) -> float:
-    """White-noise std (ppm) by the (1, -2, 1) second difference along all three axes: white noise of std
-    s gives std sqrt(6^3) s; smooth tissue field is cancelled; median absolute response in the eroded mask."""
-    c = torch.from_numpy(np.asarray(field, np.float64))
-    inner = torch.from_numpy(np.asarray(mask) > 0)
+def second_difference_responses(field: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """|(1, -2, 1)^3 second difference| of ``field`` at the voxels of ``mask`` whose whole 3x3x3
+    neighbourhood is in it (1-D). White noise of std s gives responses of std sqrt(6^3) s; a smooth tissue
+    field is cancelled wherever it is locally polynomial of degree < 2 along any one axis."""
+    c, inner = field, mask > 0
     for d in range(3):
         c = torch.roll(c, 1, d) - 2.0 * c + torch.roll(c, -1, d)
         inner = inner & torch.roll(inner, 1, d) & torch.roll(inner, -1, d)
-    if not inner.any():
-        return float("nan")
-    return float(1.4826 * c[inner].abs().median() / math.sqrt(216.0))
+    return c[inner].abs()
+
+
+def second_difference_noise(field: np.ndarray, mask: np.ndarray) -> float:
+    """White-noise std (ppm): the median absolute second-difference response (robust to the voxels near
+    sources), scaled by 1.4826 / sqrt(216)."""
+    r = second_difference_responses(torch.from_numpy(np.asarray(field, np.float64)), torch.from_numpy(np.asarray(mask) > 0))
+    return float(1.4826 * r.median() / math.sqrt(216.0)) if r.numel() else float("nan")
 
 
 def field_stats(field: np.ndarray, mask: np.ndarray, geometry: Geometry) -> FieldStats:
