@@ -57,8 +57,8 @@ def template_dir() -> Path:
     """Folder of nilearn's packaged MNI152 files (found without importing nilearn)."""
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the anatomical phantoms read the MNI152 template from nilearn's wheel: "
-                                  "pip install 'PDIQSMLib[train]' (or nilearn)")
+        raise RuntimeError("the anatomical phantoms read the MNI152 template from nilearn's wheel, which is not "
+                           "installed: pip install 'PDIQSMLib[train]' (or --simulator clean)")
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
@@ -66,7 +66,7 @@ def available() -> bool:
     """Whether the MNI152 template files can be read here."""
     try:
         return (template_dir() / TEMPLATE_NAME.format("gm")).exists()
-    except ModuleNotFoundError:
+    except RuntimeError:
         return False
 
 
