@@ -209,14 +209,6 @@ def test_panel_choices_and_defaults_are_the_librarys():
 
 # --- the widget with stand-ins for Qt and Slicer's application layer -------------------------------------
 
-class Signal:
-    def __init__(self) -> None:
-        self.slots = []
-
-    def connect(self, *args):
-        self.slots.append(args[-1])
-
-
 class Widget(types.SimpleNamespace):
     def __init__(self, **kw) -> None:
         super().__init__(enabled=True, toolTip="", text="", **kw)

@@ -71,8 +71,8 @@ def main() -> None:
             errors = sweep(method, sample, grids[method])
             best = int(np.argmin(errors))
             fits[method].append(np.log(grids[method][best] / s**2))
-            auto = solvers.auto_lambda(method, s) if hasattr(solvers, "auto_lambda") else float("nan")
-            auto_err = sweep(method, sample, [auto])[0] if np.isfinite(auto) else float("nan")
+            auto = solvers.auto_lambda(method, s)
+            auto_err = sweep(method, sample, [auto])[0]
             rows.append((method, case, seed, s, grids[method][best], errors[best], auto, auto_err))
             print(rows[-1], flush=True)
     for method, logs in fits.items():
