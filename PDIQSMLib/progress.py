@@ -18,11 +18,15 @@ StepFn = Callable[[int, int], None]
 ETA_EVERY_S = 5.0
 
 
-def eta_text(elapsed_s: float, done: int, total: int) -> str | None:
-    """'about N s left' (or min) at the pace so far, once a step is done and while some are left."""
-    if done < 1 or done >= total or elapsed_s <= 0:
+def eta_text(elapsed_s: float, done: int, total: int, base: int = 0) -> str | None:
+    """'about N s left' (or min) at the pace so far, once a step is done and while some are left.
+
+    ``base`` is the count the loop started from (a resumed training run starts at its checkpoint's
+    step): only the steps done since then set the pace.
+    """
+    if done - base < 1 or done >= total or elapsed_s <= 0:
         return None
-    left = elapsed_s / done * (total - done)
+    left = elapsed_s / (done - base) * (total - done)
     return f"about {left:.0f} s left" if left < 120 else f"about {left / 60:.0f} min left"
 
 
@@ -41,10 +45,13 @@ class Progress:
         """A callback ``(done, total)`` for one named loop; the loop starts at the first call."""
         start = clock()
         said = [start]  # when the time left was last written
+        base: list[int] = []  # the count before the first call (a resumed loop does not start at 0)
 
         def step(done: int, total: int) -> None:
             now = clock()
-            eta = eta_text(now - start, done, total)
+            if not base:
+                base.append(max(done - 1, 0))
+            eta = eta_text(now - start, done, total, base[0])
             if self.mode == "lines":
                 self.stream.write(f"PROGRESS {done}/{total} {label}\n")
                 if eta and now - said[0] >= ETA_EVERY_S:

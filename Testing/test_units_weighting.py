@@ -106,3 +106,19 @@ def test_progress_says_how_long_a_loop_will_take():
     # 10 s for the first step: 30 s left; at 22 s (3 done) only 2 s after the last note: no new one; none at the end
     assert [x for x in lines if x.startswith("STATUS")] == ["STATUS vi: about 30 s left", "STATUS vi: about 20 s left"]
     assert eta_text(600.0, 1, 3) == "about 20 min left" and eta_text(5.0, 0, 3) is None
+
+
+def test_progress_of_a_resumed_loop_counts_only_its_own_steps():
+    """Training resumed at step 2600 of 9000: the pace is that of the steps done since, not 2600 in 10 s."""
+    import io
+
+    from PDIQSMLib.progress import Progress
+
+    ticks = iter([0.0, 10.0, 20.0])
+    out = io.StringIO()
+    step = Progress("lines", out).task("train", clock=lambda: next(ticks))
+    step(2601, 9000)
+    step(2602, 9000)
+    notes = [x for x in out.getvalue().splitlines() if x.startswith("STATUS")]
+    # 10 s a step, 6399 then 6398 steps left: 1066 min each time; a pace of 2601 steps in 10 s would say 0 min
+    assert notes == ["STATUS train: about 1066 min left"] * 2
