@@ -1,8 +1,10 @@
 """BIDS-style derivative names and sidecars, and finding subjects' inputs in a folder tree.
 
 A susceptibility map is named by the input's entities with the suffix ``Chimap`` (the BIDS suffix
-for susceptibility maps); the standard deviation map carries ``desc-std``. The JSON sidecar holds
-the units, the method, its settings and the software version.
+for susceptibility maps) and a ``desc-<method>`` entity (``desc-pdi``, ``desc-pdivi1``, ``desc-medi``...,
+so that maps of different methods never replace or pair with each other); the standard deviation map
+carries ``desc-<method>Std``. The JSON sidecar holds the units, the method, its settings and the
+software version.
 """
 
 from __future__ import annotations
@@ -24,10 +26,23 @@ def entities_prefix(field_path) -> str:
     return "_".join(kept) if kept else nifti_stem(Path(field_path))
 
 
-def bids_names(field_path) -> dict[str, str]:
-    prefix = entities_prefix(field_path)
-    return {"mean": f"{prefix}_Chimap.nii.gz", "std": f"{prefix}_desc-std_Chimap.nii.gz",
-            "record": f"{prefix}_Chimap.json"}
+def desc_label(method: str) -> str:
+    """A method as a BIDS label (alphanumeric): ``pdi-vi1`` -> ``pdivi1``."""
+    return re.sub(r"[^a-zA-Z0-9]", "", method)
+
+
+def bids_names(field_path, method: str) -> dict[str, str]:
+    prefix, desc = entities_prefix(field_path), desc_label(method)
+    return {"mean": f"{prefix}_desc-{desc}_Chimap.nii.gz", "std": f"{prefix}_desc-{desc}Std_Chimap.nii.gz",
+            "record": f"{prefix}_desc-{desc}_Chimap.json"}
+
+
+DESCRIPTIONS = {"tkd": "magnetic susceptibility (truncated k-space division, closed form)",
+                "tikhonov": "magnetic susceptibility (Tikhonov-regularised inversion, closed form)",
+                "medi": "magnetic susceptibility (MEDI, maximum a posteriori estimate)",
+                "pdi": "magnetic susceptibility (PDI posterior mean)",
+                "pdi-vi1": "magnetic susceptibility (PDI-VI posterior mean, fine-tuned with the TV prior)",
+                "pdi-vi2": "magnetic susceptibility (PDI-VI posterior mean, fine-tuned with a flat prior)"}
 
 
 def sidecar(record: dict) -> dict:
@@ -35,7 +50,8 @@ def sidecar(record: dict) -> dict:
     settings = record["settings"]
     return {
         "Units": "ppm",
-        "Description": "magnetic susceptibility (posterior mean)" + (" and standard deviation (desc-std)" if len(record["outputs"]) > 1 else ""),
+        "Description": DESCRIPTIONS.get(settings["method"], "magnetic susceptibility")
+        + (f"; its standard deviation in desc-{desc_label(settings['method'])}Std" if len(record["outputs"]) > 1 else ""),
         "Method": settings["method"],
         "MethodSettings": {k: v for k, v in settings.items() if v is not None},
         "MagneticFieldStrength": record.get("b0_tesla"),
@@ -54,10 +70,12 @@ class Subject:
     relative: Path  # folder of the field relative to the search root
 
 
-def find_subjects(root: Path, field_pattern: str = "*_localfield.nii*", mask_suffix: str = "mask") -> list[Subject]:
+def find_subjects(root: Path, field_pattern: str = "*_localfield.nii*",
+                  mask_suffix: str = "mask") -> tuple[list[Subject], list[Path]]:
     """Every field under ``root`` matching ``field_pattern``, with its mask: the same name with the last
     ``_<suffix>`` replaced by ``_<mask_suffix>`` in the same folder; and ``params.json`` beside it
-    (``<same name>_params.json`` first), when present. Fields without a mask are reported, not skipped silently."""
+    (``<same name>_params.json`` first), when present. Returns the subjects and the fields without a mask
+    (reported by the caller as failed, never skipped silently)."""
     subjects, missing = [], []
     for field in sorted(Path(root).rglob(field_pattern)):
         stem = nifti_stem(field)
@@ -65,12 +83,8 @@ def find_subjects(root: Path, field_pattern: str = "*_localfield.nii*", mask_suf
         masks = [field.with_name(f"{base}_{mask_suffix}{ext}") for ext in (".nii.gz", ".nii")]
         mask = next((m for m in masks if m.exists()), None)
         if mask is None:
-            missing.append(str(field))
+            missing.append(field)
             continue
         params = next((p for p in (field.with_name(f"{base}_params.json"), field.with_name("params.json")) if p.exists()), None)
         subjects.append(Subject(field, mask, params, field.parent.relative_to(root)))
-    if missing:
-        from .errors import InputError
-
-        raise InputError(str(root), f"no mask (*_{mask_suffix}.nii[.gz]) beside: {', '.join(missing)}")
-    return subjects
+    return subjects, missing

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
 from . import __version__, defaults
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, Terminated
 from .pipeline import METHODS, Settings
 from .progress import Progress
 from .units import UNITS
@@ -40,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("reconstruct", help="susceptibility map from a local field map",
-                       description="Writes DIR/<stem>_chi-mean.nii.gz (ppm), DIR/<stem>_chi-std.nii.gz for PDI "
-                                   "methods, and DIR/<stem>_run.json (settings, versions, device, timings).")
+                       description="Writes DIR/<stem>_<method>_chi-mean.nii.gz (ppm), DIR/<stem>_<method>_chi-std.nii.gz "
+                                   "for PDI methods, and DIR/<stem>_<method>_run.json (settings, versions, device, "
+                                   "timings), as one set: all or nothing. Existing outputs are replaced only with "
+                                   "--overwrite. Exit codes: 0 done, 1 a folder run with failed subjects, 2 bad "
+                                   "input, 130 interrupted, 143 terminated.")
     r.add_argument("field", type=Path, help="local field map (NIfTI), units set by --units; or a folder of "
                                             "subjects (see --field-pattern), each done once")
     r.add_argument("--mask", type=Path, help="brain mask (NIfTI, > 0 inside), same grid as the field (required for a file)")
@@ -64,12 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="random seed (PDI-VI sampling)")
     _add_vi(r)
     r.add_argument("--out-dir", type=Path, required=True, help="output folder (created if needed)")
-    r.add_argument("--naming", choices=("pdiqsm", "bids"), help="output names: <stem>_chi-mean (default for a file) "
-                   "or BIDS-style <entities>_Chimap with desc-std and a JSON sidecar (default for a folder)")
+    r.add_argument("--naming", choices=("pdiqsm", "bids"), help="output names: <stem>_<method>_chi-mean (default for a "
+                   "file) or BIDS-style <entities>_desc-<method>_Chimap with desc-<method>Std and a JSON sidecar "
+                   "(default for a folder)")
     r.add_argument("--field-pattern", default="*_localfield.nii*", help="folder mode: field files to find (recursive)")
     r.add_argument("--mask-suffix", default="mask", help="folder mode: the mask is the field's name with its last "
                    "_<suffix> replaced by _<mask-suffix>")
-    r.add_argument("--overwrite", action="store_true", help="folder mode: redo subjects whose outputs exist")
+    r.add_argument("--overwrite", action="store_true", help="replace this method's existing outputs (folder mode: "
+                   "redo subjects done with this method; without it, those done with the same settings are skipped)")
     _add_common(r)
 
     s = sub.add_parser("simulate", help="a phantom and its local field with noise (seeded)")
@@ -177,19 +184,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = Progress(args.progress)
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
+    unfinished = ""
+    if args.command == "reconstruct":
+        unfinished = "; this run's unfinished outputs were removed" + (
+            " (finished subjects are kept and a rerun resumes after them)" if args.field.is_dir() else "")
     try:
         return COMMANDS[args.command](args, progress)
+    except (KeyboardInterrupt, Cancelled):
+        print(f"pdiqsm {args.command}: interrupted{unfinished}", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"pdiqsm {args.command}: terminated (SIGTERM){unfinished}", file=sys.stderr)
+        return 143
     except (InputError, ValueError, RuntimeError, OSError) as exc:
         if args.debug:
             traceback.print_exc()
         print(f"pdiqsm {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, Cancelled):
-        print(f"pdiqsm {args.command}: cancelled; nothing was written", file=sys.stderr)
-        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
@@ -226,21 +249,23 @@ def reconstruct_settings(args) -> Settings:
 
 
 def cmd_reconstruct(args, progress: Progress) -> int:
-    from .pipeline import reconstruct_files, reconstruct_tree
+    from .pipeline import reconstruct_files, reconstruct_tree, tree_summary
 
     settings = reconstruct_settings(args)
     if args.field.is_dir():
-        done = reconstruct_tree(args.field, args.out_dir, settings, args.field_pattern, args.mask_suffix,
-                                args.naming or "bids", progress, args.overwrite, units=args.units, b0=args.b0,
-                                te=args.te, b0_dir=args.b0_dir)
-        for entry in done:
-            print(f"{entry['field']}: " + ("skipped (done)" if entry["skipped"] else ", ".join(entry["outputs"])))
-        return 0
+        entries = reconstruct_tree(args.field, args.out_dir, settings, args.field_pattern, args.mask_suffix,
+                                   args.naming or "bids", progress, args.overwrite, units=args.units, b0=args.b0,
+                                   te=args.te, b0_dir=args.b0_dir)
+        for entry in entries:
+            said = ", ".join(entry["outputs"]) if entry["status"] == "done" else f"{entry['status']}: {entry['reason']}"
+            print(f"{entry['field']}: {said}")
+        print(f"pdiqsm reconstruct: {tree_summary(entries)}", file=sys.stderr)
+        return 1 if any(e["status"] == "failed" for e in entries) else 0
     if args.mask is None:
         raise InputError("--mask", "a brain mask is required when FIELD is a file")
     record = reconstruct_files(args.field, args.mask, args.out_dir, settings, args.magnitude, args.noise_std,
                                args.units, args.b0, args.te, args.b0_dir, args.params, args.volume, progress,
-                               args.naming or "pdiqsm")
+                               args.naming or "pdiqsm", args.overwrite)
     print("\n".join(record["outputs"]))
     return 0
 

@@ -12,3 +12,12 @@ class InputError(ValueError):
 
 class Cancelled(RuntimeError):
     """Raised inside a long loop when the caller asked it to stop; nothing is written after it."""
+
+
+class Terminated(BaseException):
+    """SIGTERM turned into an exception (``pdiqsm`` installs the handler), so that unwinding removes a
+    run's staged outputs as an interrupt does; like KeyboardInterrupt, not caught by ``except Exception``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

@@ -17,9 +17,10 @@ import torch
 
 from . import __version__, defaults, solvers
 from .defaults import METHODS
+from .outputs import OutputSet
 from .errors import InputError
 from .geometry import Geometry, geometry_from_affine, normalise_b0_dir
-from .io import Params, Volume, check_same_grid, load_mask, load_volume, nifti_stem, read_params, save_volume, write_json_atomic
+from .io import Params, Volume, check_same_grid, load_mask, load_volume, nifti_stem, read_params
 from .progress import Progress
 from .units import to_ppm
 from .weighting import data_weight, gradient_mask
@@ -54,6 +55,18 @@ class Settings:
             raise InputError("--iterations", f"must be >= 1, got {self.iterations}")
         if self.pad is not None and not self.pad >= 1.0:
             raise InputError("--pad", f"padding factor must be >= 1, got {self.pad}")
+
+    def applicable(self) -> dict:
+        """The settings this method reads (what a run record lists; the others would mislead a reader).
+        ``lam`` None means automatic (the record's result says the value and the rule)."""
+        used = {"tkd": ("threshold", "pad"), "tikhonov": ("lam", "pad"), "medi": ("lam", "iterations", "pad"),
+                "pdi": ("device", "weights"),
+                "pdi-vi1": ("lam", "samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
+                            "vi_variance", "noise_level"),
+                "pdi-vi2": ("samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
+                            "vi_variance", "noise_level")}[self.method]
+        values = asdict(self)
+        return {"method": self.method, **{k: values[k] for k in used}}
 
 
 @dataclass
@@ -240,15 +253,17 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
     return json.loads(out.with_suffix(".json").read_text())
 
 
-def output_paths(out_dir: Path, field_path, naming: str = "pdiqsm") -> dict[str, Path]:
-    """Where a run writes: ``<stem>_chi-mean/_chi-std.nii.gz`` and ``<stem>_run.json``, or BIDS-style names."""
+def output_paths(out_dir: Path, field_path, naming: str = "pdiqsm", method: str = "medi") -> dict[str, Path]:
+    """Where a run writes, named by the method so that runs of different methods never mix:
+    ``<stem>_<method>_chi-mean/_chi-std.nii.gz`` and ``<stem>_<method>_run.json``, or BIDS-style names
+    (``desc-<method>`` entity; see ``bids.bids_names``)."""
     if naming == "bids":
         from .bids import bids_names
 
-        return {k: out_dir / v for k, v in bids_names(field_path).items()}
+        return {k: out_dir / v for k, v in bids_names(field_path, method).items()}
     if naming != "pdiqsm":
         raise InputError("--naming", f"unknown naming {naming!r}; expected pdiqsm or bids")
-    stem = nifti_stem(Path(field_path))
+    stem = f"{nifti_stem(Path(field_path))}_{method}"
     return {"mean": out_dir / f"{stem}_chi-mean.nii.gz", "std": out_dir / f"{stem}_chi-std.nii.gz",
             "record": out_dir / f"{stem}_run.json"}
 
@@ -300,8 +315,9 @@ def load_inputs(field_path, mask_path, magnitude_path=None, noise_path=None, uni
 def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnitude_path=None, noise_path=None,
                       units: str = "ppm", b0: float | None = None, te: float | None = None, b0_dir=None,
                       params_path=None, volume_index: int | None = None, progress: Progress | None = None,
-                      naming: str = "pdiqsm") -> dict:
-    """Read, check, convert, reconstruct and write; returns the run record (also written as JSON)."""
+                      naming: str = "pdiqsm", overwrite: bool = False) -> dict:
+    """Read, check, convert, reconstruct and write the output set (``outputs.OutputSet``: all or nothing;
+    existing outputs are replaced only with ``overwrite``); returns the run record (also written as JSON)."""
     settings.check()
     progress = progress or Progress("none")
     t0 = time.perf_counter()
@@ -310,57 +326,94 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
     field, field_ppm, mask, geometry = inputs_.field, inputs_.field_ppm, inputs_.mask, inputs_.geometry
     b0, te = inputs_.b0, inputs_.te
     out_dir = Path(out_dir)
-    paths = output_paths(out_dir, field.path, naming)
+    paths = output_paths(out_dir, field.path, naming, settings.method)
     inputs = [field_path, mask_path, magnitude_path, noise_path, params_path]
-    protect = [Path(p) for p in inputs if p is not None]
-    for p in paths.values():
-        if any(p.resolve() == q.resolve() for q in protect):
-            raise InputError(str(p), "output would overwrite an input file; choose another --out-dir")
+    outputs = OutputSet(paths, protect=inputs, overwrite=overwrite)
+    outputs.check()  # before the work: a run that cannot publish fails in a second, not after an hour
     progress.status(f"{settings.method}: field {field.data.shape}, voxel {geometry.voxel_size} mm, B0 {geometry.b0_dir}")
     result = reconstruct(field_ppm, mask, geometry, settings, inputs_.magnitude, inputs_.noise_std, progress)
-    written = [save_volume(paths["mean"], result.mean, field, f"PDIQSM {settings.method} chi ppm", protect)]
-    if result.std is not None:
-        written.append(save_volume(paths["std"], result.std, field, f"PDIQSM {settings.method} chi std ppm", protect))
-    record = {
-        "pdiqsm_version": __version__, "torch": torch.__version__, "numpy": np.__version__,
-        "python": platform.python_version(), "machine": platform.machine(),
-        "inputs": {k: (str(v) if v is not None else None) for k, v in
-                   zip(("field", "mask", "magnitude", "noise_std", "params"), inputs)},
-        "units": units, "b0_tesla": b0, "te_seconds": te,
-        "geometry": asdict(geometry), "settings": asdict(settings), "result": result.info,
-        "outputs": [str(p) for p in written], "seconds_total": round(time.perf_counter() - t0, 3),
-    }
-    if naming == "bids":
-        from .bids import sidecar
+    with outputs:
+        written = [outputs.volume("mean", result.mean, field, f"PDIQSM {settings.method} chi ppm")]
+        if result.std is not None:
+            written.append(outputs.volume("std", result.std, field, f"PDIQSM {settings.method} chi std ppm"))
+        record = {
+            "pdiqsm_version": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "inputs": {k: (str(v) if v is not None else None) for k, v in
+                       zip(("field", "mask", "magnitude", "noise_std", "params"), inputs)},
+            "units": units, "b0_tesla": b0, "te_seconds": te,
+            "geometry": asdict(geometry), "settings": settings.applicable(), "result": result.info,
+            "outputs": [str(p) for p in written], "seconds_total": round(time.perf_counter() - t0, 3),
+        }
+        if naming == "bids":
+            from .bids import sidecar
 
-        write_json_atomic(paths["record"], sidecar(record))
-    else:
-        write_json_atomic(paths["record"], record)
+            outputs.json("record", sidecar(record))
+        else:
+            outputs.json("record", record)
+        outputs.publish()
     progress.status(f"wrote {', '.join(str(p) for p in written)}")
     return record
+
+
+def recorded_settings(record_path: Path) -> dict | None:
+    """The settings an earlier run recorded (run record or BIDS sidecar), without unset ones; None if unreadable."""
+    try:
+        record = json.loads(Path(record_path).read_text())
+    except (OSError, ValueError):
+        return None
+    settings = record.get("settings", record.get("MethodSettings"))
+    return {k: v for k, v in settings.items() if v is not None} if isinstance(settings, dict) else None
 
 
 def reconstruct_tree(root, out_dir, settings: Settings, field_pattern: str = "*_localfield.nii*",
                      mask_suffix: str = "mask", naming: str = "bids", progress: Progress | None = None,
                      overwrite: bool = False, **kwargs) -> list[dict]:
-    """Every subject under ``root`` (see ``bids.find_subjects``) into the same folders under ``out_dir``;
-    subjects whose record (written last) exists are skipped unless ``overwrite``. Returns one entry per subject."""
+    """Every subject under ``root`` (see ``bids.find_subjects``) into the same folders under ``out_dir``.
+
+    Returns one entry per subject, with ``status`` done, skipped or failed and a ``reason``. A subject
+    is skipped when its outputs for this method exist (the record, published last, marks a whole set):
+    as done when they were made with these settings, else with a note to pass ``overwrite``. A subject
+    that fails (no mask, unreadable, bad values) does not stop the others and leaves nothing behind; an
+    interrupt stops the run, keeps the subjects finished before it, and a rerun resumes after them."""
     from .bids import find_subjects
 
     progress = progress or Progress("none")
-    subjects = find_subjects(Path(root), field_pattern, mask_suffix)
-    if not subjects:
+    settings.check()
+    subjects, missing = find_subjects(Path(root), field_pattern, mask_suffix)
+    entries = [{"field": str(f), "status": "failed", "reason": f"no mask (*_{mask_suffix}.nii[.gz]) beside it"}
+               for f in missing]
+    if not subjects and not missing:
         raise InputError(str(root), f"no field matching {field_pattern!r} below this folder")
-    done = []
+    wanted = {k: v for k, v in settings.applicable().items() if v is not None}
     task = progress.task("subjects")
     for i, sub in enumerate(subjects, 1):
         target = Path(out_dir) / sub.relative
-        if output_paths(target, sub.field, naming)["record"].exists() and not overwrite:  # written last
-            progress.status(f"skipping {sub.field} (done)")
-            done.append({"field": str(sub.field), "skipped": True})
+        record_path = output_paths(target, sub.field, naming, settings.method)["record"]
+        entry = {"field": str(sub.field)}
+        if record_path.exists() and not overwrite:
+            before = recorded_settings(record_path)
+            if before == wanted:
+                entry.update(status="skipped", reason=f"done ({settings.method}, same settings: {record_path.name})")
+            else:
+                differ = sorted(k for k in set(wanted) | set(before or {}) if (before or {}).get(k) != wanted.get(k))
+                entry.update(status="skipped", reason=f"{record_path.name} exists with other {settings.method} settings "
+                                                      f"({', '.join(differ) or 'unreadable record'}); pass --overwrite to redo")
+            progress.status(f"skipping {sub.field}: {entry['reason']}")
         else:
-            record = reconstruct_files(sub.field, sub.mask, target, settings, params_path=sub.params,
-                                       progress=progress, naming=naming, **kwargs)
-            done.append({"field": str(sub.field), "skipped": False, "outputs": record["outputs"]})
+            try:
+                record = reconstruct_files(sub.field, sub.mask, target, settings, params_path=sub.params,
+                                           progress=progress, naming=naming, overwrite=overwrite, **kwargs)
+                entry.update(status="done", outputs=record["outputs"])
+            except (InputError, ValueError, RuntimeError, OSError) as exc:
+                entry.update(status="failed", reason=str(exc))
+                progress.status(f"failed {sub.field}: {exc}")
+        entries.append(entry)
         task(i, len(subjects))
-    return done
+    return entries
+
+
+def tree_summary(entries: list[dict]) -> str:
+    """'3 done, 1 skipped, 1 failed' for a folder run."""
+    counts = {s: sum(e["status"] == s for e in entries) for s in ("done", "skipped", "failed")}
+    return ", ".join(f"{n} {s}" for s, n in counts.items())

@@ -249,11 +249,15 @@ class Job:
 
     work: Path
     args: list[str]
+    method: str = "medi"
     env: dict[str, str] = field(default_factory=lambda: process_environment())
 
     @property
     def outputs(self) -> tuple[Path, Path]:
-        return self.work / "out" / "field_chi-mean.nii.gz", self.work / "out" / "field_chi-std.nii.gz"
+        from .pipeline import output_paths
+
+        paths = output_paths(self.work / "out", self.work / "field.nii.gz", "pdiqsm", self.method)
+        return paths["mean"], paths["std"]
 
 
 class Logic:
@@ -275,7 +279,7 @@ class Logic:
             raise InputError(request.field.GetName() if request.field is not None else "field", "; ".join(found))
         work = Path(tempfile.mkdtemp(prefix="pdiqsm-"))
         try:
-            return Job(work, self._command(request, work))
+            return Job(work, self._command(request, work), request.method)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

@@ -28,11 +28,11 @@ def test_reconstruct_writes_map_with_input_geometry_and_record(small_case, capsy
     out = tmp_path / "out"
     code, stdout, _ = run(recon_args(small_case, out), capsys)
     assert code == 0
-    img = nib.load(str(out / "field_chi-mean.nii.gz"))
+    img = nib.load(str(out / "field_tkd_chi-mean.nii.gz"))
     assert img.shape == small_case["shape"]
     assert np.allclose(img.affine, small_case["affine"])
     assert np.allclose(img.header.get_zooms(), (1.0, 1.0, 1.5))
-    record = json.loads((out / "field_run.json").read_text())
+    record = json.loads((out / "field_tkd_run.json").read_text())
     assert record["settings"]["method"] == "tkd" and record["geometry"]["voxel_size"] == [1.0, 1.0, 1.5]
     assert "torch" in record and record["result"]["seconds"] >= 0
     assert not list(out.glob(".tmp-*"))
@@ -47,8 +47,8 @@ def test_units_conversion_through_the_command(small_case, capsys, tmp_path):
     args = recon_args(small_case, tmp_path / "b", "--units", "hz", "--b0", "3")
     args[1] = str(hz)
     assert run(args, capsys)[0] == 0
-    a = nib.load(str(tmp_path / "a" / "field_chi-mean.nii.gz")).get_fdata()
-    b = nib.load(str(tmp_path / "b" / "field_hz_chi-mean.nii.gz")).get_fdata()
+    a = nib.load(str(tmp_path / "a" / "field_tkd_chi-mean.nii.gz")).get_fdata()
+    b = nib.load(str(tmp_path / "b" / "field_hz_tkd_chi-mean.nii.gz")).get_fdata()
     assert np.allclose(a, b, atol=1e-6)
 
 
@@ -127,7 +127,7 @@ def bad_case(small_case, tmp_path, kind):
         return args, "does not exist"
     if kind == "overwrite input":
         # the mask sits where the mean map would be written (output folder = the inputs' folder)
-        victim = write_nifti(tmp_path / "field_chi-mean.nii.gz", np.ones_like(data), aff)
+        victim = write_nifti(tmp_path / "field_tkd_chi-mean.nii.gz", np.ones_like(data), aff)
         args[1] = str(write_nifti(tmp_path / "field.nii.gz", data, aff))
         args[3] = str(victim)
         args[args.index("--out-dir") + 1] = str(tmp_path)
@@ -151,10 +151,10 @@ def test_bad_input_gives_one_clear_line_and_no_output(small_case, capsys, tmp_pa
 
 def test_output_that_would_overwrite_input_is_refused(small_case, capsys, tmp_path):
     args, phrase = bad_case(small_case, tmp_path, "overwrite input")
-    before = (tmp_path / "field_chi-mean.nii.gz").read_bytes()
+    before = (tmp_path / "field_tkd_chi-mean.nii.gz").read_bytes()
     code, _, err = run(args, capsys)
     assert code == 2 and phrase in err
-    assert (tmp_path / "field_chi-mean.nii.gz").read_bytes() == before
+    assert (tmp_path / "field_tkd_chi-mean.nii.gz").read_bytes() == before
 
 
 def test_error_names_the_file(small_case, capsys, tmp_path):
@@ -204,7 +204,7 @@ def test_params_b0_dir_reaches_the_reconstruction(small_case, capsys, tmp_path):
     p = tmp_path / "params.json"
     p.write_text(json.dumps({"B0_dir": [0, 0.6, 0.8], "voxel_size": [1, 1, 1.5]}))
     run(recon_args(small_case, tmp_path / "o", "--params", str(p)), capsys)
-    record = json.loads((tmp_path / "o" / "field_run.json").read_text())
+    record = json.loads((tmp_path / "o" / "field_tkd_run.json").read_text())
     assert np.allclose(record["geometry"]["b0_dir"], [0, 0.6, 0.8])
     p.write_text(json.dumps({"voxel_size": [2, 2, 2]}))
     code, _, err = run(recon_args(small_case, tmp_path / "o2", "--params", str(p)), capsys)

@@ -73,12 +73,12 @@ def test_folder_of_subjects_gives_bids_outputs_once(tmp_path, capsys):
     assert main(["reconstruct", str(tmp_path / "raw"), "--method", "tkd", "--out-dir", str(out), "--progress", "none"]) == 0
     for i in (1, 2, 3):
         anat = out / f"sub-0{i}" / "anat"
-        assert (anat / f"sub-0{i}_Chimap.nii.gz").exists()
-        side = json.loads((anat / f"sub-0{i}_Chimap.json").read_text())
+        assert (anat / f"sub-0{i}_desc-tkd_Chimap.nii.gz").exists()
+        side = json.loads((anat / f"sub-0{i}_desc-tkd_Chimap.json").read_text())
         assert side["Units"] == "ppm" and side["Method"] == "tkd" and side["GeneratedBy"][0]["Name"] == "PDIQSM"
     capsys.readouterr()
     main(["reconstruct", str(tmp_path / "raw"), "--method", "tkd", "--out-dir", str(out), "--progress", "none"])
-    assert capsys.readouterr().out.count("skipped (done)") == 3
+    assert capsys.readouterr().out.count("skipped: done (tkd, same settings") == 3
 
 
 def test_bids_std_map_uses_desc_entity(tmp_path, brain, capsys):
@@ -87,16 +87,17 @@ def test_bids_std_map_uses_desc_entity(tmp_path, brain, capsys):
     main(["reconstruct", str(field), "--mask", str(brain / "mask.nii.gz"), "--method", "pdi", "--naming", "bids",
           "--out-dir", str(tmp_path / "o"), "--progress", "none", "--device", "cpu"])
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert names == ["sub-07_ses-2_run-1_Chimap.json", "sub-07_ses-2_run-1_Chimap.nii.gz",
-                     "sub-07_ses-2_run-1_desc-std_Chimap.nii.gz"]
+    assert names == sorted(["sub-07_ses-2_run-1_desc-pdi_Chimap.json", "sub-07_ses-2_run-1_desc-pdi_Chimap.nii.gz",
+                            "sub-07_ses-2_run-1_desc-pdiStd_Chimap.nii.gz"])
 
 
-def test_folder_without_masks_is_an_error(tmp_path, capsys):
+def test_folder_without_masks_fails_that_subject(tmp_path, capsys):
     (tmp_path / "raw" / "sub-01").mkdir(parents=True)
     shutil.copy(ROOT / "PDIQSM" / "Resources" / "SampleData" / "PDIQSMPhantom_field.nii.gz",
                 tmp_path / "raw" / "sub-01" / "sub-01_localfield.nii.gz")
     code = main(["reconstruct", str(tmp_path / "raw"), "--out-dir", str(tmp_path / "o"), "--progress", "none"])
-    assert code == 2 and "no mask" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 1 and "failed: no mask" in captured.out and "0 done, 0 skipped, 1 failed" in captured.err
 
 
 def test_snakemake_workflow_runs_each_subject_once(tmp_path):
@@ -105,7 +106,7 @@ def test_snakemake_workflow_runs_each_subject_once(tmp_path):
            str(tmp_path / "work"), "--config", f"root={tmp_path / 'raw'}", f"out={tmp_path / 'out'}", "method=tkd"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert len(list((tmp_path / "out").rglob("*_Chimap.nii.gz"))) == 3
+    assert len(list((tmp_path / "out").rglob("*_desc-tkd_Chimap.nii.gz"))) == 3
     second = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
     assert second.returncode == 0 and "Nothing to be done" in second.stdout + second.stderr
 

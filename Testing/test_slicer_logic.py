@@ -97,7 +97,7 @@ def test_tkd_through_logic_matches_library_with_geometry_and_display(case):
     assert mean.GetName() == "field_chi_mean"
     assert np.allclose(node_affine(mean), node_affine(nodes["field"]), atol=1e-9)
     reconstruct_files(case["paths"]["field"], case["paths"]["mask"], case["tmp"] / "lib", Settings(method="tkd"))
-    expected = nib.load(str(case["tmp"] / "lib" / "f_chi-mean.nii.gz")).get_fdata()
+    expected = nib.load(str(case["tmp"] / "lib" / "f_tkd_chi-mean.nii.gz")).get_fdata()
     got = in_file_order(slicer.util.arrayFromVolume(mean).transpose(2, 1, 0), node_affine(mean), case["affine"])
     assert np.allclose(got, expected, atol=1e-6)
     d = mean.GetDisplayNode()

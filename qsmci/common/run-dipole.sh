@@ -18,7 +18,8 @@ if [ -n "${QSMCI_SET_SAMPLES:-}" ]; then ARGS+=(--samples "$QSMCI_SET_SAMPLES");
 if [ -n "${QSMCI_SET_ITERATIONS:-}" ]; then ARGS+=(--iterations "$QSMCI_SET_ITERATIONS"); fi
 if [ -n "${QSMCI_SET_DEVICE:-}" ]; then ARGS+=(--device "$QSMCI_SET_DEVICE"); fi
 "${CMD[@]}" "${ARGS[@]}"
-mv "$OUT/.pdiqsm/localfield_chi-mean.nii.gz" "$OUT/chimap.nii.gz"
-if [ -f "$OUT/.pdiqsm/localfield_chi-std.nii.gz" ]; then mv "$OUT/.pdiqsm/localfield_chi-std.nii.gz" "$OUT/chimap-std.nii.gz"; fi
-mv "$OUT/.pdiqsm/localfield_run.json" "$OUT/pdiqsm-run.json"
+STEM="$OUT/.pdiqsm/localfield_$METHOD"
+mv "${STEM}_chi-mean.nii.gz" "$OUT/chimap.nii.gz"
+if [ -f "${STEM}_chi-std.nii.gz" ]; then mv "${STEM}_chi-std.nii.gz" "$OUT/chimap-std.nii.gz"; fi
+mv "${STEM}_run.json" "$OUT/pdiqsm-run.json"
 rmdir "$OUT/.pdiqsm" 2>/dev/null || true

@@ -1,0 +1,234 @@
+"""A run's outputs are one set: named by the method, never silently replaced, published whole or not at
+all, and left out entirely when the run is interrupted, fails, or the disk fills; a cohort survives its
+broken subjects."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import write_nifti
+
+from PDIQSMLib.cli import main
+from PDIQSMLib.errors import InputError
+from PDIQSMLib.io import Volume
+from PDIQSMLib.outputs import OutputSet, leftover_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recon(case, out_dir, method="tkd", *extra):
+    return ["reconstruct", str(case["field"]), "--mask", str(case["mask"]), "--method", method,
+            "--out-dir", str(out_dir), "--progress", "none", *extra]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_methods_keep_their_own_files_and_replacing_needs_overwrite(small_case, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(recon(small_case, out, "pdi", "--device", "cpu")) == 0
+    assert main(recon(small_case, out, "tkd")) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["field_pdi_chi-mean.nii.gz", "field_pdi_chi-std.nii.gz", "field_pdi_run.json",
+                     "field_tkd_chi-mean.nii.gz", "field_tkd_run.json"]
+    capsys.readouterr()
+    before = snapshot(out)
+    assert main(recon(small_case, out, "tkd", "--threshold", "0.1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--overwrite" in err and "field_tkd" in err and len(err.splitlines()) == 1
+    assert snapshot(out) == before  # refused before any work: nothing changed
+    assert main(recon(small_case, out, "tkd", "--threshold", "0.1", "--overwrite")) == 0
+    record = json.loads((out / "field_tkd_run.json").read_text())
+    assert record["settings"] == {"method": "tkd", "threshold": 0.1, "pad": None}  # only what TKD reads
+    after = snapshot(out)
+    assert after["field_tkd_chi-mean.nii.gz"] != before["field_tkd_chi-mean.nii.gz"]
+    assert {k: v for k, v in after.items() if "_pdi_" in k} == {k: v for k, v in before.items() if "_pdi_" in k}
+    assert not leftover_stages(out)
+
+
+def _set(folder: Path, roles=("mean", "std", "record")) -> OutputSet:
+    names = {"mean": "x_chi-mean.nii.gz", "std": "x_chi-std.nii.gz", "record": "x_run.json"}
+    return OutputSet({r: folder / names[r] for r in roles}, overwrite=True)
+
+
+def _write(outputs: OutputSet, value: float, with_std: bool) -> None:
+    like = Volume(np.zeros((4, 4, 3), np.float32), np.eye(4), None)
+    outputs.volume("mean", like.data + value, like, "m")
+    if with_std:
+        outputs.volume("std", like.data + value, like, "s")
+    outputs.json("record", {"value": value})
+
+
+def test_a_replacement_set_removes_the_files_it_no_longer_holds(tmp_path):
+    with _set(tmp_path) as outputs:
+        _write(outputs, 1.0, with_std=True)
+        outputs.publish()
+    with _set(tmp_path) as outputs:
+        _write(outputs, 2.0, with_std=False)
+        outputs.publish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_chi-mean.nii.gz", "x_run.json"]
+    assert nib.load(str(tmp_path / "x_chi-mean.nii.gz")).get_fdata().max() == 2.0
+
+
+def test_a_failed_publish_leaves_the_earlier_set_untouched(tmp_path, monkeypatch):
+    with _set(tmp_path) as outputs:
+        _write(outputs, 1.0, with_std=True)
+        outputs.publish()
+    before = snapshot(tmp_path)
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == tmp_path / "x_run.json" and ".replaced" not in str(src):  # the new record's publication
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError):
+        with _set(tmp_path) as outputs:
+            _write(outputs, 2.0, with_std=True)
+            outputs.publish()  # the mean and std were renamed before the record failed: undone
+    assert snapshot(tmp_path) == before and not leftover_stages(tmp_path)
+
+
+def test_an_error_while_staging_publishes_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with _set(tmp_path) as outputs:
+            _write(outputs, 1.0, with_std=False)
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unusable_output_folders_are_refused_before_the_work(small_case, tmp_path, capsys):
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    assert main(recon(small_case, a_file)) == 2
+    err = capsys.readouterr().err
+    assert "taken" in err and "is a file" in err and a_file.read_text() == "not a folder"
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            assert main(recon(small_case, locked)) == 2 and "not writable" in capsys.readouterr().err
+        finally:
+            locked.chmod(0o700)
+
+
+def _limit_file_size():  # runs in the child: files may not grow past 40 kB, and the write fails (no SIGXFSZ kill)
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def test_a_full_disk_gives_one_line_and_no_partial_set(tmp_path):
+    """A 64^3 map does not fit in 40 kB: the write fails as on a full disk."""
+    from PDIQSMLib import phantoms
+
+    shape, vs = (64, 64, 48), (1.0, 1.0, 1.0)
+    rng = np.random.default_rng(0)
+    field = write_nifti(tmp_path / "field.nii.gz", rng.normal(0, 0.01, shape), np.eye(4))
+    mask = write_nifti(tmp_path / "mask.nii.gz", phantoms.sphere(shape, vs, 20.0, 1.0), np.eye(4))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "PDIQSMLib.cli", "reconstruct", str(field), "--mask", str(mask), "--method", "tkd",
+           "--out-dir", str(out), "--progress", "none"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300, preexec_fn=_limit_file_size)
+    err = done.stderr.strip()
+    assert done.returncode == 2, err
+    assert len(err.splitlines()) == 1 and "field_tkd_chi-mean.nii.gz" in err and "cannot be written" in err
+    assert list(out.iterdir()) == []  # no map, no record, no staging folder
+
+
+@pytest.mark.parametrize("method,sig,code", [("medi", signal.SIGINT, 130), ("pdi-vi2", signal.SIGTERM, 143)])
+def test_an_interrupted_run_leaves_nothing(small_case, tmp_path, method, sig, code):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "PDIQSMLib.cli", *recon(small_case, out, method, "--iterations", "100000",
+                                                         "--device", "cpu")]
+    cmd[cmd.index("none")] = "lines"
+    child = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=child_env())
+    seen = []
+    for line in child.stderr:  # wait until the iterations run
+        seen.append(line)
+        if line.startswith("PROGRESS 2/"):
+            child.send_signal(sig)
+            break
+    rest = child.stderr.read()
+    assert child.wait(timeout=120) == code, "".join(seen) + rest
+    said = [x for x in rest.splitlines() if not x.startswith(("PROGRESS", "STATUS"))]
+    assert len(said) == 1 and ("interrupted" if code == 130 else "terminated (SIGTERM)") in said[0]
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def make_subject(root: Path, name: str, case, field_data=None, with_mask=True) -> None:
+    anat = root / name / "anat"
+    anat.mkdir(parents=True)
+    img = nib.load(str(case["field"]))
+    data = img.get_fdata() if field_data is None else field_data
+    write_nifti(anat / f"{name}_localfield.nii.gz", data, img.affine)
+    if with_mask:
+        shutil.copy(case["mask"], anat / f"{name}_mask.nii.gz")
+
+
+def test_a_cohort_survives_broken_subjects_and_resumes(small_case, tmp_path, capsys):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    good = nib.load(str(small_case["field"])).get_fdata()
+    make_subject(raw, "sub-01", small_case)
+    make_subject(raw, "sub-02", small_case, with_mask=False)
+    bad = good.copy()
+    bad[16, 16, 12] = np.nan
+    make_subject(raw, "sub-03", small_case, field_data=bad)
+    args = ["reconstruct", str(raw), "--method", "tkd", "--out-dir", str(out), "--progress", "none"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "1 done, 0 skipped, 2 failed" in captured.err
+    assert "sub-02_localfield.nii.gz: failed: no mask" in captured.out
+    assert "sub-03_localfield.nii.gz: failed:" in captured.out and "NaN" in captured.out
+    assert (out / "sub-01" / "anat" / "sub-01_desc-tkd_Chimap.nii.gz").exists()
+    assert not (out / "sub-03").exists() or not any((out / "sub-03").rglob("*"))  # a failure leaves nothing
+    # mend the broken ones: the rerun does only them
+    shutil.copy(small_case["mask"], raw / "sub-02" / "anat" / "sub-02_mask.nii.gz")
+    write_nifti(raw / "sub-03" / "anat" / "sub-03_localfield.nii.gz", good, nib.load(str(small_case["field"])).affine)
+    first = (out / "sub-01" / "anat" / "sub-01_desc-tkd_Chimap.nii.gz").read_bytes()
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "2 done, 1 skipped, 0 failed" in captured.err and "sub-01_localfield.nii.gz: skipped: done" in captured.out
+    assert (out / "sub-01" / "anat" / "sub-01_desc-tkd_Chimap.nii.gz").read_bytes() == first
+    # other settings: skipped with the settings that differ, until --overwrite
+    assert main(args + ["--threshold", "0.12"]) == 0
+    assert captured_lines(capsys).count("other tkd settings (threshold); pass --overwrite") == 3
+    assert main(args + ["--threshold", "0.12", "--overwrite"]) == 0
+    assert "3 done, 0 skipped, 0 failed" in capsys.readouterr().err
+    # another method goes beside, not over
+    assert main(args[:2] + ["--method", "tikhonov"] + args[4:]) == 0
+    anat = out / "sub-01" / "anat"
+    assert sorted(p.name for p in anat.iterdir()) == ["sub-01_desc-tikhonov_Chimap.json", "sub-01_desc-tikhonov_Chimap.nii.gz",
+                                                     "sub-01_desc-tkd_Chimap.json", "sub-01_desc-tkd_Chimap.nii.gz"]
+
+
+def captured_lines(capsys) -> str:
+    return capsys.readouterr().out
+
+
+def test_outputs_refuse_to_replace_inputs_even_with_overwrite(small_case, tmp_path):
+    victim = small_case["dir"] / "field_tkd_chi-mean.nii.gz"
+    shutil.copy(small_case["mask"], victim)
+    outputs = OutputSet({"mean": victim, "record": small_case["dir"] / "field_tkd_run.json"},
+                        protect=[victim], overwrite=True)
+    with pytest.raises(InputError, match="overwrite an input"):
+        outputs.check()
