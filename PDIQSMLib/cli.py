@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from pathlib import Path
 
 from . import __version__, defaults
@@ -16,6 +17,8 @@ from .errors import Cancelled, InputError, Terminated
 from .pipeline import METHODS, Settings
 from .progress import Progress
 from .units import UNITS
+
+_python_showwarning = warnings.showwarning
 
 
 def _add_field_units(p: argparse.ArgumentParser) -> None:
@@ -188,9 +191,20 @@ def _raise_terminated(signum, frame):
     raise Terminated(signum)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Input warnings as one line (``pdiqsm: warning: ...``); others as Python shows them."""
+    from .plausibility import InputWarning
+
+    if issubclass(category, InputWarning):
+        print(f"pdiqsm: warning: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = Progress(args.progress)
+    warnings.showwarning = _show_warning
     on_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
     unfinished = ""

@@ -88,8 +88,12 @@ def check_same_grid(ref: Volume, other: Volume, role: str) -> None:
 
 def load_mask(path, ref: Volume) -> np.ndarray:
     """A boolean mask on ``ref``'s grid; empty masks are rejected."""
+    from .plausibility import mask_warnings, warn
+
     vol = load_volume(path, "mask")
     check_same_grid(ref, vol, "mask")
+    for note in mask_warnings(vol.data, str(path)):
+        warn(note)
     mask = vol.data > 0
     if not mask.any():
         raise InputError(str(path), "mask is empty (no voxel > 0)")

@@ -22,7 +22,8 @@ from .errors import InputError
 from .geometry import Geometry, geometry_from_affine, normalise_b0_dir
 from .io import Params, Volume, check_same_grid, load_mask, load_volume, nifti_stem, read_params
 from .progress import Progress
-from .units import to_ppm
+from .plausibility import field_warnings, warn
+from .units import ppm_per_unit, to_ppm
 from .weighting import data_weight, gradient_mask
 
 
@@ -303,6 +304,8 @@ def load_inputs(field_path, mask_path, magnitude_path=None, noise_path=None, uni
         te = te if te is not None else params.te
     geometry = resolve_geometry(field, params, b0_dir)
     field_ppm = to_ppm(field.data, units, b0, te)
+    for note in field_warnings(field.data[mask], ppm_per_unit(units, b0, te), units, str(field_path)):
+        warn(note)
     extras = {}
     for role, path in (("magnitude", magnitude_path), ("noise std", noise_path)):
         if path is not None:

@@ -1,6 +1,7 @@
 """The command line and NIfTI I/O: round trips, every bad input, no partial outputs."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -230,3 +231,36 @@ def test_progress_bar_and_lines(capsys):
     buf = io.StringIO()
     Progress("bar", buf).task("medi")(10, 10)
     assert "10/10" in buf.getvalue() and buf.getvalue().endswith("\n")
+
+
+@pytest.mark.parametrize("kind", ["hz", "rad", "mask as field", "field as mask"])
+def test_implausible_inputs_are_named_in_one_warning_line(small_case, capsys, tmp_path, kind):
+    """A field in Hz or radians read as ppm, a mask given as the field and a field given as the mask run,
+    but each says on one line what it looks like and what to pass."""
+    from PDIQSMLib.units import GAMMA_MHZ_PER_T
+
+    img = nib.load(str(small_case["field"]))
+    field = img.get_fdata()
+    args = recon_args(small_case, tmp_path / "o")
+    if kind == "hz":  # a 0.1 ppm sphere at 3 T: fields of ~5-25 Hz
+        args[1] = str(write_nifti(tmp_path / "hz.nii.gz", field * GAMMA_MHZ_PER_T * 3 * 20, img.affine))
+        phrase = "likely Hz: pass --units hz"
+    elif kind == "rad":  # the same field as a wrapped phase at a long TE
+        phase = np.angle(np.exp(1j * field * 2 * np.pi * GAMMA_MHZ_PER_T * 3 * 0.5))
+        args[1] = str(write_nifti(tmp_path / "rad.nii.gz", phase, img.affine))
+        phrase = "likely radians"
+    elif kind == "mask as field":
+        args[1] = str(small_case["mask"])
+        phrase = "is this a mask rather than a field"
+    else:
+        args[3] = str(small_case["field"])
+        phrase = "is it a field rather than a mask"
+    code, _, err = run(args, capsys)
+    warned = [x for x in err.splitlines() if x.startswith("pdiqsm: warning:")]
+    assert code == 0 and len(warned) == 1 and phrase in warned[0], err
+    assert Path(args[1 if kind != "field as mask" else 3]).name in warned[0]  # names the file
+
+
+def test_a_plausible_field_gives_no_warning(small_case, capsys, tmp_path):
+    code, _, err = run(recon_args(small_case, tmp_path / "o"), capsys)
+    assert code == 0 and "warning" not in err
