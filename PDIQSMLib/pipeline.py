@@ -113,9 +113,14 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
         w = torch.from_numpy(data_weight(m, noise_std))
         lam = settings.lam if settings.lam is not None else _auto_lambda("medi", field_ppm * w.numpy(), m, geometry, info)
         edges = torch.from_numpy(gradient_mask(m, magnitude, geometry.voxel_size))
+        run: dict = {}
         chi = solvers.medi(b, mt, geometry, lam, w, edges, settings.pad or 1.0,
-                           settings.iterations or solvers.MEDI_MAX_ITER, progress=progress.task("medi"))
-        info["lambda"] = lam
+                           settings.iterations or solvers.MEDI_MAX_ITER, progress=progress.task("medi"), info=run)
+        info.update({"lambda": lam, "medi": run})
+        if not run["converged"]:
+            warn(f"MEDI stopped at its iteration limit ({run['iterations']}) before converging (relative change "
+                 f"{run['relative_change']:.2g} > {run['tolerance']:g}); the map may be under-regularised or "
+                 "streaky: pass a larger --iterations")
     else:
         chi, std = _pdi(field_ppm, m, geometry, settings, magnitude, noise_std, progress, info)
     info["seconds"] = round(time.perf_counter() - t0, 3)

@@ -178,13 +178,14 @@ def _soft_threshold(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def medi(field: torch.Tensor, mask: torch.Tensor, geometry: Geometry, lam: float = MEDI_LAMBDA,
          weight: torch.Tensor | None = None, edge_mask: torch.Tensor | None = None, pad: float = 1.0,
          max_iter: int = MEDI_MAX_ITER, tol: float = MEDI_TOL, progress: ProgressFn | None = None,
-         mu_data: float = 0.1, mu_tv: float | None = None) -> torch.Tensor:
+         mu_data: float = 0.1, mu_tv: float | None = None, info: dict | None = None) -> torch.Tensor:
     """argmin ||W (D chi - b)||^2 + lam ||M grad chi||_1, by ADMM with two splittings.
 
     v = D chi carries the weighted data term and z = grad chi the TV term; both sub-problems are then
     element-wise and the chi update is one division in k-space (D and the periodic gradient share the
     FFT's eigenbasis). Iterates until the relative change of chi inside the mask falls below ``tol``.
     ``weight`` is W (default: the mask), ``edge_mask`` is M with shape (3, X, Y, Z) (default: the mask).
+    ``info``, when given, receives ``iterations``, ``converged`` and the last ``relative_change``.
     """
     if lam < 0:
         raise ValueError(f"MEDI lambda must be >= 0, got {lam}")
@@ -235,4 +236,6 @@ def medi(field: torch.Tensor, mask: torch.Tensor, geometry: Geometry, lam: float
             progress(it, it if converged else max_iter)  # converged: report the loop complete
         if converged:
             break
+    if info is not None:
+        info.update(iterations=it, converged=converged, relative_change=change, tolerance=tol)
     return _masked(op.crop(chi), mask)

@@ -264,3 +264,20 @@ def test_implausible_inputs_are_named_in_one_warning_line(small_case, capsys, tm
 def test_a_plausible_field_gives_no_warning(small_case, capsys, tmp_path):
     code, _, err = run(recon_args(small_case, tmp_path / "o"), capsys)
     assert code == 0 and "warning" not in err
+
+
+def test_medi_says_when_it_stops_before_converging(small_case, capsys, tmp_path):
+    """Three iterations cannot reach a relative change of 1e-3 (ADMM starts from zero): a warning and the
+    record say so; the default limit converges on this sphere and stays silent."""
+    args = recon_args(small_case, tmp_path / "o", "--iterations", "3")
+    args[args.index("tkd")] = "medi"
+    code, _, err = run(args, capsys)
+    record = json.loads((tmp_path / "o" / "field_medi_run.json").read_text())
+    assert code == 0 and "MEDI stopped at its iteration limit (3)" in err and "--iterations" in err
+    assert record["result"]["medi"]["converged"] is False and record["result"]["medi"]["iterations"] == 3
+    args = recon_args(small_case, tmp_path / "p")
+    args[args.index("tkd")] = "medi"
+    code, _, err = run(args, capsys)
+    record = json.loads((tmp_path / "p" / "field_medi_run.json").read_text())
+    assert code == 0 and "warning" not in err and record["result"]["medi"]["converged"] is True
+    assert record["result"]["medi"]["iterations"] < 200
