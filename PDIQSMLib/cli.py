@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("recon", type=Path, help="reconstructed chi (NIfTI, ppm)")
     e.add_argument("--truth", type=Path, required=True, help="true chi (NIfTI, ppm)")
     e.add_argument("--mask", type=Path, required=True)
-    e.add_argument("--std", type=Path, help="predicted standard deviation map, for the calibration figures")
+    e.add_argument("--std", type=Path, help="predicted standard deviation map: adds the calibration columns (share of "
+                   "voxels within 1 and 2 sigma, Spearman of sigma and |error|)")
+    e.add_argument("--figure", type=Path, help="with --std: write the calibration figure here (PNG: coverage of the "
+                   "Gaussian intervals against nominal, and RMS error against sigma by decile)")
     e.add_argument("--json", type=Path, help="also write the table as JSON here")
     _add_common(e)
 
@@ -296,10 +299,19 @@ def cmd_evaluate(args, progress: Progress) -> int:
     from .evaluation import evaluate_files, format_table
     from .io import write_json_atomic
 
+    if args.figure is not None and args.std is None:
+        raise InputError("--figure", "the calibration figure needs the standard deviation map (--std)")
     table = evaluate_files(args.recon, args.truth, args.mask, args.std)
     print(format_table({args.recon.name: table}))
     if args.json:
         write_json_atomic(args.json, table)
+    if args.figure is not None:
+        from .evaluation import calibration_figure
+        from .io import load_volume
+
+        volumes = [load_volume(p, role).data for p, role in ((args.recon, "reconstruction"), (args.std, "std"),
+                                                              (args.truth, "truth"), (args.mask, "mask"))]
+        print(calibration_figure(args.figure, *volumes, title=args.recon.name))
     return 0
 
 

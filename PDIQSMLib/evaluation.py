@@ -64,3 +64,63 @@ def compare_methods(field: np.ndarray, mask: np.ndarray, geometry, truth: np.nda
                 row[f"std_{name}"] = float(res.std[region].mean())
         rows[method] = row
     return rows, results
+
+
+def coverage_curve(mean, std, truth, mask, nominal=None) -> tuple[np.ndarray, np.ndarray]:
+    """(nominal, observed): the share of voxels whose |error| lies within the central Gaussian interval of
+    each nominal probability (+- z sigma, z = Phi^-1((1 + p) / 2)); calibrated sigma gives the diagonal."""
+    from scipy import stats
+
+    nominal = np.linspace(0.05, 0.99, 24) if nominal is None else np.asarray(nominal, dtype=float)
+    m = np.asarray(mask) > 0
+    err = np.abs(np.asarray(mean, dtype=np.float64)[m] - np.asarray(truth, dtype=np.float64)[m])
+    s = np.asarray(std, dtype=np.float64)[m]
+    z = stats.norm.ppf((1.0 + nominal) / 2.0)
+    return nominal, np.array([np.mean(err <= zi * s) for zi in z])
+
+
+def calibration_figure(path, mean, std, truth, mask, title: str = "") -> "Path":
+    """Two panels: observed against nominal coverage of the Gaussian intervals, and the RMS error against
+    the mean predicted sigma in ten bins of sigma (both on the diagonal when sigma is calibrated)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nominal, observed = coverage_curve(mean, std, truth, mask)
+    m = np.asarray(mask) > 0
+    err = np.asarray(mean, dtype=np.float64)[m] - np.asarray(truth, dtype=np.float64)[m]
+    s = np.asarray(std, dtype=np.float64)[m]
+    edges = np.unique(np.percentile(s, np.linspace(0, 100, 11)))  # one edge when sigma is constant: one bin
+    which = np.digitize(s, edges[1:-1]) if edges.size > 2 else np.zeros(s.size, dtype=int)
+    bins = [(s[which == i].mean(), np.sqrt(np.mean(err[which == i] ** 2))) for i in np.unique(which)]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4.2), constrained_layout=True)
+    a.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+    a.plot(nominal, observed, "o-", ms=3, label="this map")
+    a.set(xlabel="nominal coverage of +-z sigma", ylabel="observed share of voxels", xlim=(0, 1), ylim=(0, 1),
+          title="coverage (below the diagonal: sigma too small)")
+    a.legend(loc="upper left")
+    sig, rms = np.array(bins).T
+    top = float(max(sig.max(), rms.max())) * 1.05
+    b.plot([0, top], [0, top], "k--", lw=1, label="RMS error = sigma")
+    b.plot(sig, rms, "o-", ms=4, label="deciles of sigma")
+    b.set(xlabel="mean predicted sigma in the bin (ppm)", ylabel="RMS error in the bin (ppm)", xlim=(0, top),
+          ylim=(0, top), title="error against sigma")
+    b.legend(loc="upper left")
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix or ".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=90, format=(path.suffix.lstrip(".") or "png"))
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path

@@ -91,7 +91,8 @@ def calibration(mean, std, truth, mask) -> dict[str, float]:
     """Share of voxels with |error| within 1 and 2 predicted sigma, and Spearman(sigma, |error|)."""
     err = np.abs(_inside(mean, mask) - _inside(truth, mask))
     s = _inside(std, mask)
-    rho = stats.spearmanr(s, err).statistic if s.size > 2 else float("nan")
+    varies = s.size > 2 and np.ptp(s) > 0 and np.ptp(err) > 0  # a constant sigma has no rank correlation
+    rho = stats.spearmanr(s, err).statistic if varies else float("nan")
     return {"within_1sigma": float(np.mean(err <= s)), "within_2sigma": float(np.mean(err <= 2 * s)),
             "spearman_sigma_error": float(rho)}
 

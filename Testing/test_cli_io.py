@@ -213,13 +213,43 @@ def test_params_b0_dir_reaches_the_reconstruction(small_case, capsys, tmp_path):
 
 
 def test_simulate_then_evaluate(capsys, tmp_path):
+    """evaluate scores against the truth (a doubled map is 100 % off; Gaussian errors of a known sigma
+    fall within 1 and 2 sigma 68 % and 95 % of the time, and the figure's curve follows the diagonal);
+    simulate's field and truth agree (TKD from the field lands near the truth)."""
+    from PDIQSMLib.evaluation import coverage_curve
+
     sim = tmp_path / "sim"
     assert run(["simulate", "sphere", "--shape", "32", "32", "32", "--out-dir", str(sim), "--progress", "none"], capsys)[0] == 0
     assert json.loads((sim / "params.json").read_text())["B0_dir"] == [0.0, 0.0, 1.0]
-    code, out, _ = run(["evaluate", str(sim / "chi.nii.gz"), "--truth", str(sim / "chi.nii.gz"), "--mask",
+    truth_img = nib.load(str(sim / "chi.nii.gz"))
+    truth = truth_img.get_fdata()
+    mask = nib.load(str(sim / "mask.nii.gz")).get_fdata() > 0
+    doubled = write_nifti(tmp_path / "doubled.nii.gz", 2 * truth, truth_img.affine)
+    code, out, _ = run(["evaluate", str(doubled), "--truth", str(sim / "chi.nii.gz"), "--mask",
                         str(sim / "mask.nii.gz"), "--json", str(tmp_path / "m.json")], capsys)
-    assert code == 0 and "| rmse |" in out.replace("| method | rmse", "| rmse")
-    assert json.loads((tmp_path / "m.json").read_text())["rmse"] == 0.0
+    assert code == 0 and "doubled.nii.gz" in out
+    assert json.loads((tmp_path / "m.json").read_text())["rmse"] == pytest.approx(100.0, abs=1e-3)
+    rng = np.random.default_rng(3)
+    sigma = np.full(truth.shape, 0.02)
+    noisy = write_nifti(tmp_path / "noisy.nii.gz", truth + rng.normal(0, 0.02, truth.shape), truth_img.affine)
+    std = write_nifti(tmp_path / "std.nii.gz", sigma, truth_img.affine)
+    code, out, _ = run(["evaluate", str(noisy), "--truth", str(sim / "chi.nii.gz"), "--mask", str(sim / "mask.nii.gz"),
+                        "--std", str(std), "--json", str(tmp_path / "n.json"), "--figure", str(tmp_path / "cal.png")], capsys)
+    table = json.loads((tmp_path / "n.json").read_text())
+    assert code == 0 and table["within_1sigma"] == pytest.approx(0.683, abs=0.02)
+    assert table["within_2sigma"] == pytest.approx(0.954, abs=0.01)
+    assert (tmp_path / "cal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    nominal, observed = coverage_curve(nib.load(str(noisy)).get_fdata(), sigma, truth, mask)
+    assert np.max(np.abs(observed - nominal)) < 0.03
+    _, observed_half = coverage_curve(nib.load(str(noisy)).get_fdata(), sigma / 2, truth, mask)
+    assert np.all(observed_half[3:] < nominal[3:] - 0.05)  # sigma too small: below the diagonal
+    assert run(["evaluate", str(noisy), "--truth", str(sim / "chi.nii.gz"), "--mask", str(sim / "mask.nii.gz"),
+                "--figure", str(tmp_path / "x.png")], capsys)[0] == 2
+    assert run(["reconstruct", str(sim / "field.nii.gz"), "--mask", str(sim / "mask.nii.gz"), "--method", "tkd",
+                "--out-dir", str(tmp_path / "r"), "--progress", "none"], capsys)[0] == 0
+    run(["evaluate", str(tmp_path / "r" / "field_tkd_chi-mean.nii.gz"), "--truth", str(sim / "chi.nii.gz"), "--mask",
+         str(sim / "mask.nii.gz"), "--json", str(tmp_path / "t.json")], capsys)
+    assert json.loads((tmp_path / "t.json").read_text())["rmse_demeaned"] < 60.0
 
 
 def test_progress_bar_and_lines(capsys):
