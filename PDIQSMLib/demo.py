@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 
 from .evaluation import compare_methods, format_table
-from .io import Volume, save_volume, write_json_atomic
+from .io import Volume
 from .progress import Progress
 from .simulation import simulated_brain
 from .weights import DEFAULT_WEIGHTS
@@ -19,56 +19,84 @@ DEMO_NOISE_PPM = 2e-3
 DEMO_SEED_OFFSET = 20_000  # far from training (one stream from seed 0) and validation (10,000+)
 
 
-def run_demo(out_dir: Path, seed: int = 0, progress: Progress | None = None) -> dict:
+def run_demo(out_dir: Path, seed: int = 0, progress: Progress | None = None, shape=DEMO_SHAPE) -> dict:
+    """Simulate, reconstruct with every method and publish the whole demo set at once (``outputs.OutputSet``;
+    a rerun replaces the demo's own files): the truth ``chi.nii.gz``, ``field.nii.gz`` and ``mask.nii.gz``
+    as ``pdiqsm simulate`` names them, ``field_<method>_chi-mean/-std.nii.gz`` as ``pdiqsm reconstruct``
+    names them, ``metrics.md``/``metrics.json`` and ``demo.png``."""
+    from .outputs import OutputSet
+
     progress = progress or Progress("none")
     out_dir = Path(out_dir)
+    methods = ["tkd", "tikhonov", "medi"] + (["pdi"] if DEFAULT_WEIGHTS.exists() else [])
+    paths = {"chi": "chi.nii.gz", "mask": "mask.nii.gz", "field": "field.nii.gz", "table": "metrics.md",
+             "figure": "demo.png", "record": "metrics.json"}
+    for method in methods:
+        paths[f"{method}-mean"] = f"field_{method}_chi-mean.nii.gz"
+        paths[f"{method}-std"] = f"field_{method}_chi-std.nii.gz"
+    outputs = OutputSet({k: out_dir / v for k, v in paths.items()}, overwrite=True)
+    outputs.check()
     progress.status("simulating a brain phantom")
-    ph = simulated_brain(DEMO_SHAPE, DEMO_VOXEL, DEMO_SEED_OFFSET + seed, DEMO_NOISE_PPM)
+    ph = simulated_brain(tuple(shape), DEMO_VOXEL, DEMO_SEED_OFFSET + seed, DEMO_NOISE_PPM)
     geometry, field = ph.geometry, ph.field
     like = Volume(ph.chi, np.diag(list(DEMO_VOXEL) + [1.0]), nib.Nifti1Header())
-    save_volume(out_dir / "truth_chi.nii.gz", ph.chi, like, "truth chi ppm")
-    save_volume(out_dir / "mask.nii.gz", ph.mask.astype(np.float32), like, "mask")
-    save_volume(out_dir / "field.nii.gz", field, like, "local field ppm")
-    methods = ["tkd", "tikhonov", "medi"] + (["pdi"] if DEFAULT_WEIGHTS.exists() else [])
     rows, results = compare_methods(field, ph.mask, geometry, ph.chi, methods, progress=progress)
-    for method, res in results.items():
-        save_volume(out_dir / f"{method}_chi-mean.nii.gz", res.mean, like, f"{method} chi ppm")
-        if res.std is not None:
-            save_volume(out_dir / f"{method}_chi-std.nii.gz", res.std, like, f"{method} chi std ppm")
     table = format_table(rows)
-    (out_dir / "metrics.md").write_text(table + "\n")
-    write_json_atomic(out_dir / "metrics.json", rows)
-    figure = save_figure(out_dir / "demo.png", ph.chi, ph.mask, results)
+    with outputs:
+        outputs.volume("chi", ph.chi, like, "truth chi ppm")
+        outputs.volume("mask", ph.mask.astype(np.float32), like, "mask")
+        outputs.volume("field", field, like, "local field ppm")
+        for method, res in results.items():
+            outputs.volume(f"{method}-mean", res.mean, like, f"{method} chi ppm")
+            if res.std is not None:
+                outputs.volume(f"{method}-std", res.std, like, f"{method} chi std ppm")
+        outputs.text("table", table + "\n")
+        outputs.file("figure", lambda target: save_figure(target, ph.chi, ph.mask, results, DEMO_VOXEL))
+        outputs.json("record", rows)
+        outputs.publish()
     print(table)
-    print(f"\nmaps, metrics.md and the figure are in {out_dir.resolve()}\nfigure: {figure.resolve()}")
+    print(f"\nmaps, metrics.md and the figure are in {out_dir.resolve()}\nfigure: {(out_dir / paths['figure']).resolve()}")
     return rows
 
 
-def save_figure(path: Path, truth: np.ndarray, mask: np.ndarray, results: dict) -> Path:
-    """Orthogonal slices: truth, each method's mean, and for PDI its std and |error|."""
+def save_figure(path: Path, truth: np.ndarray, mask: np.ndarray, results: dict,
+                voxel_size=(1.0, 1.0, 1.0)) -> Path:
+    """Orthogonal slices through the centre (rows: axial, coronal, sagittal, in proportion to the voxel
+    size; RAS volumes: the subject's right on the image's right), columns: the truth, each method's
+    mean, and for PDI methods its std and |error| on one shared scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    m = np.asarray(mask) > 0
     panels = [("truth", truth, "gray", (-0.15, 0.15))]
-    panels += [(f"{m} mean", r.mean, "gray", (-0.15, 0.15)) for m, r in results.items()]
-    for m, r in results.items():
+    panels += [(f"{name} mean", r.mean, "gray", (-0.15, 0.15)) for name, r in results.items()]
+    for name, r in results.items():
         if r.std is not None:
-            panels.append((f"{m} std", r.std, "inferno", (0, float(np.percentile(r.std[mask], 99)))))
-            panels.append((f"{m} |error|", np.abs(r.mean - truth) * mask, "inferno", (0, 0.1)))
+            error = np.abs(r.mean - truth) * m
+            top = float(np.percentile(np.concatenate([r.std[m], error[m]]), 99))  # std and |error| share one scale
+            panels.append((f"{name} std", r.std * m, "inferno", (0, top)))
+            panels.append((f"{name} |error|", error, "inferno", (0, top)))
     c = [n // 2 for n in truth.shape]
-    fig, axes = plt.subplots(3, len(panels), figsize=(2.4 * len(panels), 7.5), squeeze=False)
+    vx, vy, vz = voxel_size
+    rows = [(f"axial z={c[2]}", lambda v: v[:, :, c[2]].T, vy / vx, ("R", "A")),
+            (f"coronal y={c[1]}", lambda v: v[:, c[1], :].T, vz / vx, ("R", "S")),
+            (f"sagittal x={c[0]}", lambda v: v[c[0], :, :].T, vz / vy, ("A", "S"))]
+    fig, axes = plt.subplots(3, len(panels), figsize=(2.4 * len(panels), 7.8), squeeze=False)
     for j, (title, vol, cmap, (lo, hi)) in enumerate(panels):
-        views = (vol[:, :, c[2]].T, vol[:, c[1], :].T, vol[c[0], :, :].T)
-        for i, view in enumerate(views):
+        for i, (label, cut, aspect, (right, up)) in enumerate(rows):
             ax = axes[i, j]
-            im = ax.imshow(view, cmap=cmap, vmin=lo, vmax=hi, origin="lower", aspect="auto")
+            im = ax.imshow(cut(vol), cmap=cmap, vmin=lo, vmax=hi, origin="lower", aspect=aspect)
             ax.set_xticks([])
             ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(label, fontsize=9)
+                ax.text(0.98, 0.02, right, color="yellow", fontsize=7, ha="right", va="bottom", transform=ax.transAxes)
+                ax.text(0.02, 0.98, up, color="yellow", fontsize=7, ha="left", va="top", transform=ax.transAxes)
         axes[0, j].set_title(title, fontsize=9)
         fig.colorbar(im, ax=axes[:, j].tolist(), location="bottom", fraction=0.03, pad=0.02, label="ppm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, format="png", bbox_inches="tight")
     plt.close(fig)
-    return path
+    return Path(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .io import check_same_grid, load_mask, load_volume
@@ -31,12 +33,24 @@ def evaluate_files(recon_path, truth_path, mask_path, std_path=None) -> dict:
     return evaluate_arrays(recon.data, truth.data, mask, std)
 
 
+UNITS = {"rmse": "%", "rmse_demeaned": "%", "rmse_detrended": "%", "hfen": "%", "psnr": "dB", "seconds": "s",
+         "within_1sigma": "share", "within_2sigma": "share"}
+
+
+def column_unit(column: str) -> str | None:
+    """The unit a table column is in (region means and stds are ppm); None for unitless ones."""
+    if column.startswith(("mean_", "std_", "error_")):
+        return "ppm"
+    return UNITS.get(column)
+
+
 def format_table(rows: dict[str, dict], columns=COLUMNS) -> str:
-    """A Markdown table: one row per reconstruction, the columns that any row has."""
+    """A Markdown table: one row per reconstruction, the columns that any row has, each with its unit."""
     cols = [c for c in columns if any(c in r for r in rows.values())]
     extra = [c for r in rows.values() for c in r if c not in cols and isinstance(r[c], (int, float))]
     cols += list(dict.fromkeys(extra))
-    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    heads = [f"{c} ({column_unit(c)})" if column_unit(c) else c for c in cols]
+    lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
         cells = [f"{r[c]:.4g}" if isinstance(r.get(c), (int, float)) else "" for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -79,12 +93,11 @@ def coverage_curve(mean, std, truth, mask, nominal=None) -> tuple[np.ndarray, np
     return nominal, np.array([np.mean(err <= zi * s) for zi in z])
 
 
-def calibration_figure(path, mean, std, truth, mask, title: str = "") -> "Path":
+def calibration_figure(path, mean, std, truth, mask, title: str = "") -> Path:
     """Two panels: observed against nominal coverage of the Gaussian intervals, and the RMS error against
     the mean predicted sigma in ten bins of sigma (both on the diagonal when sigma is calibrated)."""
     import os
     import tempfile
-    from pathlib import Path
 
     import matplotlib
 

@@ -121,6 +121,10 @@ class OutputSet:
             raise KeyError(f"no output role {role!r}; roles: {', '.join(self.paths)}")
         return self.stage / self.paths[role].name
 
+    def file(self, role: str, write) -> Path:
+        """Stage any file: ``write(target)`` writes it and returns its path."""
+        return self._write(role, write)
+
     def _write(self, role: str, write) -> Path:
         target = self._target(role)
         try:

@@ -29,7 +29,10 @@ def load_ich(data_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.n
     """(chi, mask, noise_std, chi volume) of the shared hemorrhage case."""
     d = Path(data_dir) if data_dir else shared_data_dir() / "ich_simulation"
     if not d.exists():
-        raise InputError(str(d), "ICH data folder not found (set --data-dir or PDIQSM_DATA)")
+        raise InputError(str(d), "ICH data folder not found: the hemorrhage case is the team's shared data, not part of "
+                                 "the repository (it sits in shared/data/ich_simulation beside a checkout); pass "
+                                 "--data-dir FOLDER (with chi_ppm, mask and noise_std .nii.gz) or set PDIQSM_DATA; "
+                                 "'pdiqsm simulate brain' needs no data")
     chi = load_volume(d / "chi_ppm.nii.gz", "truth chi")
     mask = load_mask(d / "mask.nii.gz", chi)
     noise = load_volume(d / "noise_std.nii.gz", "noise std")

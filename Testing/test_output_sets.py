@@ -232,3 +232,26 @@ def test_outputs_refuse_to_replace_inputs_even_with_overwrite(small_case, tmp_pa
                         protect=[victim], overwrite=True)
     with pytest.raises(InputError, match="overwrite an input"):
         outputs.check()
+
+
+def test_the_demo_publishes_its_whole_set_under_the_commands_names(tmp_path, capsys):
+    """The demo's files carry the names simulate and reconstruct give (chi.nii.gz, field_<method>_chi-*),
+    the table states its units, the figure is a PNG, and the TKD map is the library's TKD of the field."""
+    from PDIQSMLib.demo import run_demo
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.pipeline import Settings, reconstruct
+
+    rows = run_demo(tmp_path / "demo", shape=(40, 44, 28))
+    names = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    methods = ["medi", "pdi", "tikhonov", "tkd"]
+    assert names == sorted(["chi.nii.gz", "mask.nii.gz", "field.nii.gz", "metrics.md", "metrics.json", "demo.png",
+                            "field_pdi_chi-std.nii.gz"] + [f"field_{m}_chi-mean.nii.gz" for m in methods])
+    assert sorted(rows) == methods
+    table = (tmp_path / "demo" / "metrics.md").read_text()
+    assert "| rmse (%) |" in table and "psnr (dB)" in table and "seconds (s)" in table
+    assert (tmp_path / "demo" / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    load = lambda name: nib.load(str(tmp_path / "demo" / name))  # noqa: E731
+    field, mask = load("field.nii.gz"), load("mask.nii.gz").get_fdata() > 0
+    tkd = reconstruct(field.get_fdata(), mask, Geometry(tuple(map(float, field.header.get_zooms()))), Settings(method="tkd"))
+    assert np.allclose(tkd.mean, load("field_tkd_chi-mean.nii.gz").get_fdata(), atol=1e-5)
+    assert not leftover_stages(tmp_path / "demo")
