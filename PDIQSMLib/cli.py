@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(r)
 
     s = sub.add_parser("simulate", help="a phantom and its local field with noise (seeded)")
-    s.add_argument("kind", choices=("sphere", "cylinder", "brain", "shapes", "ich"), help="phantom type")
+    s.add_argument("kind", choices=("sphere", "cylinder", "brain", "shapes", "ich", "realistic"),
+                   help="phantom type; realistic: an MNI152 brain with the training simulator's non-dipolar field "
+                        "terms and its deep-nuclei labels (labels.nii.gz, labels.tsv); --shape is then the largest "
+                        "field of view (the brain's own size otherwise; --noise does not apply)")
     s.add_argument("--out-dir", type=Path, required=True)
     s.add_argument("--shape", type=int, nargs=3, default=(96, 96, 64), metavar=("NX", "NY", "NZ"))
     s.add_argument("--voxel-size", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("DX", "DY", "DZ"))

@@ -68,3 +68,23 @@ def geometry_from_affine(affine: np.ndarray, b0_dir=None) -> Geometry:
     """Geometry of a NIfTI volume; ``b0_dir`` (voxel axes) overrides the direction read from the affine."""
     vs = voxel_size_from_affine(affine)
     return Geometry(vs, b0_dir if b0_dir is not None else b0_dir_from_affine(affine))
+
+
+def affine_for_b0(voxel_size, b0_dir, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """A NIfTI affine whose voxel axes are rotated so that scanner z (B0) has the components ``b0_dir``
+    in them (``b0_dir_from_affine`` of the result gives ``b0_dir`` back): the rotation R with R b = z
+    (the smallest one, about b x z), columns scaled by the voxel size."""
+    b = np.asarray(normalise_b0_dir(b0_dir), float)
+    z = np.array([0.0, 0.0, 1.0])
+    axis, cos = np.cross(b, z), float(b @ z)
+    sin = float(np.linalg.norm(axis))
+    if sin < 1e-12:
+        rot = np.eye(3) if cos > 0 else np.diag([1.0, -1.0, -1.0])  # B0 along +z, or along -z (half turn about x)
+    else:
+        k = axis / sin
+        kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+        rot = np.eye(3) + sin * kx + (1.0 - cos) * kx @ kx
+    affine = np.eye(4)
+    affine[:3, :3] = rot * np.asarray(check_voxel_size(voxel_size), float)[None, :]
+    affine[:3, 3] = origin
+    return affine

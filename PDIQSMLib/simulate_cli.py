@@ -10,8 +10,9 @@ import numpy as np
 
 from . import phantoms
 from .errors import InputError
-from .geometry import Geometry
-from .io import Volume, load_mask, load_volume, save_volume, write_json_atomic
+from .geometry import Geometry, normalise_b0_dir
+from .io import Volume, load_mask, load_volume
+from .outputs import OutputSet
 from .progress import Progress
 from .simulation import add_noise, field_of
 
@@ -61,26 +62,61 @@ def make_phantom(kind: str, shape, voxel_size, seed: int) -> phantoms.Phantom:
     return phantoms.Phantom(np.where(mask, chi, 0.0).astype(np.float32), mask, Geometry(voxel_size))
 
 
+def realistic_brain(voxel_size, b0_dir, seed: int, max_shape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(chi, mask, field, nucleus labels) of an MNI152 brain with a realistic local field (the training
+    simulator's non-dipolar terms: anisotropy, background residue, correlated noise, mask error)."""
+    from . import anatomy
+    from .simulation import REALISTIC, realistic_sample
+
+    if not anatomy.available():
+        raise InputError("simulate realistic", "needs the MNI152 templates of nilearn's wheel: pip install nilearn")
+    rng = np.random.default_rng(seed)
+    brain = anatomy.anatomical_brain(rng, voxel_size, max_shape)
+    sample = realistic_sample(brain.chi, brain.mask, Geometry(brain.voxel_size, b0_dir), rng, REALISTIC, brain.wm)
+    return sample.chi, sample.mask, sample.field, np.where(sample.mask, brain.labels, 0).astype(np.float32)
+
+
 def simulate(args, progress: Progress) -> list[Path]:
+    """Write chi (truth), mask, field and params.json (and noise_std for ich; labels for realistic). An
+    oblique ``--b0-dir`` goes into the affine too (voxel axes rotated so that scanner z has those
+    components), so the files reconstruct correctly with or without params.json."""
+    from .geometry import affine_for_b0
+
     out = Path(args.out_dir)
+    b0_dir = normalise_b0_dir(args.b0_dir)
+    labels = noise = None
     if args.kind == "ich":
         chi, mask, noise, like = load_ich(args.data_dir)
-        geometry = Geometry(like.voxel_size, args.b0_dir)
+        geometry = Geometry(like.voxel_size, b0_dir)
         field = ich_field(chi, mask, noise, args.noise, args.seed, geometry)
-        written = [save_volume(out / "noise_std.nii.gz", noise, like)]
+        affine = affine_for_b0(like.voxel_size, b0_dir, like.affine[:3, 3]) if b0_dir != (0.0, 0.0, 1.0) else like.affine
+        like = Volume(chi, affine, like.header)
+    elif args.kind == "realistic":
+        chi, mask, field, labels = realistic_brain(tuple(args.voxel_size), b0_dir, args.seed, tuple(args.shape))
+        geometry = Geometry(tuple(args.voxel_size), b0_dir)
+        like = Volume(chi, affine_for_b0(geometry.voxel_size, b0_dir), nib.Nifti1Header())
     else:
-        geometry = Geometry(tuple(args.voxel_size), tuple(args.b0_dir))
+        geometry = Geometry(tuple(args.voxel_size), b0_dir)
         ph = make_phantom(args.kind, tuple(args.shape), geometry.voxel_size, args.seed)
         chi, mask = ph.chi, ph.mask
         field = add_noise(field_of(chi, mask, geometry, pad=2.0), mask, args.noise, np.random.default_rng(args.seed + 1))
-        like = Volume(chi, np.diag(list(geometry.voxel_size) + [1.0]), nib.Nifti1Header())
-        written = []
+        like = Volume(chi, affine_for_b0(geometry.voxel_size, b0_dir), nib.Nifti1Header())
     progress.status(f"simulated {args.kind}: shape {chi.shape}, B0 {geometry.b0_dir}, noise {args.noise} ppm")
-    written += [save_volume(out / "chi.nii.gz", chi, like, "truth chi ppm"),
-                save_volume(out / "mask.nii.gz", mask.astype(np.float32), like, "mask"),
-                save_volume(out / "field.nii.gz", field, like, "local field ppm"),
-                write_json_atomic(out / "params.json", {"B0_dir": list(geometry.b0_dir),
-                                                        "voxel_size": list(geometry.voxel_size),
-                                                        "B0": DEFAULT_B0, "TE": [DEFAULT_TE],
-                                                        "noise_ppm": args.noise, "seed": args.seed})]
-    return written
+    names = {"noise_std": "noise_std.nii.gz", "chi": "chi.nii.gz", "mask": "mask.nii.gz", "field": "field.nii.gz",
+             "labels": "labels.nii.gz", "names": "labels.tsv", "record": "params.json"}
+    outputs = OutputSet({k: out / v for k, v in names.items()}, overwrite=True)  # a set: no stale labels or noise map
+    with outputs:
+        if noise is not None:
+            outputs.volume("noise_std", noise, like, "noise std")
+        outputs.volume("chi", chi, like, "truth chi ppm")
+        outputs.volume("mask", mask.astype(np.float32), like, "mask")
+        outputs.volume("field", field, like, "local field ppm")
+        if labels is not None:
+            from .anatomy import NUCLEI
+
+            outputs.volume("labels", labels, like, "nucleus labels")
+            outputs.text("names", "index\tname\n" + "".join(f"{i}\t{n[0]}\n" for i, n in enumerate(NUCLEI, 1)))
+        outputs.json("record", {"B0_dir": list(geometry.b0_dir), "voxel_size": list(geometry.voxel_size),
+                                "B0": DEFAULT_B0, "TE": [DEFAULT_TE],
+                                "noise_ppm": args.noise if args.kind != "realistic" else None, "seed": args.seed})
+        return outputs.publish()
