@@ -34,7 +34,7 @@ def desc_label(method: str) -> str:
 def bids_names(field_path, method: str) -> dict[str, str]:
     prefix, desc = entities_prefix(field_path), desc_label(method)
     return {"mean": f"{prefix}_desc-{desc}_Chimap.nii.gz", "std": f"{prefix}_desc-{desc}Std_Chimap.nii.gz",
-            "record": f"{prefix}_desc-{desc}_Chimap.json"}
+            "regions": f"{prefix}_desc-{desc}Regions_stats.tsv", "record": f"{prefix}_desc-{desc}_Chimap.json"}
 
 
 DESCRIPTIONS = {"tkd": "magnetic susceptibility (truncated k-space division, closed form)",
@@ -51,7 +51,8 @@ def sidecar(record: dict) -> dict:
     return {
         "Units": "ppm",
         "Description": DESCRIPTIONS.get(settings["method"], "magnetic susceptibility")
-        + (f"; its standard deviation in desc-{desc_label(settings['method'])}Std" if len(record["outputs"]) > 1 else ""),
+        + (f"; its standard deviation in desc-{desc_label(settings['method'])}Std"
+           if any(p.endswith("Std_Chimap.nii.gz") for p in record["outputs"]) else ""),
         "Method": settings["method"],
         "MethodSettings": {k: v for k, v in settings.items() if v is not None},
         "MagneticFieldStrength": record.get("b0_tesla"),

@@ -138,6 +138,16 @@ def write_json_atomic(path, record: dict) -> Path:
     return p
 
 
+def write_text_atomic(path, text: str) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=p.suffix, dir=p.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    _publish(tmp, p)
+    return p
+
+
 def _publish(tmp: str, final: Path) -> None:
     """Give the temporary file ordinary permissions (mkstemp makes it private) and rename it into place."""
     mask = os.umask(0)

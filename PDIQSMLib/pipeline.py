@@ -271,7 +271,7 @@ def output_paths(out_dir: Path, field_path, naming: str = "pdiqsm", method: str 
         raise InputError("--naming", f"unknown naming {naming!r}; expected pdiqsm or bids")
     stem = f"{nifti_stem(Path(field_path))}_{method}"
     return {"mean": out_dir / f"{stem}_chi-mean.nii.gz", "std": out_dir / f"{stem}_chi-std.nii.gz",
-            "record": out_dir / f"{stem}_run.json"}
+            "regions": out_dir / f"{stem}_regions.tsv", "record": out_dir / f"{stem}_run.json"}
 
 
 def resolve_geometry(field: Volume, params: Params | None, b0_dir=None) -> Geometry:
@@ -323,7 +323,8 @@ def load_inputs(field_path, mask_path, magnitude_path=None, noise_path=None, uni
 def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnitude_path=None, noise_path=None,
                       units: str = "ppm", b0: float | None = None, te: float | None = None, b0_dir=None,
                       params_path=None, volume_index: int | None = None, progress: Progress | None = None,
-                      naming: str = "pdiqsm", overwrite: bool = False) -> dict:
+                      naming: str = "pdiqsm", overwrite: bool = False, labels_path=None, names_path=None,
+                      reference: str = "whole-brain") -> dict:
     """Read, check, convert, reconstruct and write the output set (``outputs.OutputSet``: all or nothing;
     existing outputs are replaced only with ``overwrite``); returns the run record (also written as JSON)."""
     settings.check()
@@ -336,14 +337,32 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
     out_dir = Path(out_dir)
     paths = output_paths(out_dir, field.path, naming, settings.method)
     inputs = [field_path, mask_path, magnitude_path, noise_path, params_path]
+    labels = None
+    if labels_path is not None:  # read and checked before anything is created
+        from . import regions
+
+        labels = regions.load_labels(labels_path, field)
+        names = regions.read_names(names_path) if names_path else regions.default_names(labels_path)
+        regions.resolve_reference(reference, names, [int(v) for v in np.unique(labels[0][mask]) if v > 0])
     outputs = OutputSet(paths, protect=inputs, overwrite=overwrite)
     outputs.check()  # before the work: a run that cannot publish fails in a second, not after an hour
     progress.status(f"{settings.method}: field {field.data.shape}, voxel {geometry.voxel_size} mm, B0 {geometry.b0_dir}")
     result = reconstruct(field_ppm, mask, geometry, settings, inputs_.magnitude, inputs_.noise_std, progress)
+    stats = None
+    if labels is not None:
+        model = regions.error_model_for(result.std is not None, settings.weights, result.info.get("weights_sha256"))
+        stats = regions.region_stats(result.mean, mask, labels[0], geometry.voxel_size, result.std, names, reference,
+                                     model)
+        if labels[1]:
+            stats["notes"].insert(0, labels[1])
     with outputs:
         written = [outputs.volume("mean", result.mean, field, f"PDIQSM {settings.method} chi ppm")]
         if result.std is not None:
             written.append(outputs.volume("std", result.std, field, f"PDIQSM {settings.method} chi std ppm"))
+        if stats is not None:
+            from .regions import table_tsv
+
+            written.append(outputs.text("regions", table_tsv(stats)))
         record = {
             "pdiqsm_version": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
@@ -353,6 +372,9 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
             "geometry": asdict(geometry), "settings": settings.applicable(), "result": result.info,
             "outputs": [str(p) for p in written], "seconds_total": round(time.perf_counter() - t0, 3),
         }
+        if stats is not None:
+            record["regions"] = {"labels": str(labels_path), "names": str(names_path) if names_path else None,
+                                 **{k: v for k, v in stats.items() if k != "rows"}}
         if naming == "bids":
             from .bids import sidecar
 
@@ -376,14 +398,18 @@ def recorded_settings(record_path: Path) -> dict | None:
 
 def reconstruct_tree(root, out_dir, settings: Settings, field_pattern: str = "*_localfield.nii*",
                      mask_suffix: str = "mask", naming: str = "bids", progress: Progress | None = None,
-                     overwrite: bool = False, **kwargs) -> list[dict]:
+                     overwrite: bool = False, labels_suffix: str | None = None, **kwargs) -> list[dict]:
     """Every subject under ``root`` (see ``bids.find_subjects``) into the same folders under ``out_dir``.
 
     Returns one entry per subject, with ``status`` done, skipped or failed and a ``reason``. A subject
     is skipped when its outputs for this method exist (the record, published last, marks a whole set):
     as done when they were made with these settings, else with a note to pass ``overwrite``. A subject
     that fails (no mask, unreadable, bad values) does not stop the others and leaves nothing behind; an
-    interrupt stops the run, keeps the subjects finished before it, and a rerun resumes after them."""
+    interrupt stops the run, keeps the subjects finished before it, and a rerun resumes after them.
+
+    ``labels_suffix``: each subject's region labels are ``<name>_<suffix>.nii[.gz]`` beside its field; each
+    gets its region table, and ``<out_dir>/group_desc-<method>Regions_stats.tsv`` holds every subject's
+    region means (a column per subject)."""
     from .bids import find_subjects
 
     progress = progress or Progress("none")
@@ -410,15 +436,47 @@ def reconstruct_tree(root, out_dir, settings: Settings, field_pattern: str = "*_
             progress.status(f"skipping {sub.field}: {entry['reason']}")
         else:
             try:
+                labels = _subject_labels(sub.field, labels_suffix) if labels_suffix else None
                 record = reconstruct_files(sub.field, sub.mask, target, settings, params_path=sub.params,
-                                           progress=progress, naming=naming, overwrite=overwrite, **kwargs)
+                                           progress=progress, naming=naming, overwrite=overwrite,
+                                           labels_path=labels, **kwargs)
                 entry.update(status="done", outputs=record["outputs"])
             except (InputError, ValueError, RuntimeError, OSError) as exc:
                 entry.update(status="failed", reason=str(exc))
                 progress.status(f"failed {sub.field}: {exc}")
+        entry["regions"] = str(output_paths(target, sub.field, naming, settings.method)["regions"])
         entries.append(entry)
         task(i, len(subjects))
+    if labels_suffix:
+        _group_table(entries, Path(out_dir), settings.method, progress)
     return entries
+
+
+def _subject_labels(field: Path, suffix: str) -> Path:
+    stem = nifti_stem(field)
+    base = stem.rsplit("_", 1)[0] if "_" in stem else stem
+    for ext in (".nii.gz", ".nii"):
+        candidate = field.with_name(f"{base}_{suffix}{ext}")
+        if candidate.exists():
+            return candidate
+    raise InputError(str(field), f"no labels (*_{suffix}.nii[.gz]) beside it")
+
+
+def _group_table(entries: list[dict], out_dir: Path, method: str, progress: Progress) -> Path | None:
+    """Every subject's region means (relative to its reference), one column per subject, from their tables."""
+    from .bids import desc_label, entities_prefix
+    from .io import write_text_atomic
+    from .regions import cohort_tsv, read_table_tsv
+
+    tables = {}
+    for e in entries:
+        if e["status"] != "failed" and Path(e["regions"]).exists():
+            tables[entities_prefix(e["field"])] = {"rows": read_table_tsv(e["regions"])}
+    if not tables:
+        return None
+    path = write_text_atomic(out_dir / f"group_desc-{desc_label(method)}Regions_stats.tsv", cohort_tsv(tables))
+    progress.status(f"wrote {path}")
+    return path
 
 
 def tree_summary(entries: list[dict]) -> str:
