@@ -6,12 +6,12 @@ Module, Widget, Logic and Test in Slicer's scripted-module shape. Everything tha
 
 import os
 import pathlib
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
@@ -77,7 +77,8 @@ class PDIQSMParameterNode:
     command line's do; PDIQSMLib.slicer_logic.request_from_panel maps them to the command."""
 
     fieldVolume: vtkMRMLScalarVolumeNode
-    maskVolume: vtkMRMLScalarVolumeNode
+    maskVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode]
+    maskSegment: str = ""  # a segmentation as the mask: this segment (name or ID); empty: all of them
     magnitudeVolume: vtkMRMLScalarVolumeNode
     noiseStdVolume: vtkMRMLScalarVolumeNode
     units: Annotated[str, Choice(list(PANEL_UNITS))] = label_of(PANEL_UNITS, defaults.UNITS)
@@ -94,8 +95,11 @@ class PDIQSMParameterNode:
     iterations: Annotated[int, WithinRange(1, 2000)] = defaults.VI_ITERATIONS
     device: Annotated[str, Choice(list(PANEL_DEVICES))] = label_of(PANEL_DEVICES, defaults.DEVICE)
     weightsPath: pathlib.Path  # empty: the bundled model
+    regionsSegmentation: vtkMRMLSegmentationNode  # optional: a region table after Reconstruct
+    referenceRegion: str = "whole-brain"  # whole-brain, none, or a segment of the regions
     outputMean: vtkMRMLScalarVolumeNode
     outputStd: vtkMRMLScalarVolumeNode
+    outputTable: vtkMRMLTableNode
 
 
 class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -280,6 +284,8 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.outputMean = mean
         if std is not None:
             self._parameterNode.outputStd = std
+        if self.logic.engine.last_table is not None:
+            self._parameterNode.outputTable = self.logic.engine.last_table
         self.ui.progressBar.setValue(100)
         self.ui.statusLabel.text = _("Done")
 

@@ -85,7 +85,7 @@ class Request:
     """What the module's parameter node holds, as plain values and nodes."""
 
     field: object  # vtkMRMLScalarVolumeNode
-    mask: object  # vtkMRMLScalarVolumeNode or vtkMRMLLabelMapVolumeNode
+    mask: object  # vtkMRMLScalarVolumeNode, vtkMRMLLabelMapVolumeNode or vtkMRMLSegmentationNode
     magnitude: object | None = None
     noise_std: object | None = None
     units: str = defaults.UNITS
@@ -101,6 +101,10 @@ class Request:
     output_mean: object | None = None  # existing nodes to fill; None: new nodes named after the field
     output_std: object | None = None
     extra_args: list[str] = field(default_factory=list)
+    mask_segment: str | None = None  # a segmentation as the mask: this segment (ID or name); None: all of them
+    regions: object | None = None  # vtkMRMLSegmentationNode: one table row per segment
+    reference: str = "whole-brain"  # what region means are relative to: whole-brain, none or a segment's name
+    output_table: object | None = None  # vtkMRMLTableNode to fill; None: a new one named after the field
 
 
 # The panel's choices (labels shown) and the command's values.
@@ -134,6 +138,8 @@ def request_from_panel(p) -> Request:
         samples=int(p.samples), iterations=int(p.iterations) if method.startswith("pdi-vi") else None,
         device=PANEL_DEVICES[p.device], weights=None if _unset_path(p.weightsPath) else str(p.weightsPath),
         output_mean=p.outputMean, output_std=p.outputStd,
+        mask_segment=(p.maskSegment or "").strip() or None, regions=p.regionsSegmentation,
+        reference=(p.referenceRegion or "").strip() or "whole-brain", output_table=p.outputTable,
     )
 
 
@@ -158,6 +164,50 @@ def default_b0_dir(node) -> tuple[float, float, float]:
     return b0_dir_from_affine(node_affine(node))
 
 
+def is_segmentation(node) -> bool:
+    return node is not None and node.IsA("vtkMRMLSegmentationNode")
+
+
+def segment_ids(segmentation, wanted: str | None = None) -> list[str]:
+    """IDs of the segments: all, or the one whose ID or name is ``wanted``; [] when it is not there."""
+    seg = segmentation.GetSegmentation()
+    ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+    if wanted is None:
+        return ids
+    return [i for i in ids if i == wanted or seg.GetSegment(i).GetName() == wanted][:1]
+
+
+def segmentation_labels(segmentation, reference, wanted: str | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """The segments as integer labels on ``reference``'s voxel grid (I, J, K order; 1, 2, ... in segment
+    order) and their names, by Slicer's own export (a segment covering part of a voxel follows Slicer's
+    rasterisation)."""
+    import slicer
+    import vtk
+
+    ids = segment_ids(segmentation, wanted)
+    array = vtk.vtkStringArray()
+    for i in ids:
+        array.InsertNextValue(i)
+    scene = segmentation.GetScene()
+    temp = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__pdiqsm_labels__")
+    try:
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, array, temp, reference):
+            raise InputError(segmentation.GetName(), "could not be turned into labels on the field's grid")
+        labels = node_array(temp).astype(np.int32)
+    finally:
+        scene.RemoveNode(temp)
+    seg = segmentation.GetSegmentation()
+    return labels, {k: seg.GetSegment(i).GetName() for k, i in enumerate(ids, start=1)}
+
+
+def _segmentation_problems(role: str, node, wanted: str | None) -> list[str]:
+    if not segment_ids(node):
+        return [f"{role} '{node.GetName()}' has no segment"]
+    if wanted is not None and not segment_ids(node, wanted):
+        return [f"{role} '{node.GetName()}' has no segment '{wanted}'"]
+    return []
+
+
 def problems(request: Request) -> list[str]:
     """What stops a run, in words for the GUI (empty when the request can run)."""
     out = []
@@ -165,17 +215,26 @@ def problems(request: Request) -> list[str]:
         return [f"unknown method {request.method!r}"]
     if request.field is None or request.field.GetImageData() is None:
         return ["select a field volume"]
-    if request.mask is None or request.mask.GetImageData() is None:
+    if request.mask is None or (not is_segmentation(request.mask) and request.mask.GetImageData() is None):
         return ["select a brain mask"]
+    if is_segmentation(request.mask):
+        out += _segmentation_problems("mask", request.mask, request.mask_segment)
+    if request.regions is not None:
+        out += _segmentation_problems("regions", request.regions, None)
+        names = [request.regions.GetSegmentation().GetSegment(i).GetName() for i in segment_ids(request.regions)]
+        if request.reference not in ("whole-brain", "none") and request.reference not in names:
+            out.append(f"reference '{request.reference}' is not a segment of '{request.regions.GetName()}'")
     shape = request.field.GetImageData().GetDimensions()
     for role, node in (("mask", request.mask), ("magnitude", request.magnitude), ("noise std", request.noise_std)):
+        if role == "mask" and is_segmentation(node):
+            continue
         if node is None:
             continue
         if node.GetImageData() is None or node.GetImageData().GetDimensions() != shape:
             out.append(f"{role} '{node.GetName()}' has another size than the field")
         elif not np.allclose(node_affine(node), node_affine(request.field), atol=1e-4):
             out.append(f"{role} '{node.GetName()}' has another geometry than the field")
-    if not out and request.mask.GetImageData().GetScalarRange()[1] <= 0:  # no copy of the mask's voxels
+    if not out and not is_segmentation(request.mask) and request.mask.GetImageData().GetScalarRange()[1] <= 0:
         out.append(f"mask '{request.mask.GetName()}' is empty")
     try:
         ppm_per_unit(request.units, request.b0, request.te)
@@ -254,10 +313,17 @@ class Job:
 
     @property
     def outputs(self) -> tuple[Path, Path]:
+        paths = self._paths()
+        return paths["mean"], paths["std"]
+
+    @property
+    def regions_table(self) -> Path:
+        return self._paths()["regions"]
+
+    def _paths(self) -> dict[str, Path]:
         from .pipeline import output_paths
 
-        paths = output_paths(self.work / "out", self.work / "field.nii.gz", "pdiqsm", self.method)
-        return paths["mean"], paths["std"]
+        return output_paths(self.work / "out", self.work / "field.nii.gz", "pdiqsm", self.method)
 
 
 class Logic:
@@ -271,6 +337,7 @@ class Logic:
     def __init__(self, scene, runner: Callable | None = None) -> None:
         self.scene = scene
         self.runner = runner or ProcessRunner()
+        self.last_table = None  # the region table node of the last finished run (None without regions)
 
     def prepare(self, request: Request) -> Job:
         """Check the request and write its inputs; raises InputError naming what is missing or wrong."""
@@ -291,6 +358,8 @@ class Logic:
             mean = self._output_node(request, mean_path, "chi_mean", request.output_mean)
             std = self._output_node(request, std_path, "chi_std", request.output_std) if std_path.exists() else None
             self._display(mean, std)
+            self.last_table = (self._table_node(request, job.regions_table, request.output_table)
+                               if request.regions is not None else None)
             return mean, std
         finally:
             self.discard(job)
@@ -323,9 +392,23 @@ class Logic:
         paths = {}
         for role, node in (("field", request.field), ("mask", request.mask), ("magnitude", request.magnitude),
                            ("noise", request.noise_std)):
-            if node is not None:
+            if node is None:
+                continue
+            if is_segmentation(node):  # the segment (or all of them) on the field's grid
+                data = (segmentation_labels(node, request.field, request.mask_segment)[0] > 0).astype(np.float32)
+                if not data.any():
+                    raise InputError(node.GetName(), "the mask segment covers no voxel of the field")
+            else:
                 data = node_array(node).astype(np.float32)
-                paths[role] = save_volume(work / f"{role}.nii.gz", data, Volume(data, affine, None))
+            paths[role] = save_volume(work / f"{role}.nii.gz", data, Volume(data, affine, None))
+        region_args = []
+        if request.regions is not None:
+            labels, names = segmentation_labels(request.regions, request.field)
+            labels_path = save_volume(work / "labels.nii.gz", labels.astype(np.float32),
+                                      Volume(labels.astype(np.float32), affine, None))
+            (work / "labels.tsv").write_text("index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in names.items()))
+            region_args = ["--labels", str(labels_path), "--names", str(work / "labels.tsv"), "--reference",
+                           request.reference]
         args = [python_executable(), "-m", "PDIQSMLib.cli", "reconstruct", str(paths["field"]), "--mask",
                 str(paths["mask"]), "--method", request.method, "--units", request.units, "--device", request.device,
                 "--out-dir", str(work / "out"), "--progress", "lines", "--samples", str(request.samples)]
@@ -337,7 +420,40 @@ class Logic:
                 args += [flag, str(value)]
         if request.b0_dir is not None:
             args += ["--b0-dir", *map(str, request.b0_dir)]
-        return args + list(request.extra_args)
+        return args + region_args + list(request.extra_args)
+
+    def _table_node(self, request: Request, path: Path, node=None):
+        """The region table (``pdiqsm stats`` columns) as a table node; units in the column properties, the
+        reference and the interval's error model in the node's attributes."""
+        import vtk
+
+        from .regions import read_table_tsv
+
+        rows = read_table_tsv(path)
+        comments = [x[2:] for x in path.read_text().splitlines() if x.startswith("# ")]
+        if node is None:
+            node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{request.field.GetName()}_regions")
+        table = node.GetTable()
+        table.Initialize()
+        columns = list(rows[0]) if rows else []
+        for name in columns:
+            text = any(isinstance(r.get(name), str) for r in rows)
+            array = vtk.vtkStringArray() if text else (vtk.vtkIntArray() if name in ("label", "voxels", "voxels_outside_mask")
+                                                       else vtk.vtkDoubleArray())
+            array.SetName(name)
+            for r in rows:
+                array.InsertNextValue(str(r.get(name, "")) if text else r.get(name, float("nan")))
+            table.AddColumn(array)
+        node.Modified()
+        for name in columns:
+            if name.endswith("_ppm"):
+                node.SetColumnUnitLabel(name, "ppm")
+            elif name == "volume_ml":
+                node.SetColumnUnitLabel(name, "mL")
+        for line in comments:
+            key, _, value = line.partition(": ")
+            node.SetAttribute(f"PDIQSM.{key}", value)
+        return node
 
     def _output_node(self, request: Request, path: Path, suffix: str, node=None):
         import nibabel as nib

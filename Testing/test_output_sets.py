@@ -241,11 +241,15 @@ def test_the_demo_publishes_its_whole_set_under_the_commands_names(tmp_path, cap
     from PDIQSMLib.geometry import Geometry
     from PDIQSMLib.pipeline import Settings, reconstruct
 
-    rows = run_demo(tmp_path / "demo", shape=(40, 44, 28))
+    rows = run_demo(tmp_path / "demo", shape=(56, 64, 36))
     names = sorted(p.name for p in (tmp_path / "demo").iterdir())
     methods = ["medi", "pdi", "tikhonov", "tkd"]
+    labelled = ["labels.nii.gz", "labels.tsv", "regions.md"] if (tmp_path / "demo" / "labels.nii.gz").exists() else []
     assert names == sorted(["chi.nii.gz", "mask.nii.gz", "field.nii.gz", "metrics.md", "metrics.json", "demo.png",
-                            "field_pdi_chi-std.nii.gz"] + [f"field_{m}_chi-mean.nii.gz" for m in methods])
+                            "field_pdi_chi-std.nii.gz"] + [f"field_{m}_chi-mean.nii.gz" for m in methods] + labelled)
+    if labelled:  # the nuclei table: truth beside each method, relative to the brain mean
+        regions = (tmp_path / "demo" / "regions.md").read_text()
+        assert "| truth | tkd | tikhonov | medi | pdi | pdi 95 % interval |" in regions
     assert sorted(rows) == methods
     table = (tmp_path / "demo" / "metrics.md").read_text()
     assert "| rmse (%) |" in table and "psnr (dB)" in table and "seconds (s)" in table

@@ -186,3 +186,70 @@ def test_checking_a_request_does_not_copy_the_mask(case, monkeypatch):
     assert logic.problems(Request(nodes["field"], nodes["mask"])) == []
     slicer.util.updateVolumeFromArray(nodes["mask"], np.zeros_like(slicer.util.arrayFromVolume(nodes["mask"])))
     assert logic.problems(Request(nodes["field"], nodes["mask"])) == ["mask 'mask' is empty"]
+
+
+def segmentation_from(scene, labels_file_order, affine, name):
+    """A segmentation node made, as a user would, by importing a label map volume read from a NIfTI file
+    on the field's grid (one segment per label value)."""
+    tmp = Path(tempfile.mkdtemp())
+    path = write_nifti(tmp / f"{name}.nii.gz", labels_file_order, affine)
+    lab = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{name}_labelmap")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(lab)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lab, seg)
+    scene.RemoveNode(lab)
+    return seg
+
+
+def test_segmentations_as_mask_and_regions_give_a_table_node(case):
+    """A segmentation as the mask gives the same map as the mask volume; a segmentation of regions gives a
+    table node whose rows are the library's region statistics of that map (values, names, units)."""
+    from PDIQSMLib.regions import region_stats
+
+    scene, nodes = case["scene"], case["nodes"]
+    mask = nib.load(str(case["paths"]["mask"])).get_fdata() > 0
+    chi_shape = mask.shape
+    regions = np.zeros(chi_shape)
+    regions[case["chi"] > 0.1] = 1  # the sphere
+    shell = mask & (case["chi"] == 0)
+    shell[:, :, : chi_shape[2] // 2] = False
+    regions[shell] = 2
+    seg_mask = segmentation_from(scene, mask.astype(float), case["affine"], "brain")
+    seg_regions = segmentation_from(scene, regions, case["affine"], "regions")
+    names = seg_regions.GetSegmentation()
+    ids = [names.GetNthSegmentID(i) for i in range(names.GetNumberOfSegments())]
+    names.GetSegment(ids[0]).SetName("sphere")
+    names.GetSegment(ids[1]).SetName("upper shell")
+    logic = Logic(scene)
+    by_volume, _ = logic.reconstruct(Request(nodes["field"], nodes["mask"], method="tkd"))
+    by_segment, _ = logic.reconstruct(Request(nodes["field"], seg_mask, method="tkd", regions=seg_regions,
+                                              reference="upper shell"))
+    a, b = slicer.util.arrayFromVolume(by_volume), slicer.util.arrayFromVolume(by_segment)
+    assert np.allclose(a, b, atol=1e-6)
+    table = logic.last_table
+    assert table is not None and table.GetNumberOfRows() == 2
+    column = lambda name: [table.GetTable().GetColumnByName(name).GetValue(i) for i in range(2)]  # noqa: E731
+    assert column("name") == ["sphere", "upper shell"]
+    recon = in_file_order(b.transpose(2, 1, 0), node_affine(by_segment), case["affine"])
+    expected = region_stats(recon, mask, regions.astype(int), tuple(np.linalg.norm(case["affine"][:3, :3], axis=0)),
+                            names={1: "sphere", 2: "upper shell"}, reference=2)["rows"]
+    assert column("mean_ppm") == pytest.approx([r["mean_ppm"] for r in expected], abs=1e-6)
+    assert column("voxels") == [r["voxels"] for r in expected]
+    assert column("mean_ppm")[1] == pytest.approx(0.0, abs=1e-9) and column("mean_ppm")[0] > 0.1
+    assert table.GetColumnUnitLabel("mean_ppm") == "ppm" and "upper shell" in table.GetAttribute("PDIQSM.reference")
+    assert logic.reconstruct(Request(nodes["field"], nodes["mask"], method="tkd"))[1] is None and logic.last_table is None
+
+
+def test_segmentation_problems_are_named(case):
+    from PDIQSMLib.slicer_logic import problems
+
+    scene, nodes = case["scene"], case["nodes"]
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing")
+    assert problems(Request(nodes["field"], empty, method="tkd")) == ["mask 'nothing' has no segment"]
+    mask = nib.load(str(case["paths"]["mask"])).get_fdata()
+    seg = segmentation_from(scene, mask, case["affine"], "brain")
+    assert problems(Request(nodes["field"], seg, method="tkd", mask_segment="cortex")) == ["mask 'brain' has no segment 'cortex'"]
+    said = problems(Request(nodes["field"], nodes["mask"], method="tkd", regions=seg, reference="caudate"))
+    assert said == ["reference 'caudate' is not a segment of 'brain'"]

@@ -63,7 +63,9 @@ def parameter_annotations() -> dict[str, tuple[str, set[str]]]:
             elts = ann.slice.elts
             ann, extras = elts[0], {getattr(e.func, "id", "") for e in elts[1:] if isinstance(e, ast.Call)}
         name = ast.unparse(ann)
-        out[n.target.id] = ("node" if name.startswith("vtkMRML") else name, extras)
+        nodes = name.startswith("vtkMRML") or (name.startswith(("Union[", "Optional[")) and all(
+            part.strip().startswith("vtkMRML") for part in name.split("[", 1)[1].rstrip("]").split(",")))
+        out[n.target.id] = ("node" if nodes else name, extras)  # a node, or a Union of nodes: the combobox connector
     return out
 
 
@@ -256,7 +258,8 @@ def load_module_with_stand_ins(monkeypatch):
     vtk = types.ModuleType("vtk")
     vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent=33)
     slicer = types.ModuleType("slicer")
-    slicer.vtkMRMLScalarVolumeNode = type("vtkMRMLScalarVolumeNode", (), {})
+    for node_class in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLTableNode"):
+        setattr(slicer, node_class, type(node_class, (), {}))
     slicer.mrmlScene = types.SimpleNamespace(StartCloseEvent=1, EndCloseEvent=2,
                                              GetFirstNodeByClass=lambda c: None)
     errors = []
