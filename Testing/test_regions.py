@@ -170,3 +170,36 @@ def test_folder_mode_writes_a_table_per_subject_and_one_across_them(small_case, 
     first, second = group[1].split("\t"), group[2].split("\t")
     assert first[0] == "1" and first[3] == "" and second[0] == "2" and second[2] == ""
     assert float(first[2]) == pytest.approx(float(second[3]))  # the same field and region in both subjects
+
+
+def test_the_shared_reference_form_equals_the_direct_one():
+    from PDIQSMLib.regions import ContrastVariance
+
+    rng = np.random.default_rng(2)
+    std = rng.uniform(0.01, 0.03, (30, 30, 16))
+    mask = np.zeros(std.shape, bool)
+    mask[3:27, 3:27, 2:14] = True
+    region = np.zeros(std.shape, bool)
+    region[10:14, 12:15, 5:8] = True
+    for model in (NAIVE, ErrorModel(1.3, 4.0)):
+        ref = mask / mask.sum()
+        direct = contrast_std(region / region.sum() - ref, std, model, VS)
+        assert ContrastVariance(std, model, VS, ref)(region / region.sum()) == pytest.approx(direct, rel=1e-6)
+        assert ContrastVariance(std, model, VS, np.zeros(std.shape))(region / region.sum()) == pytest.approx(
+            contrast_std(region / region.sum(), std, model, VS), rel=1e-6)
+
+
+def test_the_bundled_weights_carry_their_region_calibration():
+    """The calibration beside the bundled weights names their checksum (a re-export without recalibrating
+    fails here), is used by default for their std maps, and is not used for other weights."""
+    from PDIQSMLib.regions import calibration_path, error_model_for, load_error_model
+    from PDIQSMLib.weights import DEFAULT_WEIGHTS, sha256
+
+    record = json.loads(calibration_path(DEFAULT_WEIGHTS).read_text())
+    digest = sha256(DEFAULT_WEIGHTS)
+    assert record["weights_sha256"] == digest and 0.9 <= record["coverage_test"] <= 0.98
+    model = error_model_for(True, None, digest)
+    assert model.length_mm == record["length_mm"] and model.kappa == record["kappa"] and not model.naive
+    assert load_error_model(DEFAULT_WEIGHTS, "0" * 64) is None
+    assert error_model_for(True, None, "0" * 64).naive and "too narrow" in error_model_for(True, None, "0" * 64).source
+    assert error_model_for(False, None, digest) is None

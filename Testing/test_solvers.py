@@ -86,11 +86,35 @@ def test_medi_weight_ignores_corrupted_voxels():
     assert float((weighted - clean).norm()) < 0.2 * float((unweighted - clean).norm())
 
 
-def test_lcurve_returns_a_grid_value(brain_case):
-    ph, b, m, g = brain_case
-    grid = np.logspace(-5, 0, 26)
-    lam = solvers.tikhonov_lcurve(b, m, g, grid)
-    assert lam in grid[1:-1]
+def test_the_automatic_lambda_follows_the_noise_and_lands_near_the_best():
+    """On a realistic field (the kind it was fitted for), the default Tikhonov lambda (c s^2, s read off the
+    field's cone) costs at most a few points of NRMSE against the best lambda of a fine grid, with and
+    without 1e-2 ppm more noise, and grows with the noise. (The L-curve corner, solvers.tikhonov_lcurve,
+    fails such a check: on a procedural brain with 1e-3 and 1e-2 ppm noise its corners were 4e-5 and
+    1.6e-5, moving the wrong way; it is kept for comparison only. On clean procedural fields, the
+    automatic lambda over-regularises: 51 % against a best 38 % at 1e-3 ppm, a known limit.)"""
+    from PDIQSMLib import anatomy
+    from PDIQSMLib.fieldstats import cone_noise
+    from PDIQSMLib.simulation import REALISTIC, realistic_sample
+
+    if not anatomy.available():
+        pytest.skip("needs nilearn's MNI152 templates")
+    rng = np.random.default_rng(777)  # not a seed the constant c was fitted on (auto_lambda.py: 30000+)
+    brain = anatomy.anatomical_brain(rng, (1.5, 1.5, 2.0), (96, 112, 64))
+    sample = realistic_sample(brain.chi, brain.mask, Geometry((1.5, 1.5, 2.0)), rng, REALISTIC, brain.wm)
+    g, mask = sample.geometry, sample.mask
+    m, b = torch.from_numpy(mask.astype(np.float32)), torch.from_numpy(sample.field)
+    grid = np.logspace(-4, 0, 17)
+    chosen = []
+    for sigma in (0.0, 1e-2):
+        noisy = b + torch.from_numpy(rng.normal(0, sigma, b.shape).astype(np.float32)) * m if sigma else b
+        lam = solvers.auto_lambda("tikhonov", cone_noise(noisy.numpy(), mask, g))
+        err = lambda x: metrics.nrmse_demeaned(solvers.tikhonov(noisy, m, g, x).numpy(), sample.chi, mask)  # noqa: E731
+        best = min(err(x) for x in grid)
+        print(f"noise {sigma:g}: auto lambda {lam:.3g}, NRMSE {err(lam):.1f} (grid best {best:.1f})")
+        assert err(lam) < best + 4.0
+        chosen.append(lam)
+    assert chosen[1] > 3 * chosen[0]  # measured 4.5x: the realistic terms are already there without the added noise
 
 
 def test_bad_parameters():

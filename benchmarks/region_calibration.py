@@ -29,7 +29,7 @@ from benchmarks.common import write_table  # noqa: E402
 from PDIQSMLib import anatomy  # noqa: E402
 from PDIQSMLib.geometry import Geometry  # noqa: E402
 from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
-from PDIQSMLib.regions import NAIVE, Z95, ErrorModel, calibration_path, contrast_std  # noqa: E402
+from PDIQSMLib.regions import NAIVE, Z95, ContrastVariance, ErrorModel, calibration_path  # noqa: E402
 from PDIQSMLib.simulation import REALISTIC, random_b0, realistic_sample  # noqa: E402
 from PDIQSMLib.weights import DEFAULT_WEIGHTS, sha256  # noqa: E402
 
@@ -106,8 +106,10 @@ def run(seeds, settings, progress=print):
 def zscores(cases, model: ErrorModel) -> np.ndarray:
     z = []
     for sample, labels, res, _ in cases:
+        m = sample.mask
+        sd = ContrastVariance(res.std, model, sample.geometry.voxel_size, m / m.sum())
         for est, truth, w in contrasts(sample, labels, res.mean, res.std):
-            z.append((est - truth) / contrast_std(w, res.std, model, sample.geometry.voxel_size))
+            z.append((est - truth) / sd(w + m / m.sum()))  # w = region / n - mask / N
     return np.array(z)
 
 
@@ -119,19 +121,23 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=30, help="PDI-VI iterations")
     ap.add_argument("--write", action="store_true", help="store the calibration beside the bundled weights")
     ap.add_argument("--name", default="region_calibration")
+    ap.add_argument("--use-calibration", help="a stored .regions.json: test only, with its l and kappa")
     args = ap.parse_args()
     settings = Settings(method=args.method, device="cpu",
                         iterations=args.iterations if args.method != "pdi" else None, vi_variant="decoders")
-    cal = run(range(40000, 40000 + args.calibrate), settings)
-    length = float(np.median([c[3] for c in cal]))
-    z_cal = zscores(cal, ErrorModel(1.0, length))
-    kappa = float(np.percentile(np.abs(z_cal), 95) / Z95)
+    if args.use_calibration:  # test another method with a stored calibration (e.g. PDI's for PDI-VI)
+        stored = json.loads(Path(args.use_calibration).read_text())
+        cal, length, kappa = [], float(stored["length_mm"]), float(stored["kappa"])
+    else:
+        cal = run(range(40000, 40000 + args.calibrate), settings)
+        length = float(np.median([c[3] for c in cal]))
+        kappa = float(np.percentile(np.abs(zscores(cal, ErrorModel(1.0, length))), 95) / Z95)
     test = run(range(41000, 41000 + args.test), settings)
     models = {"independent voxels (naive)": NAIVE, f"correlated, l = {length:.1f} mm, kappa 1": ErrorModel(1.0, length),
               f"correlated, l = {length:.1f} mm, kappa {kappa:.2f} (calibrated)": ErrorModel(kappa, length)}
     rows = {}
     for name, model in models.items():
-        z_test, z_c = zscores(test, model), zscores(cal, model)
+        z_test, z_c = zscores(test, model), zscores(cal, model) if cal else np.array([np.nan])
         rows[name] = {"coverage_calibration": float(np.mean(np.abs(z_c) <= Z95)),
                       "coverage_test": float(np.mean(np.abs(z_test) <= Z95)),
                       "median_abs_z_test": float(np.median(np.abs(z_test))), "regions_test": int(z_test.size)}
@@ -144,13 +150,15 @@ def main() -> None:
         lines.append(f"| {name} | {100 * r['coverage_calibration']:.1f} % | {100 * r['coverage_test']:.1f} % | "
                      f"{r['median_abs_z_test']:.2f} | {r['regions_test']} |")
     lines.append("")
-    lines.append(f"Method {args.method}; correlation length per calibration brain (mm): "
+    lines.append(f"Method {args.method}" + (f" (VI: {args.iterations} iterations, decoders)" if args.method != "pdi" else "")
+                 + (f"; l and kappa from {args.use_calibration}" if args.use_calibration else "")
+                 + "; correlation length per calibration brain (mm): "
                  f"{', '.join(f'{c[3]:.1f}' for c in cal)}; test brains: {', '.join(f'{c[3]:.1f}' for c in test)}.")
     lines.append(f"Region contrast error on the test brains (estimate - truth, ppm): mean {np.mean(bias):+.4f}, "
                  f"RMS {np.sqrt(np.mean(np.square(bias))):.4f}, worst {np.max(np.abs(bias)):.4f}.")
     write_table(args.name, f"Interval of a region's mean: coverage on realistic simulated brains ({args.method})",
                 __doc__.split("\n\n", 1)[1].strip() + "\n\n" + "\n".join(lines))
-    if args.write and args.method == "pdi":
+    if args.write and args.method == "pdi" and not args.use_calibration:
         path = calibration_path(DEFAULT_WEIGHTS)
         path.write_text(json.dumps({"weights_sha256": sha256(DEFAULT_WEIGHTS), "kappa": round(kappa, 4),
                                     "length_mm": round(length, 3),
