@@ -222,6 +222,11 @@ def test_segmentations_as_mask_and_regions_give_a_table_node(case):
     ids = [names.GetNthSegmentID(i) for i in range(names.GetNumberOfSegments())]
     names.GetSegment(ids[0]).SetName("sphere")
     names.GetSegment(ids[1]).SetName("upper shell")
+    from PDIQSMLib.slicer_logic import segmentation_labels
+
+    exported, exported_names = segmentation_labels(seg_regions, nodes["field"])  # node IJK order
+    back = in_file_order(exported, node_affine(nodes["field"]), case["affine"])
+    assert np.array_equal(back, regions.astype(int)) and exported_names == {1: "sphere", 2: "upper shell"}
     logic = Logic(scene)
     by_volume, _ = logic.reconstruct(Request(nodes["field"], nodes["mask"], method="tkd"))
     by_segment, _ = logic.reconstruct(Request(nodes["field"], seg_mask, method="tkd", regions=seg_regions,
