@@ -56,6 +56,10 @@ def load_model(path: Path | None = None, device: str = "cpu") -> tuple[PDINet, d
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.exists():
         raise InputError(str(path), "weights file does not exist")
+    if path.suffix.lower() != ".safetensors":  # a pickle (.pt, .pth, .ckpt) is never opened
+        raise InputError(str(path), "weights must be a .safetensors file with its .json manifest; a training "
+                                    "checkpoint becomes one with 'pdiqsm export CHECKPOINT --out NAME.safetensors' "
+                                    "(pickled files are never loaded)")
     mpath = manifest_path(path)
     if not mpath.exists():
         raise InputError(str(path), f"no manifest {mpath.name} beside the weights (it holds the checksum)")

@@ -111,6 +111,29 @@ def test_snakemake_workflow_runs_each_subject_once(tmp_path):
     assert second.returncode == 0 and "Nothing to be done" in second.stdout + second.stderr
 
 
+def test_snakemake_keeps_going_past_a_broken_subject(tmp_path):
+    """One subject's field holds NaN: with --keep-going the other two are done, the broken one leaves
+    nothing, Snakemake exits non-zero, and its log carries pdiqsm's one-line reason."""
+    import nibabel as nib
+    import numpy as np
+
+    make_cohort(tmp_path / "raw")
+    bad = tmp_path / "raw" / "sub-02" / "anat" / "sub-02_localfield.nii.gz"
+    img = nib.load(str(bad))
+    data = img.get_fdata()
+    data[12, 12, 8] = np.nan
+    nib.save(nib.Nifti1Image(data.astype(np.float32), img.affine), str(bad))
+    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "workflow" / "Snakefile"), "--cores", "2", "--keep-going",
+           "--directory", str(tmp_path / "work"), "--config", f"root={tmp_path / 'raw'}", f"out={tmp_path / 'out'}",
+           "method=tkd"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
+    assert done.returncode != 0
+    assert "NaN" in done.stdout + done.stderr
+    made = sorted(p.name for p in (tmp_path / "out").rglob("*_desc-tkd_Chimap.nii.gz"))
+    assert made == ["sub-01_desc-tkd_Chimap.nii.gz", "sub-03_desc-tkd_Chimap.nii.gz"]
+    assert not any(p.is_file() for p in (tmp_path / "out" / "sub-02").rglob("*")) if (tmp_path / "out" / "sub-02").exists() else True
+
+
 def test_two_process_gloo_training_keeps_replicas_identical(tmp_path):
     ckpt = tmp_path / "c.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "PDIQSMLib.cli",

@@ -259,3 +259,80 @@ def test_the_demo_publishes_its_whole_set_under_the_commands_names(tmp_path, cap
     tkd = reconstruct(field.get_fdata(), mask, Geometry(tuple(map(float, field.header.get_zooms()))), Settings(method="tkd"))
     assert np.allclose(tkd.mean, load("field_tkd_chi-mean.nii.gz").get_fdata(), atol=1e-5)
     assert not leftover_stages(tmp_path / "demo")
+
+
+@pytest.mark.parametrize("kind", ["pickle", "truncated", "foreign manifest"])
+def test_bad_weights_are_refused_in_one_line_before_anything_is_loaded(small_case, tmp_path, capsys, monkeypatch, kind):
+    """A torch pickle, a truncated copy of the bundled weights, and the bundled weights under another
+    architecture's manifest: exit 2, one line naming the file and what to do, no output, and torch.load
+    (unpickling) never called."""
+    import torch
+
+    from PDIQSMLib.weights import DEFAULT_WEIGHTS, manifest_path
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called on a user's file")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    if kind == "pickle":
+        weights = tmp_path / "model.pt"
+        weights.write_bytes(b"\x80\x04pickled")
+        phrase = "pdiqsm export"
+    else:
+        weights = tmp_path / "w.safetensors"
+        data = DEFAULT_WEIGHTS.read_bytes()
+        weights.write_bytes(data[: len(data) // 2] if kind == "truncated" else data)
+        manifest = json.loads(manifest_path(DEFAULT_WEIGHTS).read_text())
+        if kind == "foreign manifest":
+            manifest["architecture"]["filters"] = [4, 8, 16]
+        manifest_path(weights).write_text(json.dumps(manifest))
+        phrase = "checksum mismatch" if kind == "truncated" else "do not fit"
+    out = tmp_path / "o"
+    code = main(recon(small_case, out, "pdi", "--weights", str(weights), "--device", "cpu"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and phrase in err and weights.name in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("method", ["pdi", "pdi-vi2", "medi"])
+def test_the_same_input_and_seed_give_bit_identical_maps_on_the_cpu(small_case, tmp_path, method):
+    extra = ["--iterations", "5", "--seed", "3", "--device", "cpu"] if method != "medi" else ["--iterations", "20"]
+    maps = []
+    for run_dir in ("a", "b"):
+        assert main(recon(small_case, tmp_path / run_dir, method, *extra)) == 0
+        maps.append([np.asarray(nib.load(str(p)).dataobj) for p in sorted((tmp_path / run_dir).glob("*.nii.gz"))])
+    assert len(maps[0]) == (2 if method != "medi" else 1)
+    assert all(np.array_equal(x, y) for x, y in zip(*maps))
+    if method == "pdi-vi2":  # the seed matters: another one samples otherwise
+        assert main(recon(small_case, tmp_path / "c", method, "--iterations", "5", "--seed", "4", "--device", "cpu")) == 0
+        other = np.asarray(nib.load(str(tmp_path / "c" / "field_pdi-vi2_chi-mean.nii.gz")).dataobj)
+        assert not np.array_equal(other, maps[0][0])
+
+
+def test_an_interrupted_folder_run_keeps_finished_subjects_and_resumes(small_case, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the second of three subjects runs: exit 130, the first subject's set kept, nothing of
+    the second; the rerun skips the first as done and does the other two."""
+    import PDIQSMLib.pipeline as pipeline
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    for i in (1, 2, 3):
+        make_subject(raw, f"sub-0{i}", small_case)
+    real = pipeline.reconstruct
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "reconstruct", interrupted)
+    args = ["reconstruct", str(raw), "--method", "tkd", "--out-dir", str(out), "--progress", "none"]
+    assert main(args) == 130
+    assert "finished subjects are kept" in capsys.readouterr().err
+    assert (out / "sub-01" / "anat" / "sub-01_desc-tkd_Chimap.json").exists()
+    assert not (out / "sub-02").exists() or not any(p.is_file() for p in (out / "sub-02").rglob("*"))
+    monkeypatch.setattr(pipeline, "reconstruct", real)
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "2 done, 1 skipped, 0 failed" in captured.err and "sub-01_localfield.nii.gz: skipped: done" in captured.out
