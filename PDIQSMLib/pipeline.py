@@ -103,6 +103,13 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
     mt = torch.from_numpy(m.astype(np.float32))
     info: dict = {"method": settings.method}
     std = None
+    from . import memory
+
+    tile = memory.check(settings.method, m.shape, m, settings.pad)  # refuses what cannot fit; PDI: tiles
+    info["memory_estimate_gib"] = round(memory.estimate_bytes(settings.method, m.shape, m, settings.pad) / 2**30, 2)
+    if tile is not None:
+        info["tile"] = tile
+        progress.status(f"{settings.method}: the volume does not fit in memory at once; running in tiles of {tile}")
     if settings.method == "tkd":
         chi = solvers.tkd(b, mt, geometry, settings.threshold, settings.pad or solvers.CLOSED_FORM_PAD)
     elif settings.method == "tikhonov":
@@ -122,12 +129,13 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
                  f"{run['relative_change']:.2g} > {run['tolerance']:g}); the map may be under-regularised or "
                  "streaky: pass a larger --iterations")
     else:
-        chi, std = _pdi(field_ppm, m, geometry, settings, magnitude, noise_std, progress, info)
+        chi, std = _pdi(field_ppm, m, geometry, settings, magnitude, noise_std, progress, info, tile)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return Result(chi.numpy().astype(np.float32), std, info)
 
 
-def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, progress: Progress, info: dict):
+def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, progress: Progress, info: dict,
+         tile: int | None = None):
     """PDI, or PDI-VI fine-tuned on this field: (mean tensor, std array); fills ``info``."""
     from .inference import pick_device, predict
     from .weights import load_model
@@ -137,7 +145,8 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     info.update(device=device, weights_sha256=manifest["sha256"])
     if settings.method == "pdi":
         progress.status(f"running PDI on {device}")
-        mean, std = predict(net, field_ppm, mask, device, geometry=geometry, weight=data_weight(mask, noise_std))
+        mean, std = predict(net, field_ppm, mask, device, tile=tile, geometry=geometry,
+                            weight=data_weight(mask, noise_std))
         return torch.from_numpy(mean), std
     from . import vi
 

@@ -336,3 +336,29 @@ def test_an_interrupted_folder_run_keeps_finished_subjects_and_resumes(small_cas
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "2 done, 1 skipped, 0 failed" in captured.err and "sub-01_localfield.nii.gz: skipped: done" in captured.out
+
+
+def test_a_volume_too_big_for_the_memory_is_refused_up_front_or_tiled(small_case, tmp_path, capsys, monkeypatch):
+    """With a 2 MiB budget: TKD (40 bytes per padded voxel: 3 MiB here) refuses at once with its estimate and the
+    largest cube that fits, writing nothing; PDI runs in tiles and gives the whole-volume answer here
+    (one tile covers this small box); the record says so."""
+    from PDIQSMLib import memory
+
+    monkeypatch.setenv("PDIQSM_MEMORY_GB", str(2 / 1024))
+    budget = memory.HEADROOM * 2 * 2**20
+    side = memory.largest_cube("tkd", budget)
+    assert memory.estimate_bytes("tkd", (side,) * 3) <= budget < memory.estimate_bytes("tkd", (side + 2,) * 3)
+    assert main(recon(small_case, tmp_path / "t", "tkd")) == 2
+    err = capsys.readouterr().err
+    assert "needs about 3 MiB" in err and f"{side}^3" in err
+    assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
+    assert main(recon(small_case, tmp_path / "p", "pdi", "--device", "cpu")) == 0
+    record = json.loads((tmp_path / "p" / "field_pdi_run.json").read_text())
+    assert record["result"]["tile"] == 64
+    monkeypatch.delenv("PDIQSM_MEMORY_GB")
+    assert main(recon(small_case, tmp_path / "w", "pdi", "--device", "cpu")) == 0
+    whole = json.loads((tmp_path / "w" / "field_pdi_run.json").read_text())
+    assert "tile" not in whole["result"]
+    a = nib.load(str(tmp_path / "p" / "field_pdi_chi-mean.nii.gz")).get_fdata()
+    b = nib.load(str(tmp_path / "w" / "field_pdi_chi-mean.nii.gz")).get_fdata()
+    assert np.allclose(a, b, atol=1e-6)
