@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from . import defaults
 from .evaluation import compare_methods, format_table
 from .io import Volume
 from .progress import Progress
@@ -110,9 +111,35 @@ def run_demo(out_dir: Path, seed: int = 0, progress: Progress | None = None, sha
 
 def save_figure(path: Path, truth: np.ndarray, mask: np.ndarray, results: dict,
                 voxel_size=(1.0, 1.0, 1.0)) -> Path:
+    """``demo_figure`` written as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = demo_figure(truth, mask, results, voxel_size)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def settings_text(results: dict) -> str:
+    """What each method ran with, from its result record (lambda and its rule, weights)."""
+    parts = []
+    for name, r in results.items():
+        info = r.info
+        if "lambda" in info:
+            parts.append(f"{name} lambda {info['lambda']:.2g} ({'auto' if 'lambda_rule' in info else 'fixed'})")
+        elif name == "tkd":
+            parts.append(f"tkd threshold {defaults.TKD_THRESHOLD:g}")
+        elif "weights_sha256" in info:
+            parts.append(f"{name} bundled weights {info['weights_sha256'][:8]}")
+    return "; ".join(parts)
+
+
+def demo_figure(truth: np.ndarray, mask: np.ndarray, results: dict, voxel_size=(1.0, 1.0, 1.0)):
     """Orthogonal slices through the centre (rows: axial, coronal, sagittal, in proportion to the voxel
-    size; RAS volumes: the subject's right on the image's right), columns: the truth, each method's
-    mean, and for PDI methods its std and |error| on one shared scale."""
+    size; neurological view of RAS volumes: the subject's right on the image's right), columns: the truth,
+    each method's mean, and for PDI methods its std and |error| on one shared scale; the title states the
+    view and each method's settings."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,7 +172,6 @@ def save_figure(path: Path, truth: np.ndarray, mask: np.ndarray, results: dict,
                 ax.text(0.02, 0.98, up, color="yellow", fontsize=7, ha="left", va="top", transform=ax.transAxes)
         axes[0, j].set_title(title, fontsize=9)
         fig.colorbar(im, ax=axes[:, j].tolist(), location="bottom", fraction=0.03, pad=0.02, label="ppm")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    fig.suptitle(f"voxel {' x '.join(f'{v:g}' for v in voxel_size)} mm, neurological view (subject's right on the "
+                 f"right); {settings_text(results)}", fontsize=9)
+    return fig

@@ -362,3 +362,32 @@ def test_a_volume_too_big_for_the_memory_is_refused_up_front_or_tiled(small_case
     a = nib.load(str(tmp_path / "p" / "field_pdi_chi-mean.nii.gz")).get_fdata()
     b = nib.load(str(tmp_path / "w" / "field_pdi_chi-mean.nii.gz")).get_fdata()
     assert np.allclose(a, b, atol=1e-6)
+
+
+def test_the_demo_figure_keeps_the_voxel_proportions_and_says_what_it_shows():
+    """Each row's panels have the aspect of its plane's voxel sides (1 x 1 x 1.5 mm: axial 1, coronal and
+    sagittal 1.5), the rows name their plane and slice, std and |error| share one scale, and the title
+    states the view and the settings."""
+    import matplotlib.pyplot as plt
+
+    from PDIQSMLib.demo import demo_figure
+    from PDIQSMLib.pipeline import Result
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(0, 0.05, (20, 24, 16))
+    mask = np.ones(truth.shape, bool)
+    results = {"tkd": Result(truth + 0.01, None, {}),
+               "pdi": Result(truth + 0.02, np.full(truth.shape, 0.03), {"weights_sha256": "ab" * 32})}
+    fig = demo_figure(truth, mask, results, (1.0, 1.0, 1.5))
+    axes = [a for a in fig.axes if a.images]
+    columns = len(axes) // 3  # truth, tkd mean, pdi mean, pdi std, pdi |error|
+    assert columns == 5
+    aspects = [float(a.get_aspect()) for a in axes]
+    rows = [aspects[i::columns] for i in range(columns)]  # axes are created row by row
+    assert all(r == [1.0, 1.5, 1.5] for r in rows)
+    assert [axes[i * columns].get_ylabel() for i in range(3)] == ["axial z=8", "coronal y=12", "sagittal x=10"]
+    std_panel, error_panel = axes[3], axes[4]
+    assert std_panel.images[0].get_clim() == error_panel.images[0].get_clim()
+    title = fig._suptitle.get_text()
+    assert "neurological" in title and "1 x 1 x 1.5 mm" in title and "tkd threshold" in title
+    plt.close(fig)
