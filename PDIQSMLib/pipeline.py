@@ -360,6 +360,10 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
     stats = None
     if labels is not None:
         model = regions.error_model_for(result.std is not None, settings.weights, result.info.get("weights_sha256"))
+        if model is not None and settings.method.startswith("pdi-vi") and not model.naive:
+            model = regions.ErrorModel(model.kappa, model.length_mm, model.source + "; measured for PDI, too narrow "
+                                       "for PDI-VI (52 % coverage on 3 test brains, benchmarks/results/"
+                                       "region_calibration_vi2.md)")
         stats = regions.region_stats(result.mean, mask, labels[0], geometry.voxel_size, result.std, names, reference,
                                      model)
         if labels[1]:

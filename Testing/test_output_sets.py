@@ -161,7 +161,9 @@ def test_an_interrupted_run_leaves_nothing(small_case, tmp_path, method, sig, co
     cmd = [sys.executable, "-m", "PDIQSMLib.cli", *recon(small_case, out, method, "--iterations", "100000",
                                                          "--device", "cpu")]
     cmd[cmd.index("none")] = "lines"
-    child = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=child_env())
+    # a shell starts background jobs (CI runners, nohup) with SIGINT ignored and children inherit it; a terminal does not
+    child = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=child_env(),
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in child.stderr:  # wait until the iterations run
         seen.append(line)

@@ -144,10 +144,11 @@ def main() -> None:
     bias = []
     for sample, labels, res, _ in test:
         bias += [est - truth for est, truth, _ in contrasts(sample, labels, res.mean, res.std)]
-    lines = [f"| error model | coverage, calibration brains ({args.calibrate}) | coverage, test brains ({args.test}) | "
+    lines = [f"| error model | coverage, calibration brains ({len(cal)}) | coverage, test brains ({args.test}) | "
              "median |z|, test | regions, test |", "|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {100 * r['coverage_calibration']:.1f} % | {100 * r['coverage_test']:.1f} % | "
+        cal_cell = "n/a (stored)" if not cal else f"{100 * r['coverage_calibration']:.1f} %"
+        lines.append(f"| {name} | {cal_cell} | {100 * r['coverage_test']:.1f} % | "
                      f"{r['median_abs_z_test']:.2f} | {r['regions_test']} |")
     lines.append("")
     lines.append(f"Method {args.method}" + (f" (VI: {args.iterations} iterations, decoders)" if args.method != "pdi" else "")
