@@ -67,12 +67,12 @@ def tile_for(budget: int, method: str = "pdi") -> int:
     return max(side, 64)
 
 
-def check(method: str, shape, mask: np.ndarray | None, pad: float | None, source: str = "field") -> int | None:
-    """None when the estimate fits; a tile side for PDI when it does not; InputError for the others."""
+def check(method: str, shape, need: int, pad: float | None, source: str = "field") -> int | None:
+    """None when ``need`` bytes (``estimate_bytes``) fit; a tile side for PDI when they do not; InputError for
+    the others."""
     available = available_bytes()
     if available is None:
         return None
-    need = estimate_bytes(method, shape, mask, pad)
     budget = int(HEADROOM * available)
     if need <= budget:
         return None

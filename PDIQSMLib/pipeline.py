@@ -105,8 +105,9 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
     std = None
     from . import memory
 
-    tile = memory.check(settings.method, m.shape, m, settings.pad)  # refuses what cannot fit; PDI: tiles
-    info["memory_estimate_gib"] = round(memory.estimate_bytes(settings.method, m.shape, m, settings.pad) / 2**30, 2)
+    need = memory.estimate_bytes(settings.method, m.shape, m, settings.pad)
+    tile = memory.check(settings.method, m.shape, need, settings.pad)  # refuses what cannot fit; PDI: tiles
+    info["memory_estimate_gib"] = round(need / 2**30, 2)
     if tile is not None:
         info["tile"] = tile
         progress.status(f"{settings.method}: the volume does not fit in memory at once; running in tiles of {tile}")
@@ -350,9 +351,9 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
     if labels_path is not None:  # read and checked before anything is created
         from . import regions
 
-        labels = regions.load_labels(labels_path, field)
+        labels, labels_note = regions.load_labels(labels_path, field)
         names = regions.read_names(names_path) if names_path else regions.default_names(labels_path)
-        regions.resolve_reference(reference, names, [int(v) for v in np.unique(labels[0][mask]) if v > 0])
+        regions.resolve_reference(reference, names, [int(v) for v in np.unique(labels[mask]) if v > 0])
     outputs = OutputSet(paths, protect=inputs, overwrite=overwrite)
     outputs.check()  # before the work: a run that cannot publish fails in a second, not after an hour
     progress.status(f"{settings.method}: field {field.data.shape}, voxel {geometry.voxel_size} mm, B0 {geometry.b0_dir}")
@@ -364,10 +365,10 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
             model = regions.ErrorModel(model.kappa, model.length_mm, model.source + "; measured for PDI, too narrow "
                                        "for PDI-VI (52 % coverage on 3 test brains, benchmarks/results/"
                                        "region_calibration_vi2.md)")
-        stats = regions.region_stats(result.mean, mask, labels[0], geometry.voxel_size, result.std, names, reference,
+        stats = regions.region_stats(result.mean, mask, labels, geometry.voxel_size, result.std, names, reference,
                                      model)
-        if labels[1]:
-            stats["notes"].insert(0, labels[1])
+        if labels_note:
+            stats["notes"].insert(0, labels_note)
     with outputs:
         written = [outputs.volume("mean", result.mean, field, f"PDIQSM {settings.method} chi ppm")]
         if result.std is not None:
@@ -436,8 +437,9 @@ def reconstruct_tree(root, out_dir, settings: Settings, field_pattern: str = "*_
     task = progress.task("subjects")
     for i, sub in enumerate(subjects, 1):
         target = Path(out_dir) / sub.relative
-        record_path = output_paths(target, sub.field, naming, settings.method)["record"]
-        entry = {"field": str(sub.field)}
+        paths = output_paths(target, sub.field, naming, settings.method)
+        record_path = paths["record"]
+        entry = {"field": str(sub.field), "regions": str(paths["regions"])}
         if record_path.exists() and not overwrite:
             before = recorded_settings(record_path)
             if before == wanted:
@@ -457,7 +459,6 @@ def reconstruct_tree(root, out_dir, settings: Settings, field_pattern: str = "*_
             except (InputError, ValueError, RuntimeError, OSError) as exc:
                 entry.update(status="failed", reason=str(exc))
                 progress.status(f"failed {sub.field}: {exc}")
-        entry["regions"] = str(output_paths(target, sub.field, naming, settings.method)["regions"])
         entries.append(entry)
         task(i, len(subjects))
     if labels_suffix:

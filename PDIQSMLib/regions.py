@@ -166,7 +166,8 @@ class ContrastVariance:
 
     def __init__(self, std: np.ndarray, model: ErrorModel, voxel_size, reference_weights: np.ndarray) -> None:
         self.std, self.model, self.voxel_size = np.asarray(std, np.float64), model, voxel_size
-        self.v = np.asarray(reference_weights, np.float64) * self.std
+        self.reference_weights = np.asarray(reference_weights, np.float64)
+        self.v = self.reference_weights * self.std
         if model.naive or not self.v.any():
             self.kv, self.vkv = None, float(np.sum(self.v**2))
             return
@@ -188,8 +189,7 @@ class ContrastVariance:
         lo, hi = nz.min(0), nz.max(0) + 1
         inside = all(a >= b.start and c <= b.stop for a, c, b in zip(lo, hi, self.box))
         if not inside:  # a region reaching outside the reference's box: the direct form
-            return contrast_std(region_weights - self.v / np.where(self.std > 0, self.std, 1.0), self.std,
-                                self.model, self.voxel_size)
+            return contrast_std(region_weights - self.reference_weights, self.std, self.model, self.voxel_size)
         ukv = float(np.sum(u * self.kv))
         uku = contrast_std(region_weights, self.std, ErrorModel(1.0, self.model.length_mm), self.voxel_size) ** 2
         return float(self.model.kappa * np.sqrt(max(uku - 2.0 * ukv + self.vkv, 0.0)))

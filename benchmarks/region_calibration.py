@@ -76,16 +76,17 @@ def correlation_length(err: np.ndarray, mask: np.ndarray, voxel_size) -> float:
     return float(np.mean(lengths))
 
 
-def contrasts(sample, labels, mean, std):
-    """Per region: (estimate, truth, sd for independent voxels, weights) relative to the whole-mask mean."""
+def contrasts(sample, labels, mean):
+    """Per region: (estimate, truth, region weights 1/n) of its mean relative to the whole-mask mean."""
     m = sample.mask
     out = []
     for label in [int(v) for v in np.unique(labels) if v > 0]:
         region = m & (labels == label)
         if region.sum() < 5:
             continue
-        w = region / region.sum() - m / m.sum()
-        out.append((float(np.sum(w * mean)), float(np.sum(w * sample.chi)), w))
+        u = region / region.sum()
+        w = u - m / m.sum()
+        out.append((float(np.sum(w * mean)), float(np.sum(w * sample.chi)), u))
     return out
 
 
@@ -108,8 +109,8 @@ def zscores(cases, model: ErrorModel) -> np.ndarray:
     for sample, labels, res, _ in cases:
         m = sample.mask
         sd = ContrastVariance(res.std, model, sample.geometry.voxel_size, m / m.sum())
-        for est, truth, w in contrasts(sample, labels, res.mean, res.std):
-            z.append((est - truth) / sd(w + m / m.sum()))  # w = region / n - mask / N
+        for est, truth, u in contrasts(sample, labels, res.mean):
+            z.append((est - truth) / sd(u))
     return np.array(z)
 
 
@@ -143,7 +144,7 @@ def main() -> None:
                       "median_abs_z_test": float(np.median(np.abs(z_test))), "regions_test": int(z_test.size)}
     bias = []
     for sample, labels, res, _ in test:
-        bias += [est - truth for est, truth, _ in contrasts(sample, labels, res.mean, res.std)]
+        bias += [est - truth for est, truth, _ in contrasts(sample, labels, res.mean)]
     lines = [f"| error model | coverage, calibration brains ({len(cal)}) | coverage, test brains ({args.test}) | "
              "median |z|, test | regions, test |", "|---|---|---|---|---|"]
     for name, r in rows.items():
