@@ -57,6 +57,11 @@ def calibration_path(weights_path: Path) -> Path:
     return p.with_name(p.name.replace(".safetensors", "") + ".regions.json")
 
 
+def _calibrated(record: dict) -> ErrorModel:
+    """The error model a calibration file (``benchmarks/region_calibration.py --write``) holds."""
+    return ErrorModel(float(record["kappa"]), float(record["length_mm"]), f"calibrated on {record['source']}")
+
+
 def load_error_model(weights_path: Path | None, sha256: str | None) -> ErrorModel | None:
     """The region calibration stored beside the weights, if it was measured for exactly these weights."""
     if weights_path is None:
@@ -67,7 +72,7 @@ def load_error_model(weights_path: Path | None, sha256: str | None) -> ErrorMode
     record = json.loads(p.read_text())
     if sha256 is not None and record.get("weights_sha256") != sha256:
         return None
-    return ErrorModel(float(record["kappa"]), float(record["length_mm"]), f"calibrated on {record['source']}")
+    return _calibrated(record)
 
 
 # -- names and labels ---------------------------------------------------------------------------------
@@ -339,7 +344,7 @@ def error_model_for(std_available: bool, weights_path=None, sha256: str | None =
         return NAIVE
     if calibration is not None:
         record = json.loads(Path(calibration).read_text())
-        return ErrorModel(float(record["kappa"]), float(record["length_mm"]), f"calibrated on {record['source']}")
+        return _calibrated(record)
     from .weights import DEFAULT_WEIGHTS
 
     model = load_error_model(Path(weights_path) if weights_path else DEFAULT_WEIGHTS, sha256)
