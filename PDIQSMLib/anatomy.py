@@ -40,6 +40,11 @@ NUCLEI = (
 )
 
 
+def nucleus_names() -> dict[int, str]:
+    """The label of each nucleus in ``AnatomicalBrain.labels`` (index in NUCLEI + 1) and its name."""
+    return {index: nucleus[0] for index, nucleus in enumerate(NUCLEI, start=1)}
+
+
 @dataclass
 class AnatomicalBrain:
     """A resampled brain: chi (ppm, isotropic part), brain mask, white-matter probability (for the

@@ -33,7 +33,7 @@ def demo_brain(seed: int, shape):
     rng = np.random.default_rng(seed)
     b = anatomy.anatomical_brain(rng, DEMO_VOXEL, tuple(shape))
     sample = realistic_sample(b.chi, b.mask, Geometry(DEMO_VOXEL, (0.0, 0.0, 1.0)), rng, REALISTIC, b.wm)
-    names = {i: n[0] for i, n in enumerate(anatomy.NUCLEI, start=1)}
+    names = anatomy.nucleus_names()
     labels = np.where(sample.mask, b.labels, 0)
     return sample, labels if labels.any() else None, names, "MNI152 brain, realistic field"
 
@@ -66,6 +66,7 @@ def run_demo(out_dir: Path, seed: int = 0, progress: Progress | None = None, sha
     ``labels.nii.gz``/``labels.tsv`` as ``pdiqsm simulate`` names them, ``field_<method>_chi-mean/-std.nii.gz``
     as ``pdiqsm reconstruct`` names them, ``metrics.md``/``metrics.json``, ``regions.md`` and ``demo.png``."""
     from .outputs import OutputSet
+    from .regions import names_tsv
 
     progress = progress or Progress("none")
     out_dir = Path(out_dir)
@@ -91,7 +92,7 @@ def run_demo(out_dir: Path, seed: int = 0, progress: Progress | None = None, sha
         outputs.volume("field", field, like, "local field ppm")
         if labels is not None:
             outputs.volume("labels", labels.astype(np.float32), like, "nucleus labels")
-            outputs.text("names", "index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in names.items()))
+            outputs.text("names", names_tsv(names))
             outputs.text("regions", regions + "\n")
         for method, res in results.items():
             outputs.volume(f"{method}-mean", res.mean, like, f"{method} chi ppm")

@@ -110,6 +110,11 @@ def read_names(path) -> dict[int, str]:
     return names
 
 
+def names_tsv(names: dict[int, str]) -> str:
+    """Label names as the TSV ``read_names`` reads (index, name)."""
+    return "index\tname\n" + "".join(f"{index}\t{name}\n" for index, name in names.items())
+
+
 def load_labels(path, ref: Volume) -> tuple[np.ndarray, str | None]:
     """Integer labels on ``ref``'s grid and a note when they were resampled. Same grid: used as they are.
     Another sampling of the same space (different shape or voxel size, overlapping field of view):

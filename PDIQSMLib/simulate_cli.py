@@ -112,10 +112,11 @@ def simulate(args, progress: Progress) -> list[Path]:
         outputs.volume("mask", mask.astype(np.float32), like, "mask")
         outputs.volume("field", field, like, "local field ppm")
         if labels is not None:
-            from .anatomy import NUCLEI
+            from .anatomy import nucleus_names
+            from .regions import names_tsv
 
             outputs.volume("labels", labels, like, "nucleus labels")
-            outputs.text("names", "index\tname\n" + "".join(f"{i}\t{n[0]}\n" for i, n in enumerate(NUCLEI, 1)))
+            outputs.text("names", names_tsv(nucleus_names()))
         outputs.json("record", {"B0_dir": list(geometry.b0_dir), "voxel_size": list(geometry.voxel_size),
                                 "B0": DEFAULT_B0, "TE": [DEFAULT_TE],
                                 "noise_ppm": args.noise if args.kind != "realistic" else None, "seed": args.seed})

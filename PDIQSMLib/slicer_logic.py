@@ -406,7 +406,9 @@ class Logic:
             labels, names = segmentation_labels(request.regions, request.field)
             labels_path = save_volume(work / "labels.nii.gz", labels.astype(np.float32),
                                       Volume(labels.astype(np.float32), affine, None))
-            (work / "labels.tsv").write_text("index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in names.items()))
+            from .regions import names_tsv
+
+            (work / "labels.tsv").write_text(names_tsv(names))
             region_args = ["--labels", str(labels_path), "--names", str(work / "labels.tsv"), "--reference",
                            request.reference]
         args = [python_executable(), "-m", "PDIQSMLib.cli", "reconstruct", str(paths["field"]), "--mask",
