@@ -25,17 +25,12 @@ def demo_brain(seed: int, shape):
     white-matter anisotropy, background residue, correlated noise, mask error) and its deep-nuclei labels;
     without nilearn's templates, a procedural brain with white noise and no labels."""
     from . import anatomy
-    from .geometry import Geometry
-    from .simulation import REALISTIC, realistic_sample, simulated_brain
+    from .simulation import realistic_brain, simulated_brain
 
     if not anatomy.available():
         return simulated_brain(tuple(shape), DEMO_VOXEL, seed, DEMO_NOISE_PPM), None, {}, "procedural brain, white noise"
-    rng = np.random.default_rng(seed)
-    b = anatomy.anatomical_brain(rng, DEMO_VOXEL, tuple(shape))
-    sample = realistic_sample(b.chi, b.mask, Geometry(DEMO_VOXEL, (0.0, 0.0, 1.0)), rng, REALISTIC, b.wm)
-    names = anatomy.nucleus_names()
-    labels = np.where(sample.mask, b.labels, 0)
-    return sample, labels if labels.any() else None, names, "MNI152 brain, realistic field"
+    sample, labels = realistic_brain(seed, DEMO_VOXEL, max_shape=tuple(shape))
+    return sample, labels if labels.any() else None, anatomy.nucleus_names(), "MNI152 brain, realistic field"
 
 
 def region_comparison(truth, mask, labels, names, results, voxel_size) -> str:

@@ -66,14 +66,12 @@ def realistic_brain(voxel_size, b0_dir, seed: int, max_shape) -> tuple[np.ndarra
     """(chi, mask, field, nucleus labels) of an MNI152 brain with a realistic local field (the training
     simulator's non-dipolar terms: anisotropy, background residue, correlated noise, mask error)."""
     from . import anatomy
-    from .simulation import REALISTIC, realistic_sample
+    from .simulation import realistic_brain as simulated
 
     if not anatomy.available():
         raise InputError("simulate realistic", "needs the MNI152 templates of nilearn's wheel: pip install nilearn")
-    rng = np.random.default_rng(seed)
-    brain = anatomy.anatomical_brain(rng, voxel_size, max_shape)
-    sample = realistic_sample(brain.chi, brain.mask, Geometry(brain.voxel_size, b0_dir), rng, REALISTIC, brain.wm)
-    return sample.chi, sample.mask, sample.field, np.where(sample.mask, brain.labels, 0).astype(np.float32)
+    sample, labels = simulated(seed, voxel_size, b0_dir, max_shape)
+    return sample.chi, sample.mask, sample.field, labels.astype(np.float32)
 
 
 def simulate(args, progress: Progress) -> list[Path]:

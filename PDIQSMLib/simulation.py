@@ -115,6 +115,15 @@ def anatomical_volume(rng: np.random.Generator, config: SimulationConfig) -> Sam
                   geometry, sigma)
 
 
+def realistic_brain(seed: int, voxel_size, b0_dir=(0.0, 0.0, 1.0), max_shape=(144, 144, 96)) -> tuple[Sample, np.ndarray]:
+    """A seeded MNI152 brain on ``voxel_size`` with its realistic local field (``realistic_sample``) and its
+    nucleus labels (``anatomy.nucleus_names``), zero outside the sample's mask."""
+    rng = np.random.default_rng(seed)
+    brain = anatomy.anatomical_brain(rng, voxel_size, max_shape)
+    sample = realistic_sample(brain.chi, brain.mask, Geometry(brain.voxel_size, b0_dir), rng, REALISTIC, brain.wm)
+    return sample, np.where(sample.mask, brain.labels, 0)
+
+
 def realistic_sample(chi: np.ndarray, mask: np.ndarray, geometry: Geometry, rng: np.random.Generator,
                      config: SimulationConfig, wm: np.ndarray | None = None) -> Sample:
     """``D chi`` plus the non-dipolar terms of a real local field (fieldterms.py), on a mask that may miss or
