@@ -360,11 +360,8 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
     result = reconstruct(field_ppm, mask, geometry, settings, inputs_.magnitude, inputs_.noise_std, progress)
     stats = None
     if labels is not None:
-        model = regions.error_model_for(result.std is not None, settings.weights, result.info.get("weights_sha256"))
-        if model is not None and settings.method.startswith("pdi-vi") and not model.naive:
-            model = regions.ErrorModel(model.kappa, model.length_mm, model.source + "; measured for PDI, too narrow "
-                                       "for PDI-VI (52 % coverage on 3 test brains, benchmarks/results/"
-                                       "region_calibration_vi2.md)")
+        model = regions.error_model_for(result.std is not None, settings.weights, result.info.get("weights_sha256"),
+                                        method=settings.method)
         stats = regions.region_stats(result.mean, mask, labels, geometry.voxel_size, result.std, names, reference,
                                      model)
         if labels_note:

@@ -339,10 +339,11 @@ def cohort_tsv(tables: dict[str, dict], column: str = "mean_ppm") -> str:
 # -- files ------------------------------------------------------------------------------------------
 
 def error_model_for(std_available: bool, weights_path=None, sha256: str | None = None, calibration=None,
-                    independent: bool = False) -> ErrorModel | None:
+                    independent: bool = False, method: str = "pdi") -> ErrorModel | None:
     """The error model of a PDI std map: a given calibration file, else the one stored beside the
     weights that made the map (bundled by default) when it matches their checksum, else independent
-    voxels (say so: the interval is then far too narrow). None when there is no std map."""
+    voxels (say so: the interval is then far too narrow). None when there is no std map. The stored
+    calibration was measured for PDI; for a PDI-VI ``method`` its description says it is too narrow there."""
     if not std_available:
         return None
     if independent:
@@ -353,8 +354,14 @@ def error_model_for(std_available: bool, weights_path=None, sha256: str | None =
     from .weights import DEFAULT_WEIGHTS
 
     model = load_error_model(Path(weights_path) if weights_path else DEFAULT_WEIGHTS, sha256)
-    return model or ErrorModel(1.0, 0.0, "independent voxels: no region calibration for these weights (the interval "
-                                         "is too narrow; see benchmarks/region_calibration.py)")
+    if model is None:
+        return ErrorModel(1.0, 0.0, "independent voxels: no region calibration for these weights (the interval "
+                                    "is too narrow; see benchmarks/region_calibration.py)")
+    if method.startswith("pdi-vi"):
+        return ErrorModel(model.kappa, model.length_mm, model.source + "; measured for PDI, too narrow for PDI-VI "
+                                                                      "(52 % coverage on 3 test brains, benchmarks/"
+                                                                      "results/region_calibration_vi2.md)")
+    return model
 
 
 def stats_for_files(chi: Volume, mask: np.ndarray, labels_path, std: np.ndarray | None = None, names_path=None,
