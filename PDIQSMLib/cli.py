@@ -281,7 +281,21 @@ def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
                    help="PDI-VI: sigma from the tuned log-variance decoder (network) or one free log variance per "
                         "voxel started from it (voxel: reaches the mean-field optimum; per volume only, adapted "
                         f"weights keep the base sigma; default {d.variance})")
-    p.add_argument("--noise-level", type=float, help="PDI-VI: field noise std (ppm) where W = 1 (default: estimated)")
+    p.add_argument("--noise-level", type=_noise_level, default=None,
+                   help="PDI-VI: field noise std (ppm) where W = 1, or how to read it from the field: cone (default: "
+                        "everything no map explains, as real fields need) or white (second differences)")
+    p.add_argument("--vi-tol", type=float, default=0.01,
+                   help="PDI-VI: stop when the mean map moved less than this (relative) over 10 iterations; 0: run "
+                        "every iteration (default 0.01)")
+
+
+def _noise_level(text: str) -> float | str:
+    if text in ("cone", "white"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a level in ppm, cone or white, not {text!r}") from None
 
 
 def _add_region_options(p: argparse.ArgumentParser) -> None:
@@ -293,7 +307,7 @@ def _add_region_options(p: argparse.ArgumentParser) -> None:
 
 def _vi_settings(args) -> dict:
     return dict(samples=args.samples, vi_variant=args.vi_variant, vi_estimator=args.vi_estimator,
-                vi_variance=args.vi_variance, noise_level=args.noise_level)
+                vi_variance=args.vi_variance, noise_level=args.noise_level, vi_tol=args.vi_tol)
 
 
 def reconstruct_settings(args) -> Settings:

@@ -182,14 +182,26 @@ class PDINet(nn.Module):
         """(mean before the prior is added, log variance) from encoder features."""
         return self.mean_decoder(bottom, skips), self.logvar_decoder(bottom, skips)
 
+    def channels_last(self) -> bool:
+        """Whether the weights are stored channels-last (``fast_layout``): inputs are then laid out alike."""
+        return self.encoders[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d) and \
+            not self.encoders[0][0].weight.is_contiguous()
+
     def encode(self, field: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Encoder features (bottom, skips), for fine-tuning the decoders on cached features."""
         skips = []
-        x = field
+        x = field.contiguous(memory_format=torch.channels_last_3d) if self.channels_last() else field
         for i, enc in enumerate(self.encoders):
             x = enc(x if i == 0 else self.pool(x))
             skips.append(x)
         return skips.pop(), skips
+
+
+def fast_layout(net: PDINet, device: str) -> PDINet:
+    """``net`` in the memory layout that is fastest on ``device``: channels-last on the CPU (measured per
+    training step 0.97 -> 0.55 s, and per PDI-VI iteration, benchmarks/results/vi_speed_cpu.md), the
+    default on GPUs (cuDNN picks its own). The numbers are the same up to float rounding."""
+    return net.to(memory_format=torch.channels_last_3d) if not str(device).startswith("cuda") else net
 
 
 def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,

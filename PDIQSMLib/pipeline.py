@@ -43,7 +43,8 @@ class Settings:
     vi_variant: str | None = None  # which weights PDI-VI tunes: full, decoders, last (None: full per volume, decoders on a set)
     vi_estimator: str = "mc"  # PDI-VI's expectation: mc (K samples) or exact
     vi_variance: str = "voxel"  # PDI-VI's sigma: voxel or network
-    noise_level: float | None = None  # PDI-VI: field noise (ppm) where W = 1; None: estimated
+    noise_level: float | str | None = None  # PDI-VI: field noise (ppm) where W = 1, or how to read it: cone, white (None: cone)
+    vi_tol: float = 0.01  # PDI-VI stops when its mean map moved less than this over 10 iterations (0: never)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -56,6 +57,10 @@ class Settings:
             raise InputError("--iterations", f"must be >= 1, got {self.iterations}")
         if self.pad is not None and not self.pad >= 1.0:
             raise InputError("--pad", f"padding factor must be >= 1, got {self.pad}")
+        if isinstance(self.noise_level, str) and self.noise_level not in ("cone", "white"):
+            raise InputError("--noise-level", f"expected a level in ppm, cone or white, got {self.noise_level!r}")
+        if not self.vi_tol >= 0:
+            raise InputError("--vi-tol", f"must be >= 0, got {self.vi_tol}")
 
     def applicable(self) -> dict:
         """The settings this method reads (what a run record lists; the others would mislead a reader).
@@ -63,9 +68,9 @@ class Settings:
         used = {"tkd": ("threshold", "pad"), "tikhonov": ("lam", "pad"), "medi": ("lam", "iterations", "pad"),
                 "pdi": ("device", "weights"),
                 "pdi-vi1": ("lam", "samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
-                            "vi_variance", "noise_level"),
+                            "vi_variance", "noise_level", "vi_tol"),
                 "pdi-vi2": ("samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
-                            "vi_variance", "noise_level")}[self.method]
+                            "vi_variance", "noise_level", "vi_tol")}[self.method]
         values = asdict(self)
         return {"method": self.method, **{k: values[k] for k in used}}
 
@@ -182,9 +187,11 @@ def vi_config(settings: Settings, on_set: bool = False):
         raise InputError("--method", f"fine-tuning needs pdi-vi1 or pdi-vi2, not {settings.method!r}")
     lam = 0.0 if settings.method == "pdi-vi2" else (settings.lam if settings.lam is not None else solvers.MEDI_LAMBDA)
     variant = settings.vi_variant or (SET_VARIANT if on_set else DEFAULT_VARIANT)
+    level = settings.noise_level
+    estimate = dict(noise_estimate=level) if isinstance(level, str) else dict(noise_level=level)
     config = VIConfig(lam=lam, samples=settings.samples, iterations=settings.iterations or 100,
-                      variant=variant, noise_level=settings.noise_level, seed=settings.seed,
-                      estimator=settings.vi_estimator, variance=settings.vi_variance)
+                      variant=variant, seed=settings.seed, estimator=settings.vi_estimator,
+                      variance=settings.vi_variance, tol=settings.vi_tol, **estimate)
     config.check()
     return config
 
@@ -192,7 +199,10 @@ def vi_config(settings: Settings, on_set: bool = False):
 def vi_summary(config, result) -> dict:
     return dict(lam=config.lam, samples=config.samples, iterations=len(result.history), variant=config.variant,
                 estimator=config.estimator, variance=config.variance,
-                noise_level=result.noise_level, finetune_seconds=round(result.seconds, 2),
+                noise_level=result.noise_level,
+                noise_level_from=("given" if config.noise_level else f"{config.noise_estimate} estimate from the field"),
+                stopped=("converged: the mean moved less than " f"{config.tol:g} over 10 iterations"
+                         if len(result.history) < config.iterations else "iteration limit"), finetune_seconds=round(result.seconds, 2),
                 final_terms={k: result.history[-1][k] for k in ("loss", "entropy", "fidelity", "tv")})
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, gaussian_nll
+from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, fast_layout, gaussian_nll
 from .network_io import clamp_logvar, prior_map, to_input
 from .simulation import REALISTIC, Sample, SimulationConfig, make_volume, random_patch
 
@@ -68,13 +68,10 @@ def with_prior(sample: Sample, kind: str) -> Sample:
 
 
 def batch_loss(net: PDINet, field: torch.Tensor, chi: torch.Tensor, mask: torch.Tensor,
-               beta: float = 0.0, prior: torch.Tensor | None = None, bf16: bool = False,
-               channels_last: bool = False) -> torch.Tensor:
+               beta: float = 0.0, prior: torch.Tensor | None = None, bf16: bool = False) -> torch.Tensor:
     """Eq. 9 on a batch (field, chi, prior in ppm); ``beta`` as in network.gaussian_nll; the network
-    runs under bf16 autocast when ``bf16`` (the loss in fp32)."""
+    runs under bf16 autocast when ``bf16`` (the loss in fp32), in the network's memory layout."""
     x = to_input(field, prior)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         mean, logvar = net(x)
     # the log variance softly limited as at inference (clamp_logvar): an untrained network's extreme
@@ -176,8 +173,7 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
     if init_from is not None and not checkpoint.exists():
         warm_start(net, init_from)
     bf16 = use_bf16(config.precision, device)
-    channels_last = not device.startswith("cuda")
-    net = net.to(device, memory_format=torch.channels_last_3d) if channels_last else net.to(device)
+    net = fast_layout(net.to(device), device)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     rng = np.random.default_rng(config.seed + rank)
     step, history = 0, []
@@ -219,7 +215,7 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
     t0 = time.perf_counter()
     while step < config.steps:
         field_b, chi_b, mask_b, prior_b = (t.to(device) if t is not None else None for t in pool.batch())
-        loss = batch_loss(model, field_b, chi_b, mask_b, config.beta, prior_b, bf16, channels_last)
+        loss = batch_loss(model, field_b, chi_b, mask_b, config.beta, prior_b, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -62,6 +62,7 @@ from .solvers import MEDI_LAMBDA
 VARIANTS = ("full", "decoders", "last")
 ESTIMATORS = ("mc", "exact")  # the KL's expectation over q: K Monte Carlo samples, or in closed form
 VARIANCES = ("network", "voxel")  # sigma from the log-variance decoder, or per voxel (refined from it)
+NOISE_ESTIMATES = ("cone", "white")  # s from the field: what no map explains, or the white noise alone
 # Why these defaults: the module's docstring (per volume) and pipeline.set_sigma (on a set: a frozen
 # encoder keeps the base network's sigma, since the frozen log-variance decoder reads the encoder).
 DEFAULT_VARIANT = "full"
@@ -75,8 +76,10 @@ class VIConfig:
     iterations: int = 100
     lr: float = 1e-3
     variant: str = DEFAULT_VARIANT
-    noise_level: float | None = None  # ppm where W = 1; None: estimated
-    tol: float = 0.0  # stop when the loss's relative change over 10 iterations is below this (0: never)
+    noise_level: float | None = None  # ppm where W = 1; None: estimated from the field (noise_estimate)
+    noise_estimate: str = "cone"  # 'cone' (everything no map explains) or 'white' (second differences)
+    tol: float = 0.01  # stop when the mean map moved less than this (relative, in the mask) over 10 iterations
+    variance_iterations: int = 100  # then the voxel variances alone, for the mean reached (no network pass)
     seed: int = 0
     pad: float = 1.0
     estimator: str = "mc"
@@ -98,6 +101,11 @@ class VIConfig:
             raise InputError("--vi-variance", f"unknown variance {self.variance!r}; expected one of {', '.join(VARIANCES)}")
         if self.noise_level is not None and not self.noise_level > 0:
             raise InputError("--noise-level", f"must be > 0 ppm, got {self.noise_level}")
+        if self.noise_estimate not in NOISE_ESTIMATES:
+            raise InputError("--noise-level", f"unknown estimate {self.noise_estimate!r}; expected a number (ppm) or "
+                                              f"one of {', '.join(NOISE_ESTIMATES)}")
+        if not self.tol >= 0:
+            raise InputError("--vi-tol", f"must be >= 0, got {self.tol}")
 
 
 @dataclass
@@ -288,33 +296,45 @@ class Model:
 
 
 @torch.no_grad()
-def estimate_noise_level(volumes: list[VolumeData]) -> float:
-    """Field noise (ppm where W = 1) from the data alone.
+def estimate_noise_level(volumes: list[VolumeData], kind: str = "cone") -> float:
+    """Field noise s (ppm where W = 1) from the data alone, the RMS over ``volumes``.
 
-    The weighted field W b is filtered by the separable second difference (1, -2, 1) along all three
-    axes: white noise of std s gives std sqrt(6^3) s, while the tissue field, smooth but for its
-    sources, is cancelled wherever it is locally polynomial of degree < 2 along any one axis. The
-    median absolute response inside the eroded mask (robust to the voxels near sources) gives s.
-    Measured on simulated brains with 1e-3 ppm noise it reads 1.05 / 1.16 / 1.29 times the truth at
-    1 / 1.5 / 3 mm slices (the 7-point Laplacian read 1.22 / 1.43 / 1.90), and 1.16 on the ICH case;
-    the excess is tissue signal, so the estimate errs on the side of less weight on the data.
+    'cone' (default): what no susceptibility map can explain, read off the magic-angle cone of the
+    weighted field (``fieldstats.cone_noise``, the estimate behind Tikhonov's and MEDI's automatic
+    lambda). Real fields carry a non-dipolar part (anisotropy, background residue, correlated noise)
+    several times their white noise; on realistic simulated brains the cone reads 0.0032 / 0.0048 ppm
+    where the whole misfit of the true map is 0.0036 / 0.0049, and the white-noise estimate 0.0024 /
+    0.00045. On a clean field with strong sources it reads high (4.1e-3 on the lesion phantom with
+    1e-3 white noise: the truncated field of a 1.2 ppm lesion leaks into the cone).
 
-    Not the cone estimate (fieldstats.cone_noise) that sets Tikhonov's and MEDI's automatic lambda: on a
-    clean field its floor (what the mask's edge leaks into the cone, 3.5e-3 ppm on a procedural brain with
-    1e-3 ppm noise) weighs the data several times too little (the per-volume lesion test's misfit fell to
-    0.17 of its start instead of 0.085). Learning s as the ELBO's maximiser is the way to take the
-    non-dipolar part of real fields into account here (issue 12); until then PDI-VI reads the white noise.
+    'white': the separable second difference (1, -2, 1) along all three axes of W b: white noise of
+    std s gives std sqrt(6^3) s, a smooth tissue field is cancelled where it is locally polynomial of
+    degree < 2 along any one axis; the median absolute response inside the eroded mask gives s.
+    Measured with 1e-3 ppm noise: 1.05 / 1.16 / 1.29 times the truth at 1 / 1.5 / 3 mm slices.
+
+    What s changes (measured, benchmarks/results/vi_realistic_cpu.md): sigma, not the mean. The mean is
+    tuned by Adam, whose steps do not depend on the loss's scale, and s scales the data and the TV prior
+    alike; the voxel variances go to about s / sqrt(P_j), so an s read from white noise alone makes sigma
+    several times too narrow on real fields. (Learning s as the ELBO's maximiser does not work with a
+    variance per voxel and a flat prior: with each sigma at its optimum s^2 / P_j the KL is
+    ||W (D mu - b)||^2 / 2 s^2 + const, which falls without end as s grows.)
     """
-    from .fieldstats import second_difference_responses
+    from .fieldstats import cone_noise, second_difference_responses
 
-    values = []
+    if kind not in NOISE_ESTIMATES:
+        raise InputError("--noise-level", f"unknown estimate {kind!r}; expected one of {', '.join(NOISE_ESTIMATES)}")
+    levels = []
     for v in volumes:
-        responses = second_difference_responses((v.field[0, 0] * v.weight[0, 0]).double(), v.mask[0, 0] > 0)
-        if responses.numel():
-            values.append(responses)
-    if not values:
-        raise InputError("mask", "too thin to estimate the noise level from the field; give --noise-level")
-    return float(1.4826 * torch.cat(values).median() / math.sqrt(216.0))
+        weighted, inside = (v.field[0, 0] * v.weight[0, 0]).double(), v.mask[0, 0] > 0
+        if kind == "cone":
+            level = cone_noise(weighted.cpu().numpy(), inside.cpu().numpy(), v.geometry) if inside.sum() >= 27 else float("nan")
+        else:
+            responses = second_difference_responses(weighted, inside)
+            level = float(1.4826 * responses.median() / math.sqrt(216.0)) if responses.numel() else float("nan")
+        if not level > 0:
+            raise InputError("mask", "too small or thin to estimate the noise level from the field; give --noise-level")
+        levels.append(level)
+    return float(np.sqrt(np.mean(np.square(levels))))
 
 
 @dataclass
@@ -337,13 +357,15 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
              validate_every: int = 10) -> FinetuneResult:
     """Fine-tune a copy of ``net`` on ``volumes`` (cycled, one per iteration); ``net`` is left unchanged.
 
-    With a ``validation`` volume, its loss (fixed noise draws) is checked every ``validate_every``
-    iterations and the weights with the lowest one are returned (early stopping).
+    Stops early when every volume's mean map moved less than ``config.tol`` (relative L2 in the mask)
+    over the last ``CHANGE_WINDOW`` iterations. With 'voxel' variance, the variances are then set for
+    the mean reached (``settle_variances``). With a ``validation`` volume, its loss (fixed noise draws)
+    is checked every ``validate_every`` iterations and the weights with the lowest one are returned.
     """
     config.check()
     tuned = copy.deepcopy(net)
     model = Model(tuned, config.variant, volumes + ([validation] if validation is not None else []), config.variance)
-    noise = config.noise_level or estimate_noise_level(volumes)
+    noise = config.noise_level or estimate_noise_level(volumes, config.noise_estimate)
     best = (float("inf"), None)
     groups = [{"params": model.params, "lr": config.lr}]
     if model.offsets is not None:
@@ -351,6 +373,7 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
     opt = torch.optim.Adam(groups)
     gen = torch.Generator(device=volumes[0].field.device).manual_seed(config.seed)
     history: list[dict] = []
+    change = MapChange(volumes, config.tol)
     t0 = time.perf_counter()
     for it in range(1, config.iterations + 1):
         i = (it - 1) % len(volumes)
@@ -360,6 +383,9 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
         terms["loss"].backward()
         opt.step()
         record = {"iteration": it, **{k: v.item() for k, v in terms.items()}, "seconds": round(time.perf_counter() - t0, 2)}
+        moved = change.update(it, i, mean)
+        if moved is not None:
+            record["change"] = moved
         if validation is not None and (it % validate_every == 0 or it == config.iterations):
             with torch.no_grad():
                 mean_v, logvar_v = model(len(volumes), validation)
@@ -370,7 +396,7 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
         history.append(record)
         if log:
             log(record)
-        stop = _converged(history, config.tol)
+        stop = change.converged()
         if progress:
             progress(it, it if stop else config.iterations)
         if stop:
@@ -381,9 +407,58 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
         p.requires_grad_(False)
     logvars = None
     if model.offsets is not None:
-        with torch.no_grad():
-            logvars = [model(i, v)[1] for i, v in enumerate(volumes)]
+        logvars = settle_variances(model, volumes, config, noise)
     return FinetuneResult(tuned, history, noise, time.perf_counter() - t0, logvars)
+
+
+CHANGE_WINDOW = 10  # iterations over which the mean map's movement is measured
+
+
+class MapChange:
+    """How far each volume's mean map moved over the last CHANGE_WINDOW iterations (relative L2 in the
+    mask), and whether all moved less than ``tol`` (0: never)."""
+
+    def __init__(self, volumes: list[VolumeData], tol: float) -> None:
+        self.tol = tol
+        self.masks = [v.mask[0, 0] > 0 for v in volumes]
+        self.marks: list[torch.Tensor | None] = [None] * len(volumes)  # the map at the window's start
+        self.moved: list[float | None] = [None] * len(volumes)
+
+    @torch.no_grad()
+    def update(self, it: int, index: int, mean: torch.Tensor) -> float | None:
+        n = len(self.masks)
+        if (it - 1 - index) % (CHANGE_WINDOW * n) != 0 and self.marks[index] is not None:
+            return None
+        now = mean.detach()[0, 0][self.masks[index]].float()
+        before, self.marks[index] = self.marks[index], now.clone()
+        if before is None:
+            return None
+        self.moved[index] = float((now - before).norm() / now.norm().clamp_min(1e-12))
+        return self.moved[index]
+
+    def converged(self) -> bool:
+        return self.tol > 0 and all(m is not None and m < self.tol for m in self.moved)
+
+
+def settle_variances(model: Model, volumes: list[VolumeData], config: VIConfig, noise: float) -> list[torch.Tensor]:
+    """The per-voxel log variances (ppm^2) for the mean reached: ``config.variance_iterations`` Adam steps
+    on the offsets alone with the mean fixed, the KL's expectation in closed form (``expected_kl``; the
+    residual is then a constant, so a step costs no network pass and no FFT). Returns one per volume."""
+    out = []
+    for i, v in enumerate(volumes):
+        with torch.no_grad():
+            mean, _ = model(i, v)
+        offsets = model.offsets[i]
+        opt = torch.optim.Adam([offsets], lr=config.voxel_lr)
+        for _ in range(config.variance_iterations):
+            logvar = clamp_logvar(model.base[i] + offsets) - 2.0 * float(np.log(CHI_SCALE))
+            loss = expected_kl(mean, logvar, v, config.lam, noise)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out.append(model(i, v)[1])
+    return out
 
 
 def loss_terms(mean: torch.Tensor, logvar: torch.Tensor, data: VolumeData, config: VIConfig, noise_level: float,
@@ -392,14 +467,6 @@ def loss_terms(mean: torch.Tensor, logvar: torch.Tensor, data: VolumeData, confi
     if config.estimator == "exact":
         return expected_kl(mean, logvar, data, config.lam, noise_level)
     return kl_loss(mean, logvar, data, config.lam, config.samples, noise_level, generator)
-
-
-def _converged(history: list[dict], tol: float, window: int = 10) -> bool:
-    if tol <= 0 or len(history) < 2 * window:
-        return False
-    recent = np.mean([h["loss"] for h in history[-window:]])
-    before = np.mean([h["loss"] for h in history[-2 * window:-window]])
-    return abs(before - recent) <= tol * abs(before)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from .errors import InputError
-from .network import PDINet, UNetConfig
+from .network import PDINet, UNetConfig, fast_layout
 
 RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 DEFAULT_WEIGHTS = RESOURCES / "models" / "pdi-default.safetensors"
@@ -83,4 +83,4 @@ def load_model(path: Path | None = None, device: str = "cpu") -> tuple[PDINet, d
         first = str(exc).splitlines()[0] if str(exc) else "mismatch"
         raise InputError(str(path), f"weights do not fit architecture {config.filters}: {first}") from None
     net.logvar_offset = float(manifest.get("logvar_offset", 0.0))
-    return net.to(device).eval(), manifest
+    return fast_layout(net.to(device), device).eval(), manifest

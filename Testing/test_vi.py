@@ -88,13 +88,28 @@ def lesion_case():
     return lesion_brain()
 
 
-def test_finetuning_reduces_misfit_and_error_and_moves_the_lesion(lesion_case):
-    """PDI-VI2 (flat prior) per volume with the default variant (every weight), exact expectation.
+def lesion_moment_error(m, chi, mask, lesion) -> float:
+    """The error of the lesion's total susceptibility, sum(chi) over the lesion grown by 3 voxels (mask
+    voxels), as a fraction of the lesion's own total. This is what the field outside a compact source
+    fixes (its dipole moment); how the total is spread inside is not: a uniformly magnetised sphere
+    has no field of its own inside, so the lesion's mean within its exact boundary is weakly determined."""
+    from scipy import ndimage
 
-    Measured with the realistic bundled model, 100 iterations: the KL's fidelity term 2.08e6 -> 1.77e5,
-    brain RMSE 54.5 % -> 40.0 %, lesion mean 1.321 -> 0.974 ppm (truth 1.2): this model overestimates the
-    lesion and PDI-VI overshoots it downwards (error 0.12 -> 0.23 ppm), a known regression said in the
-    README. With the first model (clean simulator): lesion 1.051 -> 1.066, RMSE 41.4 -> 30.0 %.
+    region = ndimage.binary_dilation(lesion, iterations=3) & mask
+    return float(m[region].sum() - chi[region].sum()) / float(chi[lesion].sum())
+
+
+@pytest.mark.parametrize("lam, rmse_ratio", [(0.0, 0.80), (1e-3, 0.88)], ids=["vi2", "vi1"])
+def test_finetuning_corrects_an_unseen_lesion_and_the_brain_against_the_truth(lesion_case, lam, rmse_ratio):
+    """PDI-VI2 (flat prior) and PDI-VI1 (TV prior, lambda 1e-3) per volume, default variant (every
+    weight), exact expectation, 100 iterations, on a brain with a 1.2 ppm lesion the model never saw.
+
+    Measured with the bundled model (AMD EPYC, 2 threads, ~45 s each): PDI overestimates the lesion's
+    total susceptibility by 83 % (it is too bright and spread); VI2 / VI1 bring that error to -7 % / -7 %
+    and the brain RMSE from 54.5 % to 40.0 % / 45.2 %. The lesion's mean inside its exact boundary goes
+    1.32 -> 0.97 / 0.99 ppm (truth 1.2): the total moves to the truth but stays spread over the lesion's
+    rim, which the field barely tells apart (``lesion_moment_error``). Broken on purpose (lr 0, so the
+    map stays PDI's), the moment and RMSE asserts fail.
     """
     from PDIQSMLib.weights import load_model
 
@@ -103,17 +118,18 @@ def test_finetuning_reduces_misfit_and_error_and_moves_the_lesion(lesion_case):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     v = prepare(field, mask, g, net.config.stride, prior=net.config.prior)
     mean0, _ = predict_volume(net, v)
-    result = finetune(net, [v], VIConfig(lam=0.0, iterations=100, estimator="exact"))
+    result = finetune(net, [v], VIConfig(lam=lam, iterations=100, estimator="exact"))
     # the default variant tunes the encoder too; the log-variance decoder stays (per-voxel sigma)
     tuned = result.net.state_dict()
     assert any(not torch.equal(before[k], tuned[k]) for k in before if k.startswith("encoders"))
     assert all(torch.equal(before[k], tuned[k]) for k in before if k.startswith("logvar_decoder"))
     mean1, std1 = result.predict(v)
     h = result.history
-    assert h[-1]["fidelity"] < 0.12 * h[0]["fidelity"]  # measured 0.085
-    assert 0.8 < mean1[lesion].mean() < mean0[lesion].mean() - 0.1  # measured 1.321 -> 0.974 (see above)
+    assert h[-1]["fidelity"] < 0.2 * h[0]["fidelity"]  # measured 0.085 (vi2)
+    assert lesion_moment_error(mean0, chi, mask, lesion) > 0.6  # measured 0.83: there is an error to correct
+    assert abs(lesion_moment_error(mean1, chi, mask, lesion)) < 0.2  # measured -0.07 / -0.07
     rmse = lambda m: np.linalg.norm(m[mask] - chi[mask]) / np.linalg.norm(chi[mask])  # noqa: E731
-    assert rmse(mean1) < 0.8 * rmse(mean0)  # measured 0.73
+    assert rmse(mean1) < rmse_ratio * rmse(mean0)  # measured 0.73 / 0.83
     assert np.all(np.isfinite(std1)) and np.all(std1[mask] > 0)
     # the input network is untouched
     assert all(torch.equal(before[k], t) for k, t in net.state_dict().items())
@@ -182,11 +198,11 @@ def test_noise_level_estimate_on_noise_over_a_smooth_field_and_with_a_weight_map
     smooth = 0.05 * (x**2 - y * z + 0.5 * z)  # a smooth background of 0.05 ppm, 50x the noise
     noise = 1e-3 * rng.standard_normal(shape)
     v = prepare(smooth + noise, mask, g, stride=2)
-    assert abs(estimate_noise_level([v]) / 1e-3 - 1) < 0.05
+    assert abs(estimate_noise_level([v], "white") / 1e-3 - 1) < 0.05
     # noise std 1e-3 / W with W varying 4x across the volume: the level where W = 1 is 1e-3
     w = np.where(mask, 0.5 + 1.5 * x, 0.0)
     v = prepare(smooth + noise / np.maximum(w, 1e-6), mask, g, stride=2, weight=w)
-    assert abs(estimate_noise_level([v]) / 1e-3 - 1) < 0.05
+    assert abs(estimate_noise_level([v], "white") / 1e-3 - 1) < 0.05
 
 
 def small_weighted_volume(shape=(10, 12, 8), voxel=(1.0, 1.0, 2.0), seed=5):
@@ -253,3 +269,50 @@ def test_voxel_variances_reach_the_mean_field_optimum_with_a_flat_prior():
     # and it is the variance used by predict_volume
     _, std = predict_volume(result.net, v, result.log_variances[0])
     assert np.allclose(std[v.full_mask], sigma.numpy()[v.full_mask], rtol=1e-5)
+
+
+def test_default_noise_level_reads_the_non_dipolar_part_that_white_noise_misses():
+    """A field = dipole field + a correlated non-dipolar part (4e-3 ppm, 1-voxel blur) + white noise
+    (5e-4 ppm): the part no map explains has std 3.7e-3. The default ('cone') reads it; the second
+    differences ('white') read only the white noise. Measured (seed 0): cone 7.0e-3 (1.9x: the truncated
+    dipole field of a small volume leaks into the cone), white 5.3e-4."""
+    from PDIQSMLib import fieldterms
+    from PDIQSMLib.vi import estimate_noise_level
+
+    rng = np.random.default_rng(0)
+    shape, g = (48, 48, 32), Geometry((1.0, 1.0, 2.0))
+    mask = phantoms.sphere(shape, g.voxel_size, 20.0, 1.0) > 0
+    chi = np.where(mask, 0.05 * fieldterms.correlated_noise(shape, rng, 2.0), 0).astype(np.float32)
+    extra = 4e-3 * fieldterms.correlated_noise(shape, rng, 1.0) + 5e-4 * rng.standard_normal(shape)
+    v = prepare(np.where(mask, field_of(chi, mask, g, 2.0) + extra, 0), mask, g, stride=2)
+    true = float(extra[mask].std())
+    assert VIConfig().noise_estimate == "cone"
+    assert 0.8 * true < estimate_noise_level([v]) < 2.5 * true  # measured 1.87x
+    assert estimate_noise_level([v], "white") < 0.2 * true  # measured 0.14x
+    with pytest.raises(InputError, match="unknown estimate"):
+        estimate_noise_level([v], "laplacian")
+
+
+def test_finetuning_stops_when_the_mean_stops_moving_and_then_settles_the_variances():
+    """With a learning rate of 0 the mean never moves: the default (tol 0.01) stops at the first
+    window's end (iteration 11) where tol 0 runs every iteration; either way the per-voxel sigma is
+    then set for the mean reached, at the flat prior's optimum s / sqrt(P_j)."""
+    from PDIQSMLib.network import PRESETS, PDINet
+    from PDIQSMLib.vi import CHANGE_WINDOW, fidelity_diagonal
+
+    torch.manual_seed(0)
+    net = PDINet(PRESETS["tiny"]).eval()
+    v, _ = small_weighted_volume(shape=(12, 12, 8))
+    s = 0.01
+    stopped = finetune(net, [v], VIConfig(lam=0.0, iterations=40, estimator="exact", noise_level=s, lr=0.0))
+    assert len(stopped.history) == CHANGE_WINDOW + 1 and stopped.history[-1]["change"] == 0.0
+    full = finetune(net, [v], VIConfig(lam=0.0, iterations=40, estimator="exact", noise_level=s, lr=0.0, tol=0.0))
+    assert len(full.history) == 40
+    optimum = s / fidelity_diagonal(v.op, v.weight)[0, 0].sqrt()
+    inside = v.mask[0, 0] > 0
+    for result in (stopped, full):
+        ratio = (torch.exp(0.5 * result.log_variances[0])[0, 0] / optimum)[inside]
+        assert float((ratio - 1).abs().max()) < 0.03
+    # a moving mean is not taken for converged
+    moving = finetune(net, [v], VIConfig(lam=0.0, iterations=25, estimator="exact", noise_level=s, lr=1e-2))
+    assert len(moving.history) == 25 and moving.history[10]["change"] > 0.01
