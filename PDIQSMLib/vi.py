@@ -7,7 +7,10 @@ For fields b without labels, minimise over the network weights
 with chi_k = mu + sigma eps_k (reparameterisation), K samples per iteration. W is MEDI's data weight
 (mean 1 in the mask) and s the field noise level (ppm) where W = 1, so W/s is the paper's Sigma_b^-1/2;
 lambda has the meaning it has in ``solvers.medi``. Without a given s, it is estimated from the field
-itself (``estimate_noise_level``).
+itself (``estimate_noise_level``: by default the cone estimate, which reads the non-dipolar part of real
+fields; s sets sigma, not the mean's path). Fine-tuning stops when the mean map moved less than
+``tol`` over 10 iterations (or at ``iterations``); the per-voxel variances are then set for the mean
+reached (``settle_variances``, no network pass).
 
 What sigma to expect: with a flat prior the mean-field optimum per voxel is exactly
 sigma_j = s / sqrt(P_j), P_j = sum_i W_i^2 d_ij^2 (``fidelity_diagonal``), whatever the mean: about

@@ -5,7 +5,7 @@ brains only), seeds 31000.. (training draws from one stream seeded 0, validation
 20000+). Methods with their defaults (Tikhonov and MEDI: automatic lambda) and with the old fixed lambdas;
 PDI with the bundled weights and, with --weights, another model. Columns: NRMSE and its demeaned form (the
 QSM-CI board's), HFEN, XSIM, 2-sigma coverage, Spearman(sigma, |error|), seconds.
-Writes benchmarks/results/realistic_<name>.md.
+Writes benchmarks/results/realistic_<name>.md (with --vi: PDI and PDI-VI, realistic_vi_<name>.md).
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ SEEDS = (31000, 31001, 31002)
 COLUMNS = ("rmse", "rmse_demeaned", "hfen", "xsim", "within_2sigma", "spearman_sigma_error", "seconds")
 
 
+def vi_runs() -> list[tuple[str, Settings]]:
+    """PDI-VI with its defaults, and VI1 with the noise level read as white noise only (the old default)."""
+    return [("pdi-vi1 (default)", Settings(method="pdi-vi1", device="cpu")),
+            ("pdi-vi2 (default)", Settings(method="pdi-vi2", device="cpu")),
+            ("pdi-vi1, noise level 'white' (old default)", Settings(method="pdi-vi1", device="cpu", noise_level="white"))]
+
+
 def runs(weights: list[str]) -> list[tuple[str, Settings]]:
     out = [("tkd", Settings(method="tkd")),
            (f"tikhonov lambda {solvers.TIKHONOV_LAMBDA:g} (old default)", Settings(method="tikhonov", lam=solvers.TIKHONOV_LAMBDA)),
@@ -44,17 +51,20 @@ def main() -> None:
     parser.add_argument("--weights", nargs="*", default=[""], help="PDI weights to score ('' = bundled)")
     parser.add_argument("--name", default="cpu", help="table name suffix")
     parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
+    parser.add_argument("--vi", action="store_true", help="PDI and PDI-VI only (about 5 min a brain and method on 2 "
+                        "cores), into realistic_vi_<name>.md")
     args = parser.parse_args()
     config = replace(REALISTIC, anatomical_fraction=1.0)
     per_method: dict[str, list[dict]] = {}
     for seed in args.seeds:
         s = make_volume(np.random.default_rng(seed), config)
-        rows, _ = compare_methods(s.field, s.mask, s.geometry, s.chi, runs(args.weights))
+        chosen = [("pdi bundled", Settings(method="pdi", device="cpu"))] + vi_runs() if args.vi else runs(args.weights)
+        rows, _ = compare_methods(s.field, s.mask, s.geometry, s.chi, chosen)
         for m, r in rows.items():
             per_method.setdefault(m, []).append(r)
             print(seed, m, {k: round(v, 3) for k, v in r.items() if k in COLUMNS}, flush=True)
     mean_rows = {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in per_method.items()}
-    write_table(f"realistic_{args.name}", f"Realistic simulated brains (MNI152 anatomy, non-dipolar terms), mean of "
+    write_table(f"realistic_{'vi_' if args.vi else ''}{args.name}", f"Realistic simulated brains (MNI152 anatomy, non-dipolar terms), mean of "
                 f"{len(args.seeds)} (seeds {', '.join(map(str, args.seeds))})", format_table(mean_rows, COLUMNS))
 
 
