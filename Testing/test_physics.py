@@ -81,8 +81,47 @@ def test_adjoint_identity(shape, pad):
     assert abs(float(lhs - rhs)) < 1e-10 * float(lhs.abs() + 1)
 
 
-def test_rotating_object_equals_rotating_b0():
-    # a 90 degree turn about x maps voxel axis y -> z; with B0 turned the same way, the field turns with it
+def test_rotating_two_spheres_and_b0_together_rotates_the_field():
+    """A genuine rotation (37 degrees about an oblique axis), not an axis relabelling: two spheres of
+    opposite chi and B0 are rotated together; the discrete field of the rotated scene must equal the
+    unrotated scene's analytic field read at the rotated-back points. A kernel that took B0 in the wrong
+    frame (R^T instead of R) fails. Measured: 9.3 % outside the spheres (B0 is 43 degrees off the grid
+    there: the voxel staircase of small off-centre spheres; a centred 8 mm sphere gives 4.8 % at 45
+    degrees), 128 % with B0 in the wrong frame."""
+    shape, vs = (80, 80, 80), (1.0, 1.0, 1.0)
+    axis = np.array([1.0, 2.0, 3.0]) / np.linalg.norm([1.0, 2.0, 3.0])
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    a = np.deg2rad(37.0)
+    rot = np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k  # Rodrigues
+    b0 = np.array([0.3, -0.2, 0.93])
+    spheres = [(np.array([10.0, -6.0, 4.0]), 7.0, 1.0), (np.array([-8.0, 9.0, -5.0]), 6.0, -0.5)]
+    centre = (np.array(shape) - 1) / 2.0
+    chi = np.zeros(shape)
+    moments = []  # each voxelised sphere's equivalent radius and centroid (its volume and its centre)
+    for p, radius, value in spheres:  # the rotated scene, voxelised
+        one = phantoms.sphere(shape, vs, radius, 1.0, center=tuple(centre + rot @ p))
+        chi += value * one
+        centroid = np.array([float((np.nonzero(one)[i] - centre[i]).mean()) for i in range(3)])  # mm (1 mm voxels)
+        moments.append((moment_radius(torch.from_numpy(one), vs), rot.T @ centroid))
+    field = simulate_field(torch.from_numpy(chi), Geometry(vs, tuple(rot @ b0)), pad=2.0).numpy()
+    x, y, z = phantoms.grid_mm(shape, vs)
+    back = np.einsum("ij,jxyz->ixyz", rot.T, np.stack(np.broadcast_arrays(x, y, z)))  # each point rotated back
+    truth = np.zeros(shape)
+    far = np.ones(shape, bool)
+    for (_, radius, value), (a_eq, p) in zip(spheres, moments):  # the unrotated scene's analytic field there
+        d = back - p[:, None, None, None]
+        r = np.sqrt((d**2).sum(0))
+        cos_t = np.tensordot(b0 / np.linalg.norm(b0), d, axes=1) / np.maximum(r, 1e-9)
+        truth += np.where(r > radius, value * a_eq**3 / 3.0 * (3 * cos_t**2 - 1) / np.maximum(r, 1e-9) ** 3, 0.0)
+        far &= (r > radius + 3) & (r < 22)
+    assert np.linalg.norm(field[far] - truth[far]) / np.linalg.norm(truth[far]) < 0.15
+    # and reading B0 in the wrong frame (R^T b0 instead of R b0) is far off
+    wrong = simulate_field(torch.from_numpy(chi), Geometry(vs, tuple(rot.T @ b0)), pad=2.0).numpy()
+    assert np.linalg.norm(wrong[far] - truth[far]) / np.linalg.norm(truth[far]) > 0.5
+
+
+def test_relabelling_the_axes_relabels_voxel_sizes_and_b0():
+    # a permutation of the voxel axes (y <-> z) with anisotropic voxels: the field must follow exactly
     shape, vs = (24, 20, 28), (1.0, 1.3, 1.7)
     chi = torch.randn(shape, dtype=torch.float64)
     b0 = np.array([0.1, 0.4, 0.9])
