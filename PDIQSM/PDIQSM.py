@@ -39,8 +39,9 @@ class PDIQSM(ScriptedLoadableModule):
             "<b>Methods</b>: PDI, a 3D U-Net with two decoders that reads the field and its Tikhonov inverse "
             "(weighted by the noise map when given) and gives the mean and the standard deviation "
             "of chi per voxel; PDI-VI1 and PDI-VI2 fine-tune it on your field without labels (with a TV "
-            "prior of weight lambda, or a flat prior) using K Monte Carlo samples, tuning every weight "
-            "(about 4 s per iteration for a 206x219x52 brain on 2 CPU cores, far less on a GPU), and give the mean-field "
+            "prior of weight lambda, or a flat prior), taking the KL's expectation exactly (K = 0, the default) or "
+            "with K Monte Carlo samples, tuning every weight (about 9 s per iteration for a 160^3 brain on 2 CPU "
+            "cores, far less on a GPU; it stops early once the map no longer moves), and give the mean-field "
             "standard deviation per voxel (how well the data pin each voxel, given its neighbours: narrower "
             "than PDI's); MEDI, Tikhonov and TKD "
             "are the classic MAP baselines. B0 defaults to scanner z seen through the volume's geometry.<br>"
@@ -91,7 +92,7 @@ class PDIQSMParameterNode:
     method: Annotated[str, Choice(list(PANEL_METHODS))] = label_of(PANEL_METHODS, defaults.METHOD)
     lambdaAuto: bool = True
     lam: Annotated[float, WithinRange(0.0, 1.0)] = defaults.MEDI_LAMBDA
-    samples: Annotated[float, WithinRange(1, 50)] = defaults.VI_SAMPLES
+    samples: Annotated[float, WithinRange(0, 50)] = defaults.PANEL_VI_SAMPLES  # 0: exact expectation
     iterations: Annotated[int, WithinRange(1, 2000)] = defaults.VI_ITERATIONS
     device: Annotated[str, Choice(list(PANEL_DEVICES))] = label_of(PANEL_DEVICES, defaults.DEVICE)
     weightsPath: pathlib.Path  # empty: the bundled model

@@ -41,7 +41,7 @@ class Settings:
     weights: str | None = None
     seed: int = 0
     vi_variant: str | None = None  # which weights PDI-VI tunes: full, decoders, last (None: full per volume, decoders on a set)
-    vi_estimator: str = "mc"  # PDI-VI's expectation: mc (K samples) or exact
+    vi_estimator: str = "exact"  # PDI-VI's expectation: exact (closed form) or mc (K samples)
     vi_variance: str = "voxel"  # PDI-VI's sigma: voxel or network
     noise_level: float | str | None = None  # PDI-VI: field noise (ppm) where W = 1, or how to read it: cone, white (None: cone)
     vi_tol: float = 0.01  # PDI-VI stops when its mean map moved less than this over 10 iterations (0: never)

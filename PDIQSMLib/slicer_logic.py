@@ -94,7 +94,7 @@ class Request:
     b0_dir: tuple[float, float, float] | None = None  # None: from the field's geometry
     method: str = defaults.METHOD
     lam: float | None = None
-    samples: int = defaults.VI_SAMPLES
+    samples: int = defaults.PANEL_VI_SAMPLES  # 0: exact expectation; K >= 1: K Monte Carlo samples
     iterations: int | None = None
     device: str = defaults.DEVICE
     weights: str | None = None
@@ -121,6 +121,13 @@ def label_of(choices: dict[str, str], value: str) -> str:
 
 def _unset_path(path) -> bool:
     return path is None or str(path).strip() in ("", ".")
+
+
+def vi_sampling_args(samples: int) -> list[str]:
+    """The panel's K as command-line options: 0 takes PDI-VI's expectation in closed form (the command's
+    default), K >= 1 draws K Monte Carlo samples per iteration (the paper's)."""
+    k = int(samples)
+    return ["--vi-estimator", "exact"] if k <= 0 else ["--vi-estimator", "mc", "--samples", str(k)]
 
 
 def request_from_panel(p) -> Request:
@@ -413,7 +420,7 @@ class Logic:
                            request.reference]
         args = [python_executable(), "-m", "PDIQSMLib.cli", "reconstruct", str(paths["field"]), "--mask",
                 str(paths["mask"]), "--method", request.method, "--units", request.units, "--device", request.device,
-                "--out-dir", str(work / "out"), "--progress", "lines", "--samples", str(request.samples)]
+                "--out-dir", str(work / "out"), "--progress", "lines", *vi_sampling_args(request.samples)]
         optional = {"--magnitude": paths.get("magnitude"), "--noise-std": paths.get("noise"), "--b0": request.b0,
                     "--te": request.te, "--lambda": request.lam, "--iterations": request.iterations,
                     "--weights": request.weights}

@@ -8,7 +8,7 @@ with chi_k = mu + sigma eps_k (reparameterisation), K samples per iteration. W i
 (mean 1 in the mask) and s the field noise level (ppm) where W = 1, so W/s is the paper's Sigma_b^-1/2;
 lambda has the meaning it has in ``solvers.medi``. Without a given s, it is estimated from the field
 itself (``estimate_noise_level``: by default the cone estimate, which reads the non-dipolar part of real
-fields; s sets sigma, not the mean's path). Fine-tuning stops when the mean map moved less than
+fields; with the exact expectation, the default, s sets sigma, not the mean's path). Fine-tuning stops when the mean map moved less than
 ``tol`` over 10 iterations (or at ``iterations``); the per-voxel variances are then set for the mean
 reached (``settle_variances``, no network pass).
 
@@ -30,8 +30,9 @@ Where sigma comes from (``VIConfig.variance``):
   push every voxel down to cut the worst; on the ICH case sigma falls to the lower bound (1e-4 ppm)
   in the bleed and to 1e-3 in the brain (2-sigma coverage 3 %), with either estimator.
 
-How the expectation over q is taken (``VIConfig.estimator``): 'mc', K reparameterised samples (the
-paper's); 'exact', in closed form (``expected_kl``), the K -> infinity loss without sampling noise.
+How the expectation over q is taken (``VIConfig.estimator``): 'exact' (default), in closed form
+(``expected_kl``), the K -> infinity loss without sampling noise; 'mc', K reparameterised samples (the
+paper's). On a whole brain both cost the same per iteration (the network's passes are nearly all of it).
 
 Variants trade speed for flexibility: 'full' tunes every weight; 'decoders' freezes the encoder and
 caches its features; 'last' also caches everything before each decoder's last level, tuning only
@@ -85,7 +86,7 @@ class VIConfig:
     variance_iterations: int = 100  # then the voxel variances alone, for the mean reached (no network pass)
     seed: int = 0
     pad: float = 1.0
-    estimator: str = "mc"
+    estimator: str = "exact"  # the KL's expectation in closed form; "mc": K = samples draws (the paper's)
     variance: str = "voxel"
     voxel_lr: float = 0.1  # Adam step for the per-voxel log variances ('voxel')
 
@@ -315,10 +316,12 @@ def estimate_noise_level(volumes: list[VolumeData], kind: str = "cone") -> float
     degree < 2 along any one axis; the median absolute response inside the eroded mask gives s.
     Measured with 1e-3 ppm noise: 1.05 / 1.16 / 1.29 times the truth at 1 / 1.5 / 3 mm slices.
 
-    What s changes (measured, benchmarks/results/vi_realistic_cpu.md): sigma, not the mean. The mean is
-    tuned by Adam, whose steps do not depend on the loss's scale, and s scales the data and the TV prior
-    alike; the voxel variances go to about s / sqrt(P_j), so an s read from white noise alone makes sigma
-    several times too narrow on real fields. (Learning s as the ELBO's maximiser does not work with a
+    What s changes: with the exact expectation (the default), sigma, not the mean. The mean is tuned by
+    Adam, whose steps do not depend on the loss's scale, and s scales the data and the TV prior alike;
+    the voxel variances go to about s / sqrt(P_j), so an s read from white noise alone makes sigma several
+    times too narrow on real fields (2-sigma coverage 0.22 on a realistic brain, 0.80-0.86 with the cone).
+    With Monte Carlo samples ('mc') s changes the mean too: the samples' spread, and so the noise of the
+    mean's gradient, grows with s (realistic brain, VI1: 74.9 % with the cone s, 67.6 % with the white). (Learning s as the ELBO's maximiser does not work with a
     variance per voxel and a flat prior: with each sigma at its optimum s^2 / P_j the KL is
     ||W (D mu - b)||^2 / 2 s^2 + const, which falls without end as s grows.)
     """

@@ -23,7 +23,7 @@ import pytest
 from PDIQSMLib import defaults
 from PDIQSMLib.cli import build_parser, reconstruct_settings
 from PDIQSMLib.slicer_logic import (PANEL_DEVICES, PANEL_METHODS, PANEL_UNITS, Request, decode_output, label_of,
-                                    process_outcome, request_from_panel)
+                                    process_outcome, request_from_panel, vi_sampling_args)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "PDIQSM" / "PDIQSM.py"
@@ -177,7 +177,7 @@ class Panel:
 def command_settings(request: Request):
     """The Settings the command line builds from the arguments the panel's request becomes."""
     args = ["reconstruct", "f.nii.gz", "--mask", "m.nii.gz", "--method", request.method, "--device", request.device,
-            "--out-dir", "o", "--samples", str(request.samples)]
+            "--out-dir", "o", *vi_sampling_args(request.samples)]
     for flag, value in (("--lambda", request.lam), ("--iterations", request.iterations), ("--weights", request.weights)):
         if value is not None:
             args += [flag, str(value)]
@@ -200,6 +200,15 @@ def test_a_fixed_lambda_and_a_weights_file_reach_the_command():
     s = command_settings(request_from_panel(panel))
     assert s.lam == 0.02 and s.weights == "/w/adapted.safetensors"
     assert request_from_panel(Panel(method="TKD", lambdaAuto=False, lam=0.02)).lam is None  # TKD has none
+
+
+def test_the_panels_sample_count_chooses_the_estimator():
+    """K = 0 (the panel's default) is PDI-VI's closed-form expectation, the command's default; K >= 1 draws
+    K Monte Carlo samples per iteration."""
+    exact = command_settings(request_from_panel(Panel(method="PDI-VI1")))
+    assert Panel().samples == 0 and exact.vi_estimator == "exact"
+    drawn = command_settings(request_from_panel(Panel(method="PDI-VI1", samples=7)))
+    assert drawn.vi_estimator == "mc" and drawn.samples == 7
 
 
 def test_panel_choices_and_defaults_are_the_librarys():
