@@ -282,8 +282,9 @@ def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
                         "voxel started from it (voxel: reaches the mean-field optimum; per volume only, adapted "
                         f"weights keep the base sigma; default {d.variance})")
     p.add_argument("--noise-level", type=_noise_level, default=None,
-                   help="PDI-VI: field noise std (ppm) where W = 1, or how to read it from the field: cone (default: "
-                        "everything no map explains, as real fields need) or white (second differences)")
+                   help="PDI-VI: field noise std (ppm) where W = 1, or how to read it from the field: white (second "
+                        "differences) or cone (everything no map explains). Default: white while the mean is tuned, "
+                        "cone for the sigma reported")
     p.add_argument("--vi-tol", type=float, default=0.01,
                    help="PDI-VI: stop when the mean map moved less than this (relative) over 10 iterations; 0: run "
                         "every iteration (default 0.01)")

@@ -43,7 +43,7 @@ class Settings:
     vi_variant: str | None = None  # which weights PDI-VI tunes: full, decoders, last (None: full per volume, decoders on a set)
     vi_estimator: str = "exact"  # PDI-VI's expectation: exact (closed form) or mc (K samples)
     vi_variance: str = "voxel"  # PDI-VI's sigma: voxel or network
-    noise_level: float | str | None = None  # PDI-VI: field noise (ppm) where W = 1, or how to read it: cone, white (None: cone)
+    noise_level: float | str | None = None  # PDI-VI: field noise (ppm) where W = 1, or how to read it: cone, white (None: white to tune, cone for sigma)
     vi_tol: float = 0.01  # PDI-VI stops when its mean map moved less than this over 10 iterations (0: never)
 
     def check(self) -> None:
@@ -188,7 +188,7 @@ def vi_config(settings: Settings, on_set: bool = False):
     lam = 0.0 if settings.method == "pdi-vi2" else (settings.lam if settings.lam is not None else solvers.MEDI_LAMBDA)
     variant = settings.vi_variant or (SET_VARIANT if on_set else DEFAULT_VARIANT)
     level = settings.noise_level
-    estimate = dict(noise_estimate=level) if isinstance(level, str) else dict(noise_level=level)
+    estimate = dict(noise_estimate=level, sigma_estimate=level) if isinstance(level, str) else dict(noise_level=level)
     config = VIConfig(lam=lam, samples=settings.samples, iterations=settings.iterations or 100,
                       variant=variant, seed=settings.seed, estimator=settings.vi_estimator,
                       variance=settings.vi_variance, tol=settings.vi_tol, **estimate)
@@ -201,6 +201,8 @@ def vi_summary(config, result) -> dict:
                 estimator=config.estimator, variance=config.variance,
                 noise_level=result.noise_level,
                 noise_level_from=("given" if config.noise_level else f"{config.noise_estimate} estimate from the field"),
+                sigma_noise_level=result.sigma_noise_level,
+                sigma_noise_level_from=("given" if config.noise_level else f"{config.sigma_estimate} estimate from the field"),
                 stopped=("converged: the mean moved less than " f"{config.tol:g} over 10 iterations"
                          if len(result.history) < config.iterations else "iteration limit"), finetune_seconds=round(result.seconds, 2),
                 final_terms={k: result.history[-1][k] for k in ("loss", "entropy", "fidelity", "tv")})

@@ -7,10 +7,11 @@ For fields b without labels, minimise over the network weights
 with chi_k = mu + sigma eps_k (reparameterisation), K samples per iteration. W is MEDI's data weight
 (mean 1 in the mask) and s the field noise level (ppm) where W = 1, so W/s is the paper's Sigma_b^-1/2;
 lambda has the meaning it has in ``solvers.medi``. Without a given s, it is estimated from the field
-itself (``estimate_noise_level``: by default the cone estimate, which reads the non-dipolar part of real
-fields; with the exact expectation, the default, s sets sigma, not the mean's path). Fine-tuning stops when the mean map moved less than
-``tol`` over 10 iterations (or at ``iterations``); the per-voxel variances are then set for the mean
-reached (``settle_variances``, no network pass).
+itself (``estimate_noise_level``): the white noise (second differences) while the mean is tuned, and
+the cone estimate, which reads the non-dipolar part of real fields too, for the sigma reported (see
+``estimate_noise_level`` for why the two). Fine-tuning stops when the mean map moved less than ``tol``
+over 10 iterations (or at ``iterations``); the per-voxel variances are then set for the mean reached
+at the cone's s (``settle_variances``, no network pass).
 
 What sigma to expect: with a flat prior the mean-field optimum per voxel is exactly
 sigma_j = s / sqrt(P_j), P_j = sum_i W_i^2 d_ij^2 (``fidelity_diagonal``), whatever the mean: about
@@ -80,8 +81,9 @@ class VIConfig:
     iterations: int = 100
     lr: float = 1e-3
     variant: str = DEFAULT_VARIANT
-    noise_level: float | None = None  # ppm where W = 1; None: estimated from the field (noise_estimate)
-    noise_estimate: str = "cone"  # 'cone' (everything no map explains) or 'white' (second differences)
+    noise_level: float | None = None  # ppm where W = 1, for tuning and sigma; None: estimated from the field
+    noise_estimate: str = "white"  # s while the mean is tuned: 'white' (second differences) or 'cone'
+    sigma_estimate: str = "cone"  # s the voxel sigma is settled for afterwards: 'cone' (all no map explains) or 'white'
     tol: float = 0.01  # stop when the mean map moved less than this (relative, in the mask) over 10 iterations
     variance_iterations: int = 100  # then the voxel variances alone, for the mean reached (no network pass)
     seed: int = 0
@@ -105,9 +107,10 @@ class VIConfig:
             raise InputError("--vi-variance", f"unknown variance {self.variance!r}; expected one of {', '.join(VARIANCES)}")
         if self.noise_level is not None and not self.noise_level > 0:
             raise InputError("--noise-level", f"must be > 0 ppm, got {self.noise_level}")
-        if self.noise_estimate not in NOISE_ESTIMATES:
-            raise InputError("--noise-level", f"unknown estimate {self.noise_estimate!r}; expected a number (ppm) or "
-                                              f"one of {', '.join(NOISE_ESTIMATES)}")
+        for estimate in (self.noise_estimate, self.sigma_estimate):
+            if estimate not in NOISE_ESTIMATES:
+                raise InputError("--noise-level", f"unknown estimate {estimate!r}; expected a number (ppm) or "
+                                                  f"one of {', '.join(NOISE_ESTIMATES)}")
         if not self.tol >= 0:
             raise InputError("--vi-tol", f"must be >= 0, got {self.tol}")
 
@@ -300,10 +303,10 @@ class Model:
 
 
 @torch.no_grad()
-def estimate_noise_level(volumes: list[VolumeData], kind: str = "cone") -> float:
+def estimate_noise_level(volumes: list[VolumeData], kind: str = "white") -> float:
     """Field noise s (ppm where W = 1) from the data alone, the RMS over ``volumes``.
 
-    'cone' (default): what no susceptibility map can explain, read off the magic-angle cone of the
+    'cone': what no susceptibility map can explain, read off the magic-angle cone of the
     weighted field (``fieldstats.cone_noise``, the estimate behind Tikhonov's and MEDI's automatic
     lambda). Real fields carry a non-dipolar part (anisotropy, background residue, correlated noise)
     several times their white noise; on realistic simulated brains the cone reads 0.0032 / 0.0048 ppm
@@ -311,17 +314,20 @@ def estimate_noise_level(volumes: list[VolumeData], kind: str = "cone") -> float
     0.00045. On a clean field with strong sources it reads high (4.1e-3 on the lesion phantom with
     1e-3 white noise: the truncated field of a 1.2 ppm lesion leaks into the cone).
 
-    'white': the separable second difference (1, -2, 1) along all three axes of W b: white noise of
+    'white' (default): the separable second difference (1, -2, 1) along all three axes of W b: white noise of
     std s gives std sqrt(6^3) s, a smooth tissue field is cancelled where it is locally polynomial of
     degree < 2 along any one axis; the median absolute response inside the eroded mask gives s.
     Measured with 1e-3 ppm noise: 1.05 / 1.16 / 1.29 times the truth at 1 / 1.5 / 3 mm slices.
 
-    What s changes: with the exact expectation (the default), sigma, not the mean. The mean is tuned by
-    Adam, whose steps do not depend on the loss's scale, and s scales the data and the TV prior alike;
+    Why two levels (``VIConfig.noise_estimate`` for tuning, ``sigma_estimate`` for the sigma reported):
     the voxel variances go to about s / sqrt(P_j), so an s read from white noise alone makes sigma several
-    times too narrow on real fields (2-sigma coverage 0.22 on a realistic brain, 0.80-0.86 with the cone).
-    With Monte Carlo samples ('mc') s changes the mean too: the samples' spread, and so the noise of the
-    mean's gradient, grows with s (realistic brain, VI1: 74.9 % with the cone s, 67.6 % with the white). (Learning s as the ELBO's maximiser does not work with a
+    times too narrow on real fields (2-sigma coverage 0.11-0.22 on realistic brains; 0.80-0.86 with the
+    cone). But tuning the mean with the cone's larger s made it worse (realistic brain 31001, VI1: 76.5 %
+    exact and 74.9 % with K = 5 samples, against 67.6 % with the white s): a wider sigma blurs the TV
+    prior's expectation into a weak quadratic one and adds sampling noise to the mean's gradient. (Without
+    the TV term and samples, Adam makes the mean's path nearly independent of s, whose scale it divides
+    out: VI2 on the lesion phantom, 40.0 % with either.) So the mean is tuned at the white level, as MEDI's
+    L1 prior would see it, and sigma is then settled for the whole misfit no map explains. (Learning s as the ELBO's maximiser does not work with a
     variance per voxel and a flat prior: with each sigma at its optimum s^2 / P_j the KL is
     ||W (D mu - b)||^2 / 2 s^2 + const, which falls without end as s grows.)
     """
@@ -350,6 +356,7 @@ class FinetuneResult:
     noise_level: float = 0.0
     seconds: float = 0.0
     log_variances: list[torch.Tensor] | None = None  # 'voxel' variance: per volume, ppm^2, padded box
+    sigma_noise_level: float = 0.0  # the s the voxel variances were settled for
 
     def predict(self, v: VolumeData, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std (ppm) of training volume ``index`` (``v``): the tuned network's mean, and the
@@ -365,7 +372,7 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
 
     Stops early when every volume's mean map moved less than ``config.tol`` (relative L2 in the mask)
     over the last ``CHANGE_WINDOW`` iterations. With 'voxel' variance, the variances are then set for
-    the mean reached (``settle_variances``). With a ``validation`` volume, its loss (fixed noise draws)
+    the mean reached (``settle_variances``), at the noise level of ``config.sigma_estimate``. With a ``validation`` volume, its loss (fixed noise draws)
     is checked every ``validate_every`` iterations and the weights with the lowest one are returned.
     """
     config.check()
@@ -411,10 +418,12 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
         tuned.load_state_dict(best[1])
     for p in tuned.parameters():
         p.requires_grad_(False)
-    logvars = None
+    logvars, sigma_noise = None, noise
     if model.offsets is not None:
-        logvars = settle_variances(model, volumes, config, noise)
-    return FinetuneResult(tuned, history, noise, time.perf_counter() - t0, logvars)
+        if config.noise_level is None and config.sigma_estimate != config.noise_estimate:
+            sigma_noise = estimate_noise_level(volumes, config.sigma_estimate)
+        logvars = settle_variances(model, volumes, config, sigma_noise)
+    return FinetuneResult(tuned, history, noise, time.perf_counter() - t0, logvars, sigma_noise)
 
 
 CHANGE_WINDOW = 10  # iterations over which the mean map's movement is measured

@@ -274,10 +274,10 @@ def test_voxel_variances_reach_the_mean_field_optimum_with_a_flat_prior():
     assert np.allclose(std[v.full_mask], sigma.numpy()[v.full_mask], rtol=1e-5)
 
 
-def test_default_noise_level_reads_the_non_dipolar_part_that_white_noise_misses():
+def test_the_sigma_noise_level_reads_the_non_dipolar_part_that_white_noise_misses():
     """A field = dipole field + a correlated non-dipolar part (4e-3 ppm, 1-voxel blur) + white noise
-    (5e-4 ppm): the part no map explains has std 3.7e-3. The default ('cone') reads it; the second
-    differences ('white') read only the white noise. Measured (seed 0): cone 7.0e-3 (1.9x: the truncated
+    (5e-4 ppm): the part no map explains has std 3.7e-3. The cone estimate (the default for the sigma
+    reported) reads it; the second differences (the default while the mean is tuned) only the white noise. Measured (seed 0): cone 7.0e-3 (1.9x: the truncated
     dipole field of a small volume leaks into the cone), white 5.3e-4."""
     from PDIQSMLib import fieldterms
     from PDIQSMLib.vi import estimate_noise_level
@@ -289,11 +289,23 @@ def test_default_noise_level_reads_the_non_dipolar_part_that_white_noise_misses(
     extra = 4e-3 * fieldterms.correlated_noise(shape, rng, 1.0) + 5e-4 * rng.standard_normal(shape)
     v = prepare(np.where(mask, field_of(chi, mask, g, 2.0) + extra, 0), mask, g, stride=2)
     true = float(extra[mask].std())
-    assert VIConfig().noise_estimate == "cone"
-    assert 0.8 * true < estimate_noise_level([v]) < 2.5 * true  # measured 1.87x
+    assert VIConfig().sigma_estimate == "cone" and VIConfig().noise_estimate == "white"
+    assert 0.8 * true < estimate_noise_level([v], "cone") < 2.5 * true  # measured 1.87x
     assert estimate_noise_level([v], "white") < 0.2 * true  # measured 0.14x
     with pytest.raises(InputError, match="unknown estimate"):
         estimate_noise_level([v], "laplacian")
+    # fine-tuning weighs the data by the white level and settles sigma for the cone's: s_cone / sqrt(P_j)
+    from PDIQSMLib.network import PRESETS, PDINet
+    from PDIQSMLib.vi import fidelity_diagonal
+
+    torch.manual_seed(0)
+    result = finetune(PDINet(PRESETS["tiny"]).eval(), [v], VIConfig(lam=0.0, iterations=1, lr=0.0,
+                                                                   variance_iterations=200))
+    assert result.noise_level == estimate_noise_level([v], "white")
+    assert result.sigma_noise_level == estimate_noise_level([v], "cone")
+    sigma = torch.exp(0.5 * result.log_variances[0])[0, 0]
+    optimum = result.sigma_noise_level / fidelity_diagonal(v.op, v.weight)[0, 0].sqrt()
+    assert float((sigma / optimum - 1)[v.mask[0, 0] > 0].abs().median()) < 0.05
 
 
 def test_finetuning_stops_when_the_mean_stops_moving_and_then_settles_the_variances():
