@@ -323,11 +323,12 @@ def estimate_noise_level(volumes: list[VolumeData], kind: str = "white") -> floa
     the voxel variances go to about s / sqrt(P_j), so an s read from white noise alone makes sigma several
     times too narrow on real fields (2-sigma coverage 0.11-0.22 on realistic brains; 0.80-0.86 with the
     cone). But tuning the mean with the cone's larger s made it worse (realistic brain 31001, VI1: 76.5 %
-    exact and 74.9 % with K = 5 samples, against 67.6 % with the white s): a wider sigma blurs the TV
+    exact and 74.9 % with K = 5 samples, against 66.1 % and 67.6 % with the white s): a wider sigma blurs the TV
     prior's expectation into a weak quadratic one and adds sampling noise to the mean's gradient. (Without
     the TV term and samples, Adam makes the mean's path nearly independent of s, whose scale it divides
-    out: VI2 on the lesion phantom, 40.0 % with either.) So the mean is tuned at the white level, as MEDI's
-    L1 prior would see it, and sigma is then settled for the whole misfit no map explains. (Learning s as the ELBO's maximiser does not work with a
+    out: VI2 on the lesion phantom, 40.0 % with the cone s, 39.5 % with the white.) So the mean is tuned
+    at the white level, as MEDI's L1 prior would see it, and sigma is then settled for the whole misfit
+    no map explains. (Learning s as the ELBO's maximiser does not work with a
     variance per voxel and a flat prior: with each sigma at its optimum s^2 / P_j the KL is
     ||W (D mu - b)||^2 / 2 s^2 + const, which falls without end as s grows.)
     """
