@@ -30,10 +30,10 @@ COLUMNS = ("rmse", "rmse_demeaned", "hfen", "xsim", "within_2sigma", "spearman_s
 
 def vi_runs() -> list[tuple[str, Settings]]:
     """PDI-VI with its defaults (tuned at the white noise level, sigma at the cone's), and VI1 with the white
-    level for both (the old default)."""
+    level for both (the old sigma)."""
     return [("pdi-vi1 (default)", Settings(method="pdi-vi1", device="cpu")),
             ("pdi-vi2 (default)", Settings(method="pdi-vi2", device="cpu")),
-            ("pdi-vi1, noise level 'white' (old default)", Settings(method="pdi-vi1", device="cpu", noise_level="white"))]
+            ("pdi-vi1, --noise-level white (sigma too)", Settings(method="pdi-vi1", device="cpu", noise_level="white"))]
 
 
 def runs(weights: list[str]) -> list[tuple[str, Settings]]:
