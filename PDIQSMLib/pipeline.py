@@ -71,6 +71,8 @@ class Settings:
                             "vi_variance", "noise_level", "vi_tol"),
                 "pdi-vi2": ("samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
                             "vi_variance", "noise_level", "vi_tol")}[self.method]
+        if self.vi_estimator == "exact":  # K is read only when samples are drawn
+            used = tuple(k for k in used if k != "samples")
         values = asdict(self)
         return {"method": self.method, **{k: values[k] for k in used}}
 
@@ -197,7 +199,8 @@ def vi_config(settings: Settings, on_set: bool = False):
 
 
 def vi_summary(config, result) -> dict:
-    return dict(lam=config.lam, samples=config.samples, iterations=len(result.history), variant=config.variant,
+    return dict(lam=config.lam, samples=config.samples if config.estimator == "mc" else None,
+                iterations=len(result.history), variant=config.variant,
                 estimator=config.estimator, variance=config.variance,
                 noise_level=result.noise_level,
                 noise_level_from=("given" if config.noise_level else f"{config.noise_estimate} estimate from the field"),

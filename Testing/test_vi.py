@@ -353,3 +353,12 @@ def test_learning_the_noise_level_from_the_elbo_is_degenerate_with_voxel_varianc
         rests.append(total - residual / (2 * s**2))
     assert all(a > b for a, b in zip(totals, totals[1:]))
     assert max(rests) - min(rests) < 0.05  # measured 1.2e-3 (float32), where the terms are 1e2-1e4
+
+
+def test_a_run_records_k_only_when_it_draws_samples():
+    """The exact expectation (the default) reads no K: the run record leaves it out, as it does every
+    setting a method does not read; with --vi-estimator mc it is there."""
+    from PDIQSMLib.pipeline import Settings
+
+    assert "samples" not in Settings(method="pdi-vi1").applicable()
+    assert Settings(method="pdi-vi2", vi_estimator="mc", samples=3).applicable()["samples"] == 3
