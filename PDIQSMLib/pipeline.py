@@ -206,8 +206,9 @@ def vi_summary(config, result) -> dict:
                 noise_level_from=("given" if config.noise_level else f"{config.noise_estimate} estimate from the field"),
                 sigma_noise_level=result.sigma_noise_level,
                 sigma_noise_level_from=("given" if config.noise_level else f"{config.sigma_estimate} estimate from the field"),
-                stopped=("converged: the mean moved less than " f"{config.tol:g} over 10 iterations"
-                         if len(result.history) < config.iterations else "iteration limit"), finetune_seconds=round(result.seconds, 2),
+                stopped=(f"converged: the mean moved less than {config.tol:g} over 10 iterations"
+                         if len(result.history) < config.iterations else "iteration limit"),
+                finetune_seconds=round(result.seconds, 2),
                 final_terms={k: result.history[-1][k] for k in ("loss", "entropy", "fidelity", "tv")})
 
 

@@ -296,10 +296,18 @@ class Model:
             logvar = None if voxel else self.net.logvar_decoder.tail(b)
         if voxel:
             mean = self.net.finish(mean, torch.zeros_like(mean), x)[0]
-            logvar = self.base[index] + self.offsets[index]
-        else:
-            mean, logvar = self.net.finish(mean, logvar, x)
-        return mean / CHI_SCALE, clamp_logvar(logvar) - 2.0 * float(np.log(CHI_SCALE))
+            return mean / CHI_SCALE, self.voxel_logvar(index)
+        mean, logvar = self.net.finish(mean, logvar, x)
+        return mean / CHI_SCALE, to_ppm2(logvar)
+
+    def voxel_logvar(self, index: int) -> torch.Tensor:
+        """Volume ``index``'s free per-voxel log variance ('voxel' variance) in ppm^2: no network pass."""
+        return to_ppm2(self.base[index] + self.offsets[index])
+
+
+def to_ppm2(logvar: torch.Tensor) -> torch.Tensor:
+    """A network-scaled log variance, softly limited (``clamp_logvar``), in ppm^2."""
+    return clamp_logvar(logvar) - 2.0 * float(np.log(CHI_SCALE))
 
 
 @torch.no_grad()
@@ -332,18 +340,17 @@ def estimate_noise_level(volumes: list[VolumeData], kind: str = "white") -> floa
     variance per voxel and a flat prior: with each sigma at its optimum s^2 / P_j the KL is
     ||W (D mu - b)||^2 / 2 s^2 + const, which falls without end as s grows.)
     """
-    from .fieldstats import cone_noise, second_difference_responses
+    from .fieldstats import cone_noise, second_difference_noise
 
     if kind not in NOISE_ESTIMATES:
         raise InputError("--noise-level", f"unknown estimate {kind!r}; expected one of {', '.join(NOISE_ESTIMATES)}")
     levels = []
     for v in volumes:
-        weighted, inside = (v.field[0, 0] * v.weight[0, 0]).double(), v.mask[0, 0] > 0
-        if kind == "cone":
-            level = cone_noise(weighted.cpu().numpy(), inside.cpu().numpy(), v.geometry) if inside.sum() >= 27 else float("nan")
-        else:
-            responses = second_difference_responses(weighted, inside)
-            level = float(1.4826 * responses.median() / math.sqrt(216.0)) if responses.numel() else float("nan")
+        weighted, inside = (v.field[0, 0] * v.weight[0, 0]).double().cpu().numpy(), (v.mask[0, 0] > 0).cpu().numpy()
+        try:
+            level = cone_noise(weighted, inside, v.geometry) if kind == "cone" else second_difference_noise(weighted, inside)
+        except ValueError:  # field_stats: fewer than 27 mask voxels
+            level = float("nan")
         if not level > 0:
             raise InputError("mask", "too small or thin to estimate the noise level from the field; give --noise-level")
         levels.append(level)
@@ -467,13 +474,12 @@ def settle_variances(model: Model, volumes: list[VolumeData], config: VIConfig, 
         offsets = model.offsets[i]
         opt = torch.optim.Adam([offsets], lr=config.voxel_lr)
         for _ in range(config.variance_iterations):
-            logvar = clamp_logvar(model.base[i] + offsets) - 2.0 * float(np.log(CHI_SCALE))
-            loss = expected_kl(mean, logvar, v, config.lam, noise)["loss"]
+            loss = expected_kl(mean, model.voxel_logvar(i), v, config.lam, noise)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         with torch.no_grad():
-            out.append(model(i, v)[1])
+            out.append(model.voxel_logvar(i))
     return out
 
 
