@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new run starts from these weights (checkpoint or .safetensors; fitting names and shapes)")
     t.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast on GPUs and on CPUs with bf16 arithmetic, else fp32")
+    t.add_argument("--max-seconds", type=float, default=0.0,
+                   help="also stop after this many seconds of this run, validated and saved (0: no limit; for leased machines)")
+    t.add_argument("--lr-final", type=float, default=0.0,
+                   help="> 0: cosine decay of the learning rate from --lr to this over the run (its --max-seconds when given, else its steps)")
+    t.add_argument("--flips", action="store_true",
+                   help="mirror patches along random axes (a valid sample by the dipole kernel's symmetry; more data per simulated volume)")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     _add_common(t)
 
@@ -437,7 +443,8 @@ def cmd_train(args, progress: Progress) -> int:
     config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, validate_every=args.validate_every, pool_size=args.pool_size,
                          patch=tuple(args.patch), threads=args.threads, beta=args.beta, ema=args.ema,
-                         workers=args.workers, precision=args.precision,
+                         workers=args.workers, precision=args.precision, max_seconds=args.max_seconds,
+                         lr_final=args.lr_final, flips=args.flips,
                          simulation=replace(base, brain_fov_mm=tuple(args.brain_fov), brain_fraction=args.brain_fraction))
     log_path = args.log or args.out.with_name(args.out.name + ".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -155,7 +155,7 @@ def random_patch(sample: Sample, patch: tuple[int, int, int], rng: np.random.Gen
     shape = sample.chi.shape
     padded = [max(p - s, 0) for p, s in zip(patch, shape)]
     sources = (sample.field, sample.chi, sample.mask) + ((sample.prior,) if sample.prior is not None else ())
-    arrays = [np.pad(a, [(0, p) for p in padded]) for a in sources]
+    arrays = [np.pad(a, [(0, p) for p in padded]) for a in sources] if any(padded) else list(sources)
     shape = arrays[0].shape
     best = None
     for _ in range(tries):

@@ -44,6 +44,9 @@ class TrainConfig:
     ema: float = 0.0  # > 0: also keep an exponential moving average of the weights (validated and exported)
     workers: int = 0  # background processes simulating volumes (0: in the training loop, reproducible)
     precision: str = "auto"  # 'auto' (bf16 where the hardware has it), 'bf16', 'fp32'
+    max_seconds: float = 0.0  # > 0: also stop (validate, save) after this much wall-clock time in this run
+    lr_final: float = 0.0  # > 0: cosine decay from lr to this over the run (its time when max_seconds, else its steps)
+    flips: bool = False  # flip each patch along random axes (the physics is symmetric under it, see flip_patch)
     simulation: SimulationConfig = field(default_factory=lambda: REALISTIC)
 
 
@@ -65,6 +68,22 @@ def with_prior(sample: Sample, kind: str) -> Sample:
     if kind != "none" and sample.prior is None:
         sample.prior = prior_map(sample.field, sample.mask, sample.geometry, kind)
     return sample
+
+
+def scheduled_lr(lr: float, lr_final: float, progress: float) -> float:
+    """Cosine decay from ``lr`` (``progress`` 0) to ``lr_final`` (``progress`` >= 1); ``lr`` when ``lr_final`` is 0."""
+    if lr_final <= 0:
+        return lr
+    return lr_final + (lr - lr_final) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def flip_patch(arrays: tuple[np.ndarray, ...], axes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """The patch mirrored along ``axes``. Mirroring chi along axis i gives the field of the mirrored
+    source under B0 with its i-th component negated (the dipole kernel depends on k only through
+    (k.b0)^2 / k^2); B0's tilt distribution and every non-dipolar term are symmetric under it, and the
+    network never sees B0 itself (its prior channel is mirrored with the field), so a mirrored patch is
+    another valid training sample."""
+    return tuple(np.flip(a, axes) for a in arrays) if axes else arrays
 
 
 def batch_loss(net: PDINet, field: torch.Tensor, chi: torch.Tensor, mask: torch.Tensor,
@@ -129,6 +148,8 @@ class PatchPool:
         """(field, chi, mask, prior or None) tensors of shape (B, 1, ...)."""
         items = [random_patch(self.volumes[int(self.rng.integers(len(self.volumes)))], self.config.patch, self.rng)
                  for _ in range(self.config.batch_size)]
+        if self.config.flips:
+            items = [flip_patch(it, tuple(int(a) for a in np.flatnonzero(self.rng.random(3) < 0.5))) for it in items]
         stack = lambda i: torch.from_numpy(np.stack([it[i] for it in items])[:, None].astype(np.float32))  # noqa: E731
         return stack(0), stack(1), stack(2), (stack(3) if len(items[0]) > 3 else None)
 
@@ -162,6 +183,7 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
     (seed + rank); gradients are averaged across processes, so the replicas stay identical (each
     record says whether they do), and rank 0 alone validates, logs and writes the checkpoint.
     """
+    start = time.perf_counter()  # max_seconds counts from here (the pool's first volumes included)
     rank, world = distributed_context(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and device.startswith("cuda"):
@@ -173,6 +195,8 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
     if init_from is not None and not checkpoint.exists():
         warm_start(net, init_from)
     bf16 = use_bf16(config.precision, device)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its fastest convolutions
     net = fast_layout(net.to(device), device)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     rng = np.random.default_rng(config.seed + rank)
@@ -190,7 +214,7 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
         ema_state = state.get("ema")
         if rank == 0:
             rng.bit_generator.state = json.loads(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())  # map_location moved it to the device
     pool = PatchPool(config, rng)
     model = net
     if world > 1:
@@ -213,7 +237,12 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
 
     net.train()
     t0 = time.perf_counter()
+    first_step = step
     while step < config.steps:
+        elapsed = time.perf_counter() - start
+        progress = elapsed / config.max_seconds if config.max_seconds > 0 else (step - first_step) / max(config.steps - first_step, 1)
+        for group in opt.param_groups:
+            group["lr"] = scheduled_lr(config.lr, config.lr_final, progress)
         field_b, chi_b, mask_b, prior_b = (t.to(device) if t is not None else None for t in pool.batch())
         loss = batch_loss(model, field_b, chi_b, mask_b, config.beta, prior_b, bf16)
         opt.zero_grad(set_to_none=True)
@@ -225,26 +254,45 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
                 for e, p in zip(ema.state_dict().values(), net.state_dict().values()):
                     e.lerp_(p, 1.0 - config.ema) if e.is_floating_point() else e.copy_(p)
         record = {"step": step, "loss": loss.item(), "seconds": round(time.perf_counter() - t0, 2)}
+        if config.lr_final > 0:
+            record["lr"] = float(f"{opt.param_groups[0]['lr']:.3g}")
         if config.beta:
             record["beta"] = config.beta
         if world > 1:
             record["ranks_agree"] = _replicas_agree(net)
         if step % config.refresh_every == 0:
             pool.refresh()
+        last = step == config.steps or _out_of_time(start, config.max_seconds, world, device)
         if rank == 0:
-            if validation and step % config.validate_every == 0:
+            if validation and (step % config.validate_every == 0 or last):
                 record["validation"] = validate(ema if ema is not None else net, validation, device)
                 net.train()
             history.append(record)
             log(record)
-            if step % config.checkpoint_every == 0 or step == config.steps:
+            if step % config.checkpoint_every == 0 or last:
                 save()
+        if last:
+            break
     pool.close()
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
     return net
+
+
+def _out_of_time(start: float, max_seconds: float, world: int, device: str) -> bool:
+    """Whether this run has used its ``max_seconds`` (0: no limit); under torchrun rank 0's clock decides."""
+    if max_seconds <= 0:
+        return False
+    late = time.perf_counter() - start >= max_seconds
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(late)], device=device if device.startswith("cuda") else "cpu")
+        dist.broadcast(flag, src=0)
+        late = bool(flag.item())
+    return late
 
 
 def warm_start(net: PDINet, source: Path) -> list[str]:

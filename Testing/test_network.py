@@ -260,6 +260,62 @@ def test_std_calibration_matches_the_errors_and_travels_with_the_weights(tmp_pat
     assert np.allclose(predict(loaded, sample.field, sample.mask, geometry=g)[1], std)
 
 
+def test_time_limited_run_stops_validates_saves_and_resumes(tmp_path):
+    """A run with ``max_seconds`` (a leased machine's budget) stops before its step count, validates and
+    saves that last step, and the next run resumes from it; the cosine learning rate falls from lr to
+    lr_final over the run."""
+    from PDIQSMLib.simulation import SimulationConfig
+    from PDIQSMLib.training import scheduled_lr, validation_set
+
+    assert scheduled_lr(1e-3, 1e-5, 0.0) == pytest.approx(1e-3)
+    assert scheduled_lr(1e-3, 1e-5, 0.5) == pytest.approx(0.5 * (1e-3 + 1e-5))
+    assert scheduled_lr(1e-3, 1e-5, 2.0) == pytest.approx(1e-5)
+    assert scheduled_lr(1e-3, 0.0, 0.7) == 1e-3
+    small = SimulationConfig(brain_fov_mm=(40.0, 40.0, 30.0), shapes_fov_vox=(24, 24, 16), brain_fraction=1.0)
+    cfg = TrainConfig(preset="tiny", steps=10_000, pool_size=1, patch=(16, 16, 8), refresh_every=100,
+                      checkpoint_every=10_000, validate_every=10_000, max_seconds=1.0, lr=1e-3, lr_final=1e-5,
+                      flips=True, simulation=small)
+    ckpt, logs = tmp_path / "t.pt", []
+    validation = validation_set(count=1, config=small)
+    train(cfg, ckpt, logs.append, validation)
+    state = torch.load(ckpt, weights_only=True)
+    assert 1 <= state["step"] < 10_000 and state["step"] == logs[-1]["step"]
+    assert "validation" in logs[-1] and all("validation" not in r for r in logs[:-1])
+    lrs = [r["lr"] for r in logs]
+    assert lrs[0] > 5e-4 and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    cfg.max_seconds, cfg.steps = 0.0, state["step"] + 2
+    train(cfg, ckpt, logs.append)
+    assert [r["step"] for r in logs[-2:]] == [state["step"] + 1, state["step"] + 2]
+
+
+def test_mirrored_patch_is_the_field_of_the_mirrored_source_under_the_mirrored_b0():
+    """What makes ``flips`` a valid augmentation: mirroring chi along an axis and negating that component
+    of B0 mirrors its field (the kernel depends on (k.b0)^2 / k^2); mirroring the field alone under the
+    same tilted B0 would not."""
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.simulation import field_of
+    from PDIQSMLib.training import flip_patch
+
+    rng = np.random.default_rng(3)
+    chi = np.zeros((24, 20, 16), np.float32)
+    chi[6:10, 5:12, 4:7] = 0.2
+    chi[14:19, 11:15, 8:13] = -0.1
+    chi += 0.01 * rng.standard_normal(chi.shape).astype(np.float32)
+    mask = np.ones(chi.shape, bool)
+    b0 = np.array([0.3, -0.2, 0.93])
+    b0 /= np.linalg.norm(b0)
+    field = field_of(chi, mask, Geometry((1.0, 1.0, 2.0), tuple(b0)), pad=2.0)
+    for axes in [(0,), (1, 2), (0, 1, 2)]:
+        mirrored_b0 = b0 * np.array([-1.0 if i in axes else 1.0 for i in range(3)])
+        chi_m, field_m = flip_patch((chi, field), axes)
+        want = field_of(np.ascontiguousarray(chi_m), mask, Geometry((1.0, 1.0, 2.0), tuple(mirrored_b0)), pad=2.0)
+        scale = np.linalg.norm(want)
+        assert np.linalg.norm(field_m - want) < 1e-4 * scale
+        if axes != (0, 1, 2):  # mirroring all three axes is a point reflection: the kernel is even
+            unmirrored = field_of(np.ascontiguousarray(chi_m), mask, Geometry((1.0, 1.0, 2.0), tuple(b0)), pad=2.0)
+            assert np.linalg.norm(field_m - unmirrored) > 0.05 * scale
+
+
 def test_weight_moving_average_is_kept_resumed_and_exported(tmp_path):
     from PDIQSMLib.simulation import SimulationConfig
 

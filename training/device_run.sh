@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One leased GPU session (the `device` tool, DEVELOPERS.md "Training compute"), run from the repository root:
+#   1. PDI-VI speed on a whole realistic brain on the GPU (benchmarks/bench_vi_speed.py --device cuda);
+#   2. training resumed from training/realistic-ckpt.pt for the rest of BUDGET seconds (--max-seconds),
+#      volumes simulated by WORKERS processes, batch 16, cosine learning rate, mirrored patches;
+#   3. the checkpoint, its log and the tables copied to $OUT (the checkpoint without its history, which the
+#      log holds, to stay under the tool's 16 MiB per file; training/merge_device_run.py puts them back).
+# Carried wheels (.whl: nibabel, nilearn for the MNI152 templates) are installed first when present.
+# Locally, for a check of the script itself: DEVICE=cpu BUDGET=120 WORKERS=1 OUT=/tmp/o training/device_run.sh
+set -u -o pipefail
+OUT=${OUT:?set OUT to the folder for the results}
+BUDGET=${BUDGET:-500}
+DEVICE=${DEVICE:-cuda}
+WORKERS=${WORKERS:-13}
+BATCH=${BATCH:-16}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PY:-python3}
+$PY - <<'PYEOF' 2>&1 | tee "$OUT/env.txt" || exit 1
+import os, torch, numpy, scipy, nibabel
+from PDIQSMLib import anatomy
+print("torch", torch.__version__, "numpy", numpy.__version__, "scipy", scipy.__version__, "cpus", os.cpu_count())
+print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "| MNI152 files:", anatomy.available())
+assert anatomy.available(), "nilearn's MNI152 files are missing: carry .whl"
+PYEOF
+
+if [ "$DEVICE" = cuda ]; then
+  timeout 120 $PY benchmarks/bench_vi_speed.py --device cuda --iterations 4 > "$OUT/vi_speed.log" 2>&1
+  cp benchmarks/results/vi_speed_cuda.md "$OUT/" 2>/dev/null
+fi
+
+cp training/realistic-ckpt.pt /tmp/device-ckpt.pt
+left=$((BUDGET - SECONDS - 60))  # the validation set is made before, the last validation after
+echo "training for $left s" | tee -a "$OUT/env.txt"
+$PY -m PDIQSMLib.cli train --steps 1000000 --out /tmp/device-ckpt.pt --log "$OUT/device-log.jsonl" \
+  --batch-size "$BATCH" --lr 3e-4 --lr-final 1e-5 --beta 1 --ema 0.998 --workers "$WORKERS" --threads 2 \
+  --pool-size 48 --validate-every 2000 --validation-count 3 --flips --max-seconds "$left" --device "$DEVICE" \
+  --progress none > "$OUT/train.log" 2>&1
+echo "train exit $?" | tee -a "$OUT/env.txt"
+$PY - "$OUT" <<'PYEOF'
+import sys, torch
+state = torch.load("/tmp/device-ckpt.pt", map_location="cpu", weights_only=True)
+print("steps", state["step"], "history kept in the log:", len(state["history"]))
+state["history"] = []
+torch.save(state, f"{sys.argv[1]}/device-ckpt.pt")
+PYEOF
+ls -la "$OUT"
