@@ -29,7 +29,7 @@ print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no
 assert anatomy.available(), "nilearn's MNI152 files are missing: carry .whl"
 PYEOF
 
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ "${BENCH:-1}" = 1 ]; then
   timeout 120 $PY benchmarks/bench_vi_speed.py --device cuda --iterations 4 > "$OUT/vi_speed.log" 2>&1
   cp benchmarks/results/vi_speed_cuda.md "$OUT/" 2>/dev/null
 fi
@@ -38,7 +38,7 @@ cp training/realistic-ckpt.pt /tmp/device-ckpt.pt
 left=$((BUDGET - SECONDS - 60))  # the validation set is made before, the last validation after
 echo "training for $left s" | tee -a "$OUT/env.txt"
 $PY -m PDIQSMLib.cli train --steps 1000000 --out /tmp/device-ckpt.pt --log "$OUT/device-log.jsonl" \
-  --batch-size "$BATCH" --lr 3e-4 --lr-final 1e-5 --beta 1 --ema 0.998 --workers "$WORKERS" --threads 2 \
+  --batch-size "$BATCH" --lr "${LR:-3e-4}" --lr-final 1e-5 --beta 1 --ema 0.998 --workers "$WORKERS" --threads 2 \
   --pool-size 48 --validate-every 2000 --validation-count 3 --flips --max-seconds "$left" --device "$DEVICE" \
   --progress none > "$OUT/train.log" 2>&1
 echo "train exit $?" | tee -a "$OUT/env.txt"
