@@ -234,7 +234,7 @@ def test_bundled_model_scales_with_the_field():
         for factor in (0.5, 2.0):
             other = run_network(net, factor * x, "cpu")[0][inside]
             gain = float(other @ one / (one @ one))
-            assert abs(gain / factor - 1) < 0.25, (factor, gain)  # measured 0.475 (x0.5) and 2.39 (x2); amplitude-blind: 1.0
+            assert abs(gain / factor - 1) < 0.25, (factor, gain)  # measured 0.517 (x0.5) and 1.908 (x2); amplitude-blind: 1.0
 
 
 def test_std_calibration_matches_the_errors_and_travels_with_the_weights(tmp_path):
@@ -343,8 +343,8 @@ def test_weight_moving_average_is_kept_resumed_and_exported(tmp_path):
 def test_bundled_model_beats_its_own_tikhonov_input_and_tkd_on_an_unseen_realistic_brain():
     """On a realistic simulated brain never used in training or calibration (seed 41000; MNI152 anatomy,
     non-dipolar field terms), the network must add to its Tikhonov input, not pass it through (issue 17),
-    and its sigma must cover the errors there. Measured: PDI 58.7 %, its Tikhonov input 61.6 %, TKD 76.0 %;
-    2-sigma coverage 96.8 %. (On the clean procedural brain of the first models, seed 40000: PDI 53.7 %,
+    and its sigma must cover the errors there. Measured with the bundled model (10641 steps): PDI 53.1 %, its
+    Tikhonov input 61.6 %, TKD 76.0 %; 2-sigma coverage 97.3 % (the previous 2200-step model: 58.7 %, 96.8 %). (On the clean procedural brain of the first models, seed 40000, the previous model: PDI 53.7 %,
     input 58.4 %, TKD 47.2 %: the automatic lambda over-regularises a field with almost no non-dipolar part.)"""
     from dataclasses import replace
 
@@ -362,7 +362,7 @@ def test_bundled_model_beats_its_own_tikhonov_input_and_tkd_on_an_unseen_realist
     own_input = nrmse(prior_map(s.field, s.mask, s.geometry, net.config.prior), s.chi, s.mask)
     pdi = nrmse(mean, s.chi, s.mask)
     cover = calibration(mean, std, s.chi, s.mask)["within_2sigma"]
-    assert pdi < own_input - 1.5  # measured 58.7 vs 61.6 %
+    assert pdi < own_input - 4.0  # measured 53.1 vs 61.6 % (previous model 58.7)
     assert pdi < tkd  # measured 76.0 %
-    assert 0.9 < cover < 0.995  # measured 96.8 %
+    assert 0.9 < cover < 0.995  # measured 97.3 %
     assert np.all(np.isfinite(std)) and np.all(std[s.mask] > 0)

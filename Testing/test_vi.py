@@ -71,14 +71,14 @@ def test_variant_defaults_per_volume_and_on_a_set_and_what_sigma_a_set_keeps():
     assert "collapses" in text and not calibrated
 
 
-def lesion_brain(seed: int = 11, center=(38, 36, 24), shape=(64, 72, 48)):
-    """A small brain with an inserted 1.2 ppm lesion (absent from training), noisy field."""
+def lesion_brain(seed: int = 11, center=(38, 36, 24), shape=(64, 72, 48), value: float = 1.2, radius_mm: float = 5.0):
+    """A small brain with an inserted lesion of ``value`` ppm (absent from training), noisy field."""
     vs = (1.5, 1.5, 2.0)
     g = Geometry(vs)
     rng = np.random.default_rng(seed)
     ph = phantoms.brain(shape, vs, rng)
-    lesion = (phantoms.sphere(ph.chi.shape, vs, 5.0, 1.0, center=center) > 0) & ph.mask
-    chi = np.where(lesion, 1.2, ph.chi).astype(np.float32)
+    lesion = (phantoms.sphere(ph.chi.shape, vs, radius_mm, 1.0, center=center) > 0) & ph.mask
+    chi = np.where(lesion, value, ph.chi).astype(np.float32)
     field = add_noise(field_of(chi, ph.mask, g, 2.0), ph.mask, 1e-3, rng)
     return chi, ph.mask, field, lesion, g
 
@@ -99,17 +99,19 @@ def lesion_moment_error(m, chi, mask, lesion) -> float:
     return float(m[region].sum() - chi[region].sum()) / float(chi[lesion].sum())
 
 
-@pytest.mark.parametrize("lam, rmse_ratio", [(0.0, 0.80), (1e-3, 0.93)], ids=["vi2", "vi1"])
-def test_finetuning_corrects_an_unseen_lesion_and_the_brain_against_the_truth(lesion_case, lam, rmse_ratio):
+@pytest.mark.parametrize("lam, rmse_ratio", [(0.0, 0.90), (1e-3, 1.06)], ids=["vi2", "vi1"])
+def test_finetuning_on_an_unseen_lesion_fits_the_data_and_keeps_its_total(lesion_case, lam, rmse_ratio):
     """PDI-VI2 (flat prior) and PDI-VI1 (TV prior, lambda 1e-3) per volume, default variant (every
     weight), exact expectation, 100 iterations, on a brain with a 1.2 ppm lesion the model never saw.
 
-    Measured with the bundled model (AMD EPYC, 2 threads, ~45 s each): PDI overestimates the lesion's
-    total susceptibility by 83 % (it is too bright and spread); VI2 / VI1 bring that error to -5 % / -5 %
-    and the brain RMSE from 54.5 % to 39.5 % / 48.3 %. The lesion's mean inside its exact boundary goes
-    1.32 -> 0.99 / 0.99 ppm (truth 1.2): the total moves to the truth but stays spread over the lesion's
-    rim, which the field barely tells apart (``lesion_moment_error``). Broken on purpose (lr 0, so the
-    map stays PDI's), the moment and RMSE asserts fail.
+    Measured with the bundled model (10641 steps; Intel Xeon, 2 threads, ~60 s each): PDI itself gets the
+    lesion's total susceptibility (``lesion_moment_error``) within 9 % (the previous model, 2200 CPU steps,
+    overestimated it by 83 %, and a 3 ppm lesion of 6 mm is within 4 % now); VI2 / VI1 fit the data and
+    keep the total within -7 % / -10 %; VI2 lowers the brain RMSE 46.8 -> 38.0 % (ratio 0.81), VI1 does
+    not (48.1 %, ratio 1.03: TV at lambda 1e-3 on this phantom's texture). Both spread the lesion over
+    its rim: its mean within the exact boundary 1.23 -> 1.00 / 0.99 ppm (truth 1.2; the field of a
+    uniform sphere fixes its total, not its spread). Broken on purpose (lr 0, so the map stays PDI's),
+    the fidelity assert fails, and for VI2 the RMSE assert too.
     """
     from PDIQSMLib.weights import load_model
 
@@ -125,11 +127,12 @@ def test_finetuning_corrects_an_unseen_lesion_and_the_brain_against_the_truth(le
     assert all(torch.equal(before[k], tuned[k]) for k in before if k.startswith("logvar_decoder"))
     mean1, std1 = result.predict(v)
     h = result.history
-    assert h[-1]["fidelity"] < 0.2 * h[0]["fidelity"]  # measured 0.086 / 0.086
-    assert lesion_moment_error(mean0, chi, mask, lesion) > 0.6  # measured 0.83: there is an error to correct
-    assert abs(lesion_moment_error(mean1, chi, mask, lesion)) < 0.2  # measured -0.05 / -0.05
+    assert h[-1]["fidelity"] < 0.2 * h[0]["fidelity"]
+    assert abs(lesion_moment_error(mean0, chi, mask, lesion)) < 0.2  # measured 0.086: PDI generalises to it
+    assert abs(lesion_moment_error(mean1, chi, mask, lesion)) < 0.2  # measured -0.07 / -0.10
     rmse = lambda m: np.linalg.norm(m[mask] - chi[mask]) / np.linalg.norm(chi[mask])  # noqa: E731
-    assert rmse(mean1) < rmse_ratio * rmse(mean0)  # measured 0.72 / 0.89
+    assert rmse(mean1) < rmse_ratio * rmse(mean0)  # measured 0.81 / 1.03
+    assert float(mean1[lesion].mean()) < float(mean0[lesion].mean()) - 0.1  # the spread: 1.23 -> 1.00 / 0.99
     assert np.all(np.isfinite(std1)) and np.all(std1[mask] > 0)
     # the input network is untouched
     assert all(torch.equal(before[k], t) for k, t in net.state_dict().items())
@@ -137,9 +140,11 @@ def test_finetuning_corrects_an_unseen_lesion_and_the_brain_against_the_truth(le
 
 def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     """`pdiqsm finetune` on two lesion brains, then `reconstruct --weights` on a third never seen: the
-    adapted weights fit the unseen field's data better, lower the brain's RMSE and correct the unseen
-    lesion's total susceptibility (error 0.73 -> -0.07 of it), but spread it over its rim, so its mean
-    within its exact boundary falls (1.245 -> 0.787 ppm, truth 1.2), as the README says."""
+    adapted weights fit the unseen field's data better (misfit x0.41) and keep the unseen lesion's total
+    susceptibility (error 0.08 -> -0.11 of it), but with the bundled model (10641 steps) they no longer
+    lower the brain's RMSE on these clean phantoms (47.7 -> 47.8 %; with the previous 2200-step model 58.3
+    -> 55.4 %, when PDI overestimated the lesion by 73 %), and they spread the lesion over its rim (its mean
+    within the exact boundary 1.198 -> 0.964 ppm, truth 1.2), as the README says."""
     from conftest import write_nifti
 
     from PDIQSMLib.cli import main
@@ -179,12 +184,12 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     op = DipoleOperator(field.shape, g, 2.0)
     misfit = lambda m: float(((op.forward(torch.from_numpy(m)).numpy() - field)[mask] ** 2).sum())  # noqa: E731
     rmse = lambda m: np.linalg.norm(m[mask] - chi[mask]) / np.linalg.norm(chi[mask])  # noqa: E731
-    # measured (decoders, 30 iterations, exact expectation; K = 2 samples gave the same to 0.01): RMSE 58.3 % ->
-    # 55.4 %, lesion total error 0.73 -> -0.08, lesion mean error 0.045 -> 0.41 ppm
-    assert misfit(adapted.mean) < 0.5 * misfit(base.mean)
-    assert rmse(adapted.mean) < 0.99 * rmse(base.mean)
-    assert lesion_moment_error(base.mean, chi, mask, lesion) > 0.5  # measured 0.73
-    assert abs(lesion_moment_error(adapted.mean, chi, mask, lesion)) < 0.2  # measured -0.07
+    # measured (decoders, 30 iterations, K = 2): misfit x0.41, RMSE 47.67 -> 47.78 %, lesion total error
+    # 0.08 -> -0.11, lesion mean error 0.002 -> 0.236 ppm
+    assert misfit(adapted.mean) < 0.6 * misfit(base.mean)
+    assert rmse(adapted.mean) < 1.02 * rmse(base.mean)
+    assert abs(lesion_moment_error(base.mean, chi, mask, lesion)) < 0.2  # measured 0.08
+    assert abs(lesion_moment_error(adapted.mean, chi, mask, lesion)) < 0.2  # measured -0.11
     assert err(adapted.mean) < 0.5  # the spread, bounded: a lesion mean error above half its 1.2 ppm fails
     assert np.all(np.isfinite(adapted.std)) and np.all(adapted.std[mask] > 0)
     # per-voxel variances (the default) are not part of the weights: the adapted sigma is the base's

@@ -67,6 +67,11 @@ def main(log_path: str, out_path: str, references: list[tuple[float, str]] = ())
         b.set_ylabel("RMSE (%)")
         b.legend(loc="upper left", fontsize=8)
         b2.legend(loc="upper right", fontsize=8)
+    gpu = [r["step"] for r in records if r.get("device", "cpu").startswith("cuda")]
+    if gpu:  # steps trained on a leased GPU (larger batches: a step there is several CPU steps' data)
+        for axis in (a, b):
+            axis.axvspan(min(gpu), max(gpu), color="C4", alpha=0.08, label="on a GPU" if axis is a else None)
+        a.legend(markerscale=8)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     print(out_path)
