@@ -67,17 +67,44 @@ def prior_map(field_ppm: np.ndarray, mask: np.ndarray, geometry, kind: str,
     return chi.numpy().astype(np.float32)
 
 
+# A voxel whose data weight W is below this fraction of the mask's median W (its noise more than 10 times
+# the typical) carries no usable field: see network_inputs.
+UNRELIABLE_WEIGHT = 0.1
+
+
+def unreliable_voxels(mask: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+    """Mask voxels whose field is noise rather than data by the noise map (W < UNRELIABLE_WEIGHT x median W)."""
+    m = np.asarray(mask) > 0
+    if weight is None or not m.any():
+        return np.zeros(m.shape, bool)
+    w = np.asarray(weight)
+    return m & (w < UNRELIABLE_WEIGHT * float(np.median(w[m])))
+
+
 def network_inputs(prior: str, field: np.ndarray, mask: np.ndarray, geometry=None,
                    weight: np.ndarray | None = None) -> np.ndarray:
     """(C, X, Y, Z) ppm arrays a network with prior channel ``prior`` (its config.prior) reads: the
     masked field, and the prior computed on the whole volume (which needs the ``geometry``; ``weight``
-    is W)."""
+    is W).
+
+    Where a noise map marks the field as unreliable (``unreliable_voxels``: a hemorrhage, where the
+    signal is gone and the noise map is hundreds of times the brain's), the field channel holds the field
+    of the weighted Tikhonov prior instead, ``D chi_prior``: the field the reliable data predict there. The
+    network never saw noise of that size in training; fed it, the bundled model turned the shared ICH
+    case's bleed into 2.9 ppm (truth 1.3) with streaks across the brain (RMSE 291 %); with the fill, 59.8 %.
+    """
     m = np.asarray(mask) > 0
     channels = [np.where(m, field, 0.0).astype(np.float32)]
     if prior != "none":
         if geometry is None:
             raise ValueError(f"this network reads a {prior} prior channel: the geometry is required")
         channels.append(prior_map(field, m, geometry, prior, weight))
+        bad = unreliable_voxels(m, weight)
+        if bad.any():
+            from .physics import DipoleOperator
+
+            predicted = DipoleOperator(m.shape, geometry, 1.5).forward(torch.from_numpy(channels[1])).numpy()
+            channels[0] = np.where(bad, predicted, channels[0]).astype(np.float32)
     return np.stack(channels)
 
 

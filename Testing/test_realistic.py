@@ -230,3 +230,63 @@ def test_fieldstats_command_reads_a_field_file(tmp_path, capsys):
     assert abs(stats["cone_share"] - stats["cone_volume_share"]) < 0.015
     assert abs(stats["cone_noise_ppm"] / 3e-3 - 1) < 0.05 and stats["voxel_size_mm"] == [1.0, 1.0, 2.0]
     assert abs(stats["cone_noise_ppm"] - field_stats(noise, np.ones(noise.shape, bool), g).cone_noise_ppm) < 1e-6
+
+
+def bleed_phantom(seed: int = 5):
+    """A procedural brain with a 1.3 ppm bleed whose field is gone: inside the bleed and a 2-voxel halo the
+    noise map is 600 times the brain's (as in the shared ICH case) and the field is that noise."""
+    from scipy import ndimage
+
+    from PDIQSMLib.simulation import field_of
+
+    g = Geometry((1.0, 1.0, 2.0))
+    rng = np.random.default_rng(seed)
+    ph = phantoms.brain((80, 88, 48), g.voxel_size, rng)
+    bleed = (phantoms.sphere(ph.chi.shape, g.voxel_size, 7.0, 1.0, center=(46, 40, 24)) > 0) & ph.mask
+    chi = np.where(bleed, 1.3, ph.chi).astype(np.float32)
+    noise = np.where(ndimage.binary_dilation(bleed, iterations=2), 600.0, 1.0).astype(np.float32)
+    field = field_of(chi, ph.mask, g, 2.0) + 1e-3 * noise * rng.standard_normal(chi.shape).astype(np.float32)
+    return chi, ph.mask, np.where(ph.mask, field, 0.0).astype(np.float32), noise, bleed, g
+
+
+def test_unreliable_field_is_replaced_by_the_field_the_reliable_data_predict():
+    """Where the noise map says the field is noise (W < 0.1 x median), the network's field channel holds
+    D chi_prior, the forward field of its weighted Tikhonov channel; elsewhere, and with no noise map or a
+    uniform one, the field itself, unchanged."""
+    from PDIQSMLib.network_io import network_inputs, unreliable_voxels
+    from PDIQSMLib.physics import DipoleOperator
+    from PDIQSMLib.weighting import data_weight
+
+    chi, mask, field, noise, bleed, g = bleed_phantom()
+    w = data_weight(mask, noise)
+    bad = unreliable_voxels(mask, w)
+    assert bad[bleed].all() and bad.sum() < 3 * bleed.sum()
+    x = network_inputs("tikhonov-auto", field, mask, g, w)
+    predicted = DipoleOperator(mask.shape, g, 1.5).forward(torch.from_numpy(x[1])).numpy()
+    assert np.allclose(x[0][bad], predicted[bad], atol=1e-6)
+    assert np.array_equal(x[0][mask & ~bad], field[mask & ~bad])
+    # the predicted field there is the size of a field, not of the noise (0.6 ppm)
+    assert np.abs(x[0][bad]).max() < 0.5 * np.abs(field[bad]).max()
+    for uniform in (None, data_weight(mask, np.ones_like(noise))):
+        assert np.array_equal(network_inputs("tikhonov-auto", field, mask, g, uniform)[0], np.where(mask, field, 0.0))
+
+
+def test_pdi_with_a_noise_map_survives_a_bleed_whose_field_is_gone(monkeypatch):
+    """The bundled model, fed a bleed whose field is noise 600 times the brain's, spreads that noise over the
+    brain (the shared ICH case: bleed 2.9 ppm for 1.3, RMSE 291 %); with the unreliable field replaced (the
+    default when a noise map is given) it does not. Measured on this phantom: RMSE 79.8 -> 62.0 %, outside
+    the bleed 187 -> 113 % (automatic-lambda Tikhonov 77.0 % overall); the bleed mean 1.36 -> 0.63 ppm (truth
+    1.3: the raw mean is right only on average over noise whose std there is 1.7 ppm; filled, it is
+    underestimated, as by Tikhonov, 0.38)."""
+    from PDIQSMLib import network_io
+    from PDIQSMLib.metrics import nrmse
+    from PDIQSMLib.pipeline import Settings, reconstruct
+
+    chi, mask, field, noise, bleed, g = bleed_phantom()
+    filled = reconstruct(field, mask, g, Settings(method="pdi"), noise_std=noise)
+    monkeypatch.setattr(network_io, "UNRELIABLE_WEIGHT", 0.0)  # no voxel flagged: the raw field goes in
+    raw = reconstruct(field, mask, g, Settings(method="pdi"), noise_std=noise)
+    outside = lambda m: nrmse(np.where(bleed, 0.0, m), np.where(bleed, 0.0, chi), mask & ~bleed)  # noqa: E731
+    assert nrmse(filled.mean, chi, mask) < 0.85 * nrmse(raw.mean, chi, mask)  # measured 0.78
+    assert outside(filled.mean) < 0.7 * outside(raw.mean)  # measured 0.60
+    assert 0.3 < float(filled.mean[bleed].mean()) < 1.6  # measured 0.63
