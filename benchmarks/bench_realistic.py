@@ -28,12 +28,14 @@ SEEDS = (31000, 31001, 31002)
 COLUMNS = ("rmse", "rmse_demeaned", "hfen", "xsim", "within_2sigma", "spearman_sigma_error", "seconds")
 
 
-def vi_runs() -> list[tuple[str, Settings]]:
-    """PDI-VI with its defaults (tuned at the white noise level, sigma at the cone's), and VI1 with the white
-    level for both (the old sigma)."""
-    return [("pdi-vi1 (default)", Settings(method="pdi-vi1", device="cpu")),
-            ("pdi-vi2 (default)", Settings(method="pdi-vi2", device="cpu")),
-            ("pdi-vi1, --noise-level white (sigma too)", Settings(method="pdi-vi1", device="cpu", noise_level="white"))]
+def vi_runs(ablation: bool = True) -> list[tuple[str, Settings]]:
+    """PDI-VI with its defaults (tuned at the white noise level, sigma at the cone's), and, with ``ablation``,
+    VI1 with the white level for both (the old sigma)."""
+    runs = [("pdi-vi1 (default)", Settings(method="pdi-vi1", device="cpu")),
+            ("pdi-vi2 (default)", Settings(method="pdi-vi2", device="cpu"))]
+    if ablation:
+        runs.append(("pdi-vi1, --noise-level white (sigma too)", Settings(method="pdi-vi1", device="cpu", noise_level="white")))
+    return runs
 
 
 def runs(weights: list[str]) -> list[tuple[str, Settings]]:
@@ -54,12 +56,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     parser.add_argument("--vi", action="store_true", help="PDI and PDI-VI only (about 5 min a brain and method on 2 "
                         "cores), into realistic_vi_<name>.md")
+    parser.add_argument("--no-ablation", action="store_true", help="with --vi: the defaults only")
     args = parser.parse_args()
     config = replace(REALISTIC, anatomical_fraction=1.0)
     per_method: dict[str, list[dict]] = {}
     for seed in args.seeds:
         s = make_volume(np.random.default_rng(seed), config)
-        chosen = [("pdi bundled", Settings(method="pdi", device="cpu"))] + vi_runs() if args.vi else runs(args.weights)
+        chosen = [("pdi bundled", Settings(method="pdi", device="cpu"))] + vi_runs(not args.no_ablation) if args.vi else runs(args.weights)
         rows, _ = compare_methods(s.field, s.mask, s.geometry, s.chi, chosen)
         for m, r in rows.items():
             per_method.setdefault(m, []).append(r)

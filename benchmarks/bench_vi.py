@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--variant-iterations", type=int, default=3, help="iterations timed per variant")
     ap.add_argument("--sweep", action="store_true", help="lambda, K and variant sweep instead")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="PDI, MEDI and PDI-VI1 / VI2 with their defaults only (no variants, no timings): vi_defaults_<device>.md")
     ap.add_argument("--uniform-noise", action="store_true",
                     help="noise of one level everywhere (W = 1: the bleed is measured); writes vi_uniform_<device>.md")
     args = ap.parse_args()
@@ -130,6 +132,14 @@ def main() -> None:
         return sweep(net, volume, rows, chi, mask, bleed, args)
     d = vi.VIConfig()
     default = f"{d.variant}, sigma {d.variance}, {d.estimator}"
+    if args.defaults_only:
+        for name, lam in ((f"pdi-vi1 ({default})", MEDI_LAMBDA), (f"pdi-vi2 ({default})", 0.0)):
+            rows[name] = tuned_row(net, volume, vi.VIConfig(lam=lam, iterations=args.iterations), chi, mask, bleed)
+        text = (f"ICH case, s = 1e-3 ppm, seed 0; W from the noise map; PDI-VI with its defaults ({default}, noise "
+                f"levels read from the field, at most {args.iterations} iterations, lambda (VI1) = {MEDI_LAMBDA}).\n\n"
+                + format_table(rows, COLUMNS))
+        write_table(f"vi_defaults_{args.device}", "PDI-VI on the ICH case, defaults", text)
+        return
     runs = {f"pdi-vi1 ({default})": dict(lam=MEDI_LAMBDA), f"pdi-vi2 ({default})": dict(lam=0.0),
             "pdi-vi1 (variant last, the fastest)": dict(lam=MEDI_LAMBDA, variant="last")}
     if args.uniform_noise:  # the bleed keeps rising past the default's iterations
