@@ -284,6 +284,7 @@ def test_pdi_with_a_noise_map_survives_a_bleed_whose_field_is_gone(monkeypatch):
 
     chi, mask, field, noise, bleed, g = bleed_phantom()
     filled = reconstruct(field, mask, g, Settings(method="pdi"), noise_std=noise)
+    assert filled.info["field_replaced_voxels"] == int((mask & (noise > 100)).sum())  # the bleed and its halo
     monkeypatch.setattr(network_io, "UNRELIABLE_WEIGHT", 0.0)  # no voxel flagged: the raw field goes in
     raw = reconstruct(field, mask, g, Settings(method="pdi"), noise_std=noise)
     outside = lambda m: nrmse(np.where(bleed, 0.0, m), np.where(bleed, 0.0, chi), mask & ~bleed)  # noqa: E731
