@@ -7,6 +7,11 @@
 #      log holds, to stay under the tool's 16 MiB per file; training/merge_device_run.py puts them back).
 # Carried wheels (.whl: nibabel, nilearn for the MNI152 templates) are installed first when present.
 # Locally, for a check of the script itself: DEVICE=cpu BUDGET=120 WORKERS=1 OUT=/tmp/o training/device_run.sh
+# As run on the lease (session 8): wheels first, here (ignored folder .whl):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl nibabel==5.4.2 nilearn==0.13.1
+# then the device tool's run with command "BUDGET=500 training/device_run.sh", carry [".whl"], timeout_s 590
+# (a 15-minute lease: ~1 min to start, one such call, then training/merge_device_run.py /work/.device/N here).
 set -u -o pipefail
 OUT=${OUT:?set OUT to the folder for the results}
 BUDGET=${BUDGET:-500}
@@ -37,7 +42,7 @@ fi
 cp training/realistic-ckpt.pt /tmp/device-ckpt.pt
 left=$((BUDGET - SECONDS - 60))  # the validation set is made before, the last validation after
 echo "training for $left s" | tee -a "$OUT/env.txt"
-$PY -m PDIQSMLib.cli train --steps 1000000 --out /tmp/device-ckpt.pt --log "$OUT/device-log.jsonl" \
+timeout $((left + 120)) $PY -m PDIQSMLib.cli train --steps 1000000 --out /tmp/device-ckpt.pt --log "$OUT/device-log.jsonl" \
   --batch-size "$BATCH" --lr "${LR:-3e-4}" --lr-final 1e-5 --beta 1 --ema 0.998 --workers "$WORKERS" --threads 2 \
   --pool-size 48 --validate-every 2000 --validation-count 3 --flips --max-seconds "$left" --device "$DEVICE" \
   --progress none > "$OUT/train.log" 2>&1
