@@ -151,16 +151,16 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     device = pick_device(settings.device)
     net, manifest = load_model(settings.weights, device)
     info.update(device=device, weights_sha256=manifest["sha256"])
+    weight = data_weight(mask, noise_std)
     if noise_std is not None and net.config.prior != "none":
         from .network_io import UNRELIABLE_WEIGHT, unreliable_voxels
 
         # voxels whose field the network reads as the prior's prediction (network_io.network_inputs)
-        info["field_replaced_voxels"] = int(unreliable_voxels(mask, data_weight(mask, noise_std)).sum())
+        info["field_replaced_voxels"] = int(unreliable_voxels(mask, weight).sum())
         info["field_replaced_below_weight"] = f"{UNRELIABLE_WEIGHT:g} x median W"
     if settings.method == "pdi":
         progress.status(f"running PDI on {device}")
-        mean, std = predict(net, field_ppm, mask, device, tile=tile, geometry=geometry,
-                            weight=data_weight(mask, noise_std))
+        mean, std = predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight)
         return torch.from_numpy(mean), std
     from . import vi
 
