@@ -39,7 +39,9 @@ if [ "$DEVICE" = cuda ] && [ "${BENCH:-1}" = 1 ]; then
   cp benchmarks/results/vi_speed_cuda.md "$OUT/" 2>/dev/null
 fi
 
-cp training/realistic-ckpt.pt /tmp/device-ckpt.pt
+# KEEP=1 on a machine still warm from the previous call: go on from that call's checkpoint
+if [ "${KEEP:-0}" = 1 ] && [ -f /tmp/device-ckpt.pt ]; then echo "going on from /tmp/device-ckpt.pt" | tee -a "$OUT/env.txt"
+else cp training/realistic-ckpt.pt /tmp/device-ckpt.pt; fi
 left=$((BUDGET - SECONDS - 60))  # the validation set is made before, the last validation after
 echo "training for $left s" | tee -a "$OUT/env.txt"
 timeout $((left + 120)) $PY -m PDIQSMLib.cli train --steps 1000000 --out /tmp/device-ckpt.pt --log "$OUT/device-log.jsonl" \
