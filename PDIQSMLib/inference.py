@@ -42,31 +42,57 @@ def mask_box(mask: np.ndarray, margin: int = MASK_MARGIN) -> tuple[slice, slice,
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
+# Mirrorings of the input averaged at inference (``predict(reflections=n)``), as axis tuples. Point
+# reflection (all three axes) maps k to -k and leaves the dipole kernel unchanged for any B0 direction:
+# the mirrored field is exactly the field of the mirrored source. A single axis negates B0's component
+# along it; the network never sees B0 (its prior channel is mirrored with the field) and was trained on
+# such mirrored patches (training.flip_patch), so those are valid inputs too.
+REFLECTIONS = {1: ((),), 2: ((), (0, 1, 2)), 4: ((), (0, 1, 2), (0,), (1, 2)),
+               8: ((), (0, 1, 2), (0,), (1, 2), (1,), (0, 2), (2,), (0, 1))}
+
+
 @torch.no_grad()
 def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu",
             tile: int | None = None, overlap: int = 16, geometry=None,
-            weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+            weight: np.ndarray | None = None, reflections: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation (ppm, float32) of chi for a local field (ppm), zero outside ``mask``.
 
     The network runs on the mask's bounding box (plus a margin): outside the mask its input is zero,
     and the empty rest of the field of view would only cost time. ``tile`` (voxels per side) runs
     overlapping tiles blended with tapered weights, for volumes that do not fit in memory at once;
     on a CUDA out-of-memory error, tiles of 128 are used. ``geometry`` is needed by networks with a
-    prior input channel, and ``weight`` (W, from a noise map) is used by that prior.
+    prior input channel, and ``weight`` (W, from a noise map) is used by that prior. ``reflections``
+    (1, 2, 4 or 8, see REFLECTIONS) runs the network on mirrored inputs and mirrors each output back:
+    the mean is their average, the variance that of their equal mixture (mean of the variances plus the
+    variance of the means).
     """
+    if reflections not in REFLECTIONS:
+        raise ValueError(f"reflections must be one of {sorted(REFLECTIONS)}, got {reflections}")
     net.eval()
     m = np.asarray(mask) > 0
     box = mask_box(m)
     x = torch.from_numpy(network_inputs(net.config.prior, field, m, geometry, weight)[(slice(None),) + box])[None]
-    if tile is None:
-        try:
-            mean, std = run_network(net, x, device)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            mean, std = _tiled(net, x, device, 128, overlap)
+    means, variances = [], []
+    for axes in REFLECTIONS[reflections]:
+        mean, std = _whole_or_tiled(net, torch.flip(x, [a + 2 for a in axes]) if axes else x, device, tile, overlap)
+        means.append(np.flip(mean, axes) if axes else mean)
+        variances.append((np.flip(std, axes) if axes else std).astype(np.float64) ** 2)
+    if len(means) == 1:
+        mean, std = means[0], np.sqrt(variances[0])
     else:
-        mean, std = _tiled(net, x, device, tile, overlap)
+        stacked = np.stack(means).astype(np.float64)
+        mean, std = stacked.mean(0), np.sqrt(np.mean(variances, 0) + stacked.var(0))
     return paste(mean, m, box), paste(std, m, box)
+
+
+def _whole_or_tiled(net: PDINet, x: torch.Tensor, device: str, tile: int | None, overlap: int):
+    if tile is not None:
+        return _tiled(net, x, device, tile, overlap)
+    try:
+        return run_network(net, x, device)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return _tiled(net, x, device, 128, overlap)
 
 
 def paste(values: np.ndarray, mask: np.ndarray, box) -> np.ndarray:

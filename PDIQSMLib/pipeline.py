@@ -44,6 +44,7 @@ class Settings:
     vi_estimator: str = "exact"  # PDI-VI's expectation: exact (closed form) or mc (K samples)
     vi_variance: str = "voxel"  # PDI-VI's sigma: voxel or network
     noise_level: float | str | None = None  # PDI-VI: field noise (ppm) where W = 1, or how to read it: cone, white (None: white to tune, cone for sigma)
+    reflections: int = defaults.PDI_REFLECTIONS  # PDI: mirrored inputs averaged (1, 2, 4, 8; inference.REFLECTIONS)
     vi_tol: float = 0.01  # PDI-VI stops when its mean map moved less than this over 10 iterations (0: never)
 
     def check(self) -> None:
@@ -59,6 +60,8 @@ class Settings:
             raise InputError("--pad", f"padding factor must be >= 1, got {self.pad}")
         if isinstance(self.noise_level, str) and self.noise_level not in ("cone", "white"):
             raise InputError("--noise-level", f"expected a level in ppm, cone or white, got {self.noise_level!r}")
+        if self.reflections not in (1, 2, 4, 8):
+            raise InputError("--reflections", f"expected 1, 2, 4 or 8, got {self.reflections}")
         if not self.vi_tol >= 0:
             raise InputError("--vi-tol", f"must be >= 0, got {self.vi_tol}")
 
@@ -66,7 +69,7 @@ class Settings:
         """The settings this method reads (what a run record lists; the others would mislead a reader).
         ``lam`` None means automatic (the record's result says the value and the rule)."""
         used = {"tkd": ("threshold", "pad"), "tikhonov": ("lam", "pad"), "medi": ("lam", "iterations", "pad"),
-                "pdi": ("device", "weights"),
+                "pdi": ("device", "weights", "reflections"),
                 "pdi-vi1": ("lam", "samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
                             "vi_variance", "noise_level", "vi_tol"),
                 "pdi-vi2": ("samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
@@ -160,7 +163,8 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         info["field_replaced_below_weight"] = f"{UNRELIABLE_WEIGHT:g} x median W"
     if settings.method == "pdi":
         progress.status(f"running PDI on {device}")
-        mean, std = predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight)
+        mean, std = predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight,
+                            reflections=settings.reflections)
         return torch.from_numpy(mean), std
     from . import vi
 

@@ -394,12 +394,13 @@ def calibrate_std(net: PDINet, samples: list[Sample]) -> float:
     """Set ``net.logvar_offset`` so that the predicted variance matches the squared errors on
     ``samples`` on average (the maximum-likelihood scalar rescaling of sigma^2, as the authors' code
     rescales its variance map); returns the factor applied to sigma."""
+    from .defaults import PDI_REFLECTIONS
     from .inference import predict
 
     net.logvar_offset = 0.0
     ratios = []
-    for s in samples:
-        mean, std = predict(net, s.field, s.mask, geometry=s.geometry)
+    for s in samples:  # as PDI runs by default (with reflections, the variance includes their spread)
+        mean, std = predict(net, s.field, s.mask, geometry=s.geometry, reflections=PDI_REFLECTIONS)
         m = s.mask > 0
         ratios.append(((mean[m] - s.chi[m]).astype(np.float64) ** 2 / np.maximum(std[m], 1e-6) ** 2))
     factor2 = float(np.mean(np.concatenate(ratios)))

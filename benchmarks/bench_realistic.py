@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import write_table  # noqa: E402
 from PDIQSMLib import solvers  # noqa: E402
+from PDIQSMLib.defaults import PDI_REFLECTIONS  # noqa: E402
 from PDIQSMLib.evaluation import compare_methods, format_table  # noqa: E402
 from PDIQSMLib.pipeline import Settings  # noqa: E402
 from PDIQSMLib.simulation import REALISTIC, make_volume  # noqa: E402
@@ -38,20 +39,24 @@ def vi_runs(ablation: bool = True) -> list[tuple[str, Settings]]:
     return runs
 
 
-def runs(weights: list[str]) -> list[tuple[str, Settings]]:
+def runs(weights: list[str], reflections: list[int]) -> list[tuple[str, Settings]]:
     out = [("tkd", Settings(method="tkd")),
            (f"tikhonov lambda {solvers.TIKHONOV_LAMBDA:g} (old default)", Settings(method="tikhonov", lam=solvers.TIKHONOV_LAMBDA)),
            ("tikhonov auto (default)", Settings(method="tikhonov")),
            (f"medi lambda {solvers.MEDI_LAMBDA:g} (old default)", Settings(method="medi", lam=solvers.MEDI_LAMBDA)),
            ("medi auto (default)", Settings(method="medi"))]
     for w in weights:
-        out.append((f"pdi {Path(w).stem if w else 'bundled'}", Settings(method="pdi", weights=w or None, device="cpu")))
+        for n in reflections:
+            label = f"pdi {Path(w).stem if w else 'bundled'}" + ("" if n == PDI_REFLECTIONS else f", {n} reflection{'s' * (n > 1)}")
+            out.append((label, Settings(method="pdi", weights=w or None, device="cpu", reflections=n)))
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--weights", nargs="*", default=[""], help="PDI weights to score ('' = bundled)")
+    parser.add_argument("--reflections", type=int, nargs="*", default=[PDI_REFLECTIONS],
+                        help="PDI rows for these reflection counts (inference.REFLECTIONS)")
     parser.add_argument("--name", default="cpu", help="table name suffix")
     parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     parser.add_argument("--vi", action="store_true", help="PDI and PDI-VI only (about 5 min a brain and method on 2 "
@@ -62,7 +67,7 @@ def main() -> None:
     per_method: dict[str, list[dict]] = {}
     for seed in args.seeds:
         s = make_volume(np.random.default_rng(seed), config)
-        chosen = [("pdi bundled", Settings(method="pdi", device="cpu"))] + vi_runs(not args.no_ablation) if args.vi else runs(args.weights)
+        chosen = [("pdi bundled", Settings(method="pdi", device="cpu"))] + vi_runs(not args.no_ablation) if args.vi else runs(args.weights, args.reflections)
         rows, _ = compare_methods(s.field, s.mask, s.geometry, s.chi, chosen)
         for m, r in rows.items():
             per_method.setdefault(m, []).append(r)
