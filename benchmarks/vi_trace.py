@@ -1,0 +1,62 @@
+"""PDI-VI's path on realistic simulated brains: data misfit and accuracy at every iteration (issue 12).
+
+    python benchmarks/vi_trace.py pdi-vi1 LR SEED [SEED ...]   (LR: Adam's step, 1e-3 is the default)
+
+For each brain (``simulation.REALISTIC``, brains only, the seeds' own volumes), runs the method with its
+defaults except the learning rate and prints, every 5 iterations, the RMS of the mean map's weighted misfit
+W (D mu - b) inside the mask (ppm) and the demeaned NRMSE against the truth (%), beside the field's two
+noise readings (the cone's, what no map explains, and the white noise by second differences). The question
+it answers: when does fine-tuning help, and does its misfit tell (a discrepancy rule: tune only while the
+misfit exceeds the cone's level)? Output goes to stdout; the runs quoted in the notes are in
+benchmarks/results/vi_trace_cpu.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from PDIQSMLib import vi  # noqa: E402
+from PDIQSMLib.fieldstats import cone_noise, second_difference_noise  # noqa: E402
+from PDIQSMLib.metrics import nrmse_demeaned  # noqa: E402
+from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
+from PDIQSMLib.simulation import REALISTIC, make_volume  # noqa: E402
+
+
+def trace_run(method: str, lr: float, seed: int) -> None:
+    s = make_volume(np.random.default_rng(seed), replace(REALISTIC, anatomical_fraction=1.0))
+    m = s.mask > 0
+    trace: list[tuple[int, float, float]] = []
+    loss_terms, finetune = vi.loss_terms, vi.finetune
+
+    def traced(mean, logvar, data, config, noise, gen=None):
+        with torch.no_grad():
+            mu = mean * data.mask
+            r = data.weight * (data.op.forward(mu) - data.field)
+            full = np.zeros(m.shape, np.float32)
+            full[data.box] = mu[0, 0, :data.size[0], :data.size[1], :data.size[2]].cpu().numpy()
+            trace.append((len(trace), float(torch.sqrt((r**2).sum() / data.mask.sum())), nrmse_demeaned(full, s.chi, m)))
+        return loss_terms(mean, logvar, data, config, noise, gen)
+
+    vi.loss_terms = traced
+    vi.finetune = lambda net, vols, config, *a, **k: finetune(net, vols, replace(config, lr=lr), *a, **k)
+    try:
+        r = reconstruct(s.field, s.mask, s.geometry, Settings(method=method, device="cpu"))
+    finally:
+        vi.loss_terms, vi.finetune = loss_terms, finetune
+    print(seed, method, "cone", round(cone_noise(s.field, m, s.geometry), 5), "white",
+          round(second_difference_noise(s.field, m), 5), "final", round(nrmse_demeaned(r.mean, s.chi, m), 2),
+          r.info.get("iterations"), flush=True)
+    print("  lr", lr, "best (iteration, misfit, nrmse)", min(trace, key=lambda t: t[2]))
+    for t in trace[::5] + [trace[-1]]:
+        print("  it %d misfit %.5f nrmse %.2f" % t, flush=True)
+
+
+if __name__ == "__main__":
+    for seed in sys.argv[3:]:
+        trace_run(sys.argv[1], float(sys.argv[2]), int(seed))
