@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "Tikhonov, 1 for MEDI)")
     r.add_argument("--device", default=defaults.DEVICE, choices=("auto", "cpu", "cuda", "mps"), help="where PDI runs")
     r.add_argument("--weights", type=Path, help="PDI weights (.safetensors with its .json manifest); default: bundled")
-    r.add_argument("--reflections", type=int, default=defaults.PDI_REFLECTIONS, choices=(1, 2, 4, 8),
+    r.add_argument("--reflections", type=int, default=defaults.PDI_REFLECTIONS, choices=defaults.REFLECTION_COUNTS,
                    help="PDI: the network's maps averaged over this many mirrorings of the input (2: the field and "
                         "its point reflection, an exact symmetry of the dipole kernel; n times the time; on held-out "
                         "realistic brains no consistent gain in NRMSE, HFEN 1 point lower with 8; "

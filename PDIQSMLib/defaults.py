@@ -8,6 +8,7 @@ LAMBDA_METHODS = ("medi", "tikhonov", "pdi-vi1")  # methods whose --lambda means
 TKD_THRESHOLD = 0.2
 TIKHONOV_LAMBDA = 5e-3  # the fixed value (simulator's best); the default is automatic (solvers.auto_lambda)
 MEDI_LAMBDA = 1e-3  # likewise
+REFLECTION_COUNTS = (1, 2, 4, 8)  # how many mirrored inputs PDI may average (inference.REFLECTIONS)
 PDI_REFLECTIONS = 1  # PDI: one pass; 2, 4, 8 average mirrored inputs (inference.REFLECTIONS; measured: no consistent gain)
 VI_SAMPLES = 5  # K, with the Monte Carlo estimator (the default estimator is exact: K unused)
 PANEL_VI_SAMPLES = 0  # the Slicer panel's K: 0 takes the expectation exactly (the default), K >= 1 draws K samples

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .defaults import REFLECTION_COUNTS
 from .network import PDINet
 from .network_io import from_output, network_inputs, stacked_input
 
@@ -49,6 +50,7 @@ def mask_box(mask: np.ndarray, margin: int = MASK_MARGIN) -> tuple[slice, slice,
 # such mirrored patches (training.flip_patch), so those are valid inputs too.
 REFLECTIONS = {1: ((),), 2: ((), (0, 1, 2)), 4: ((), (0, 1, 2), (0,), (1, 2)),
                8: ((), (0, 1, 2), (0,), (1, 2), (1,), (0, 2), (2,), (0, 1))}
+assert tuple(REFLECTIONS) == REFLECTION_COUNTS
 
 
 @torch.no_grad()
@@ -72,20 +74,21 @@ def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu
     m = np.asarray(mask) > 0
     box = mask_box(m)
     x = torch.from_numpy(network_inputs(net.config.prior, field, m, geometry, weight)[(slice(None),) + box])[None]
-    means, variances = [], []
+    maps = []
     for axes in REFLECTIONS[reflections]:
         mean, std = _whole_or_tiled(net, torch.flip(x, [a + 2 for a in axes]) if axes else x, device, tile, overlap)
-        means.append(np.flip(mean, axes) if axes else mean)
-        variances.append((np.flip(std, axes) if axes else std).astype(np.float64) ** 2)
-    if len(means) == 1:
-        mean, std = means[0], np.sqrt(variances[0])
+        maps.append((np.flip(mean, axes), np.flip(std, axes)) if axes else (mean, std))
+    if len(maps) == 1:
+        mean, std = maps[0]
     else:
-        stacked = np.stack(means).astype(np.float64)
-        mean, std = stacked.mean(0), np.sqrt(np.mean(variances, 0) + stacked.var(0))
+        means = np.stack([mu for mu, _ in maps]).astype(np.float64)
+        variances = np.stack([sd for _, sd in maps]).astype(np.float64) ** 2
+        mean, std = means.mean(0), np.sqrt(variances.mean(0) + means.var(0))
     return paste(mean, m, box), paste(std, m, box)
 
 
 def _whole_or_tiled(net: PDINet, x: torch.Tensor, device: str, tile: int | None, overlap: int):
+    """One network pass on ``x``: whole, or in tiles when asked or when the GPU runs out of memory."""
     if tile is not None:
         return _tiled(net, x, device, tile, overlap)
     try:

@@ -60,8 +60,8 @@ class Settings:
             raise InputError("--pad", f"padding factor must be >= 1, got {self.pad}")
         if isinstance(self.noise_level, str) and self.noise_level not in ("cone", "white"):
             raise InputError("--noise-level", f"expected a level in ppm, cone or white, got {self.noise_level!r}")
-        if self.reflections not in (1, 2, 4, 8):
-            raise InputError("--reflections", f"expected 1, 2, 4 or 8, got {self.reflections}")
+        if self.reflections not in defaults.REFLECTION_COUNTS:
+            raise InputError("--reflections", f"expected one of {defaults.REFLECTION_COUNTS}, got {self.reflections}")
         if not self.vi_tol >= 0:
             raise InputError("--vi-tol", f"must be >= 0, got {self.vi_tol}")
 
