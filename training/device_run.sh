@@ -12,6 +12,8 @@
 #     --platform manylinux2014_x86_64 -d .whl nibabel==5.4.2 nilearn==0.13.1
 # then the device tool's run with command "BUDGET=500 training/device_run.sh", carry [".whl"], timeout_s 590
 # (a 15-minute lease: ~1 min to start, one such call, then training/merge_device_run.py /work/.device/N here).
+# Session 9 used the whole lease in two calls: "BUDGET=600 BENCH=0 LR=2e-4" (timeout 600; 561 s), then at once,
+# on the still-warm machine, "KEEP=1 BUDGET=250 BENCH=0 LR=4e-5" (timeout 285; 211 s); merge each in order.
 set -u -o pipefail
 OUT=${OUT:?set OUT to the folder for the results}
 BUDGET=${BUDGET:-500}
