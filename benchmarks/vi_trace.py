@@ -1,6 +1,6 @@
 """PDI-VI's path on realistic simulated brains: data misfit and accuracy at every iteration (issue 12).
 
-    python benchmarks/vi_trace.py pdi-vi1 LR SEED [SEED ...]   (LR: Adam's step, 1e-3 is the default)
+    python benchmarks/vi_trace.py pdi-vi1 LR SEED [SEED ...] [--noise-level cone]   (LR: Adam's step, 1e-3 is the default)
 
 For each brain (``simulation.REALISTIC``, brains only, the seeds' own volumes), runs the method with its
 defaults except the learning rate and prints, every 5 iterations, the RMS of the mean map's weighted misfit
@@ -28,7 +28,7 @@ from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
 from PDIQSMLib.simulation import REALISTIC, make_volume  # noqa: E402
 
 
-def trace_run(method: str, lr: float, seed: int) -> None:
+def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None) -> None:
     s = make_volume(np.random.default_rng(seed), replace(REALISTIC, anatomical_fraction=1.0))
     m = s.mask > 0
     trace: list[tuple[int, float, float]] = []
@@ -46,17 +46,25 @@ def trace_run(method: str, lr: float, seed: int) -> None:
     vi.loss_terms = traced
     vi.finetune = lambda net, vols, config, *a, **k: finetune(net, vols, replace(config, lr=lr), *a, **k)
     try:
-        r = reconstruct(s.field, s.mask, s.geometry, Settings(method=method, device="cpu"))
+        r = reconstruct(s.field, s.mask, s.geometry, Settings(method=method, device="cpu", noise_level=noise_level))
     finally:
         vi.loss_terms, vi.finetune = loss_terms, finetune
     print(seed, method, "cone", round(cone_noise(s.field, m, s.geometry), 5), "white",
           round(second_difference_noise(s.field, m), 5), "final", round(nrmse_demeaned(r.mean, s.chi, m), 2),
           r.info.get("iterations"), flush=True)
-    print("  lr", lr, "best (iteration, misfit, nrmse)", min(trace, key=lambda t: t[2]))
+    print("  lr", lr, "noise level", noise_level or "default", "best (iteration, misfit, nrmse)", min(trace, key=lambda t: t[2]))
     for t in trace[::5] + [trace[-1]]:
         print("  it %d misfit %.5f nrmse %.2f" % t, flush=True)
 
 
 if __name__ == "__main__":
-    for seed in sys.argv[3:]:
-        trace_run(sys.argv[1], float(sys.argv[2]), int(seed))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("method", choices=("pdi-vi1", "pdi-vi2"))
+    ap.add_argument("lr", type=float)
+    ap.add_argument("seeds", type=int, nargs="+")
+    ap.add_argument("--noise-level", choices=("cone", "white"), help="both levels from this reading (default: white to tune, cone for sigma)")
+    args = ap.parse_args()
+    for seed in args.seeds:
+        trace_run(args.method, args.lr, seed, args.noise_level)
