@@ -101,9 +101,9 @@ def network_inputs(prior: str, field: np.ndarray, mask: np.ndarray, geometry=Non
         channels.append(prior_map(field, m, geometry, prior, weight))
         bad = unreliable_voxels(m, weight)
         if bad.any():
-            from .physics import DipoleOperator
+            from .physics import simulate_field
 
-            predicted = DipoleOperator(m.shape, geometry, 1.5).forward(torch.from_numpy(channels[1])).numpy()
+            predicted = simulate_field(torch.from_numpy(channels[1]), geometry, 1.5).numpy()
             channels[0] = np.where(bad, predicted, channels[0]).astype(np.float32)
     return np.stack(channels)
 

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PDIQSMLib import vi  # noqa: E402
 from PDIQSMLib.fieldstats import cone_noise, second_difference_noise  # noqa: E402
+from PDIQSMLib.inference import paste  # noqa: E402
 from PDIQSMLib.metrics import nrmse_demeaned  # noqa: E402
 from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
 from PDIQSMLib.simulation import REALISTIC, make_volume  # noqa: E402
@@ -38,8 +39,7 @@ def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None)
         with torch.no_grad():
             mu = mean * data.mask
             r = data.weight * (data.op.forward(mu) - data.field)
-            full = np.zeros(m.shape, np.float32)
-            full[data.box] = mu[0, 0, :data.size[0], :data.size[1], :data.size[2]].cpu().numpy()
+            full = paste(mu[0, 0, :data.size[0], :data.size[1], :data.size[2]].cpu().numpy(), m, data.box)
             trace.append((len(trace), float(torch.sqrt((r**2).sum() / data.mask.sum())), nrmse_demeaned(full, s.chi, m)))
         return loss_terms(mean, logvar, data, config, noise, gen)
 
