@@ -375,8 +375,9 @@ def test_bundled_model_beats_its_own_tikhonov_input_and_tkd_on_an_unseen_realist
     non-dipolar field terms), the network must add to its Tikhonov input, not pass it through (issue 17),
     and its sigma must cover the errors there. Measured with the bundled model (27171 steps): PDI 49.7 %, its
     Tikhonov input 61.6 %, TKD 76.0 %; 2-sigma coverage 97.2 % (19088 steps: 52.1 %, 96.9 %; 10641 steps: 53.1 %,
-    97.3 %; 2200 steps: 58.7 %, 96.8 %). (On the clean procedural brain of the first models, seed 40000, the previous model: PDI 53.7 %,
-    input 58.4 %, TKD 47.2 %: the automatic lambda over-regularises a field with almost no non-dipolar part.)"""
+    97.3 %; 2200 steps: 58.7 %, 96.8 %). (On the clean procedural brain of the first models, seed 40000, the
+    previous model: PDI 53.7 %, input 58.4 %, TKD 47.2 %: the automatic lambda over-regularises a field with
+    almost no non-dipolar part.)"""
     from dataclasses import replace
 
     from PDIQSMLib import solvers

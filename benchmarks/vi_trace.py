@@ -4,7 +4,7 @@
     (LR: Adam's step, 1e-3 is the default; L: PDI-VI1's TV weight, 1e-3 by default)
 
 For each brain (``simulation.REALISTIC``, brains only, the seeds' own volumes), runs the method with its
-defaults except the learning rate and prints, every 5 iterations, the RMS of the mean map's weighted misfit
+defaults except the learning rate (and with --lam the TV weight) and prints, every 5 iterations, the RMS of the mean map's weighted misfit
 W (D mu - b) inside the mask (ppm) and the demeaned NRMSE against the truth (%), beside the field's two
 noise readings (the cone's, what no map explains, and the white noise by second differences), and the
 objective's deterministic part, misfit + lambda TV (sum of W^2 (D mu - b)^2 + lambda sum |M grad mu|, the
