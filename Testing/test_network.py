@@ -121,6 +121,25 @@ def test_weights_checksum_and_architecture_are_checked(tmp_path):
         load_model(tmp_path / "lonely.safetensors")
 
 
+def test_the_model_card_and_region_calibration_name_the_shipped_weights():
+    """The card's checksum, its step count and the region calibration must be those of the bundled file: each
+    time the weights are replaced they are easy to leave stale (the card named the previous model's checksum
+    once)."""
+    import hashlib
+    import re
+
+    from PDIQSMLib.weights import DEFAULT_WEIGHTS
+
+    digest = hashlib.sha256(DEFAULT_WEIGHTS.read_bytes()).hexdigest()
+    manifest = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    card = DEFAULT_WEIGHTS.with_suffix(".md").read_text()
+    regions = json.loads(DEFAULT_WEIGHTS.with_suffix(".regions.json").read_text())
+    assert manifest["sha256"] == digest
+    assert re.findall(r"sha256 ([0-9a-f]{64})", card) == [digest]
+    assert f"**{manifest['steps']} steps**" in card
+    assert regions["weights_sha256"] == digest
+
+
 def test_prediction_is_deterministic():
     net = PDINet(PRESETS["tiny"]).eval()
     field = np.random.default_rng(1).normal(0, 0.02, (16, 16, 8)).astype(np.float32)
