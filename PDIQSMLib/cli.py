@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"reconstruction method (default: {defaults.METHOD})")
     r.add_argument("--lambda", dest="lam", type=float, help="regularisation weight; default for MEDI and Tikhonov: automatic, c x s^2 "
                    "with s the field's effective noise read off the magic-angle cone (run.json records it); "
-                   "PDI-VI1: MEDI's 1e-3")
+                   f"PDI-VI1: {defaults.VI_LAMBDA:g}")
     r.add_argument("--iterations", type=int, help="iterations: MEDI's maximum (default 200), PDI-VI's count")
     r.add_argument("--threshold", type=float, default=defaults.TKD_THRESHOLD,
                    help=f"TKD truncation threshold (default {defaults.TKD_THRESHOLD})")
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--validation-mask", type=Path, help="the validation field's mask")
     f.add_argument("--method", choices=("pdi-vi1", "pdi-vi2"), default="pdi-vi1",
                    help="pdi-vi1: TV prior weighted by --lambda; pdi-vi2: flat prior (default pdi-vi1)")
-    f.add_argument("--lambda", dest="lam", type=float, help="TV weight (default MEDI's 1e-3)")
+    f.add_argument("--lambda", dest="lam", type=float, help=f"TV weight (default {defaults.VI_LAMBDA:g})")
     f.add_argument("--iterations", type=int, default=100, help="iterations in all, over the set (default 100)")
     _add_vi(f, on_set=True)
     f.add_argument("--weights", type=Path, help="weights to start from (default: bundled)")

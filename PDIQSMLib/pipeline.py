@@ -191,13 +191,13 @@ def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_st
 
 
 def vi_config(settings: Settings, on_set: bool = False):
-    """PDI-VI settings from a reconstruction's: lambda 0 for pdi-vi2, MEDI's default for pdi-vi1; the
+    """PDI-VI settings from a reconstruction's: lambda 0 for pdi-vi2, ``defaults.VI_LAMBDA`` for pdi-vi1; the
     variant by default every weight for one volume, the decoders for a set (see vi.SET_VARIANT)."""
     from .vi import DEFAULT_VARIANT, SET_VARIANT, VIConfig
 
     if settings.method not in ("pdi-vi1", "pdi-vi2"):
         raise InputError("--method", f"fine-tuning needs pdi-vi1 or pdi-vi2, not {settings.method!r}")
-    lam = 0.0 if settings.method == "pdi-vi2" else (settings.lam if settings.lam is not None else solvers.MEDI_LAMBDA)
+    lam = 0.0 if settings.method == "pdi-vi2" else (settings.lam if settings.lam is not None else defaults.VI_LAMBDA)
     variant = settings.vi_variant or (SET_VARIANT if on_set else DEFAULT_VARIANT)
     level = settings.noise_level
     estimate = dict(noise_estimate=level, sigma_estimate=level) if isinstance(level, str) else dict(noise_level=level)

@@ -6,7 +6,7 @@ For fields b without labels, minimise over the network weights
 
 with chi_k = mu + sigma eps_k (reparameterisation), K samples per iteration. W is MEDI's data weight
 (mean 1 in the mask) and s the field noise level (ppm) where W = 1, so W/s is the paper's Sigma_b^-1/2;
-lambda has the meaning it has in ``solvers.medi``. Without a given s, it is estimated from the field
+lambda has the meaning it has in ``solvers.medi`` (default ``defaults.VI_LAMBDA``, 3x MEDI's 1e-3). Without a given s, it is estimated from the field
 itself (``estimate_noise_level``): the white noise (second differences) while the mean is tuned, and
 the cone estimate, which reads the non-dipolar part of real fields too, for the sigma reported (see
 ``estimate_noise_level`` for why the two). Fine-tuning stops when the mean map moved less than ``tol``
@@ -62,7 +62,7 @@ from .inference import mask_box, pad_to_stride, paste, run_network
 from .network import CHI_SCALE, PDINet
 from .network_io import clamp_logvar, network_inputs, stacked_input
 from .physics import DipoleOperator
-from .solvers import MEDI_LAMBDA
+from .defaults import VI_LAMBDA
 
 VARIANTS = ("full", "decoders", "last")
 ESTIMATORS = ("mc", "exact")  # the KL's expectation over q: K Monte Carlo samples, or in closed form
@@ -76,7 +76,7 @@ SET_VARIANT = "decoders"
 
 @dataclass
 class VIConfig:
-    lam: float = MEDI_LAMBDA  # 0 gives PDI-VI2
+    lam: float = VI_LAMBDA  # 0 gives PDI-VI2
     samples: int = 5
     iterations: int = 100
     lr: float = 1e-3

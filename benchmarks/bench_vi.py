@@ -133,10 +133,10 @@ def main() -> None:
     d = vi.VIConfig()
     default = f"{d.variant}, sigma {d.variance}, {d.estimator}"
     if args.defaults_only:
-        for name, lam in ((f"pdi-vi1 ({default})", MEDI_LAMBDA), (f"pdi-vi2 ({default})", 0.0)):
+        for name, lam in ((f"pdi-vi1 ({default})", d.lam), (f"pdi-vi2 ({default})", 0.0)):
             rows[name] = tuned_row(net, volume, vi.VIConfig(lam=lam, iterations=args.iterations), chi, mask, bleed)
         text = (f"ICH case, s = 1e-3 ppm, seed 0; W from the noise map; PDI-VI with its defaults ({default}, noise "
-                f"levels read from the field, at most {args.iterations} iterations, lambda (VI1) = {MEDI_LAMBDA}).\n\n"
+                f"levels read from the field, at most {args.iterations} iterations, lambda (VI1) = {d.lam:g}).\n\n"
                 + format_table(rows, COLUMNS))
         write_table(f"vi_defaults_{args.device}", "PDI-VI on the ICH case, defaults", text)
         return
