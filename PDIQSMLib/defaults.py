@@ -10,7 +10,7 @@ TIKHONOV_LAMBDA = 5e-3  # the fixed value (simulator's best); the default is aut
 MEDI_LAMBDA = 1e-3  # likewise
 # PDI-VI1's TV weight: 3x MEDI's. On the four realistic sigma-calibration brains (20000-20003) PDI-VI1 at 1e-3
 # fitted the non-dipolar field into chi (demeaned NRMSE 69.2 % mean, PDI 60.5), at 3e-3 59.7; the shared ICH
-# case gains as much at either (60.7 -> 54.6 / 54.1 %). benchmarks/results/vi_trace_cpu.md.
+# case gains as much at either (60.7 -> 54.6 / 54.1 % demeaned). benchmarks/results/vi_trace_cpu.md.
 VI_LAMBDA = 3e-3
 REFLECTION_COUNTS = (1, 2, 4, 8)  # how many mirrored inputs PDI may average (inference.REFLECTIONS)
 PDI_REFLECTIONS = 1  # PDI: one pass; 2, 4, 8 average mirrored inputs (inference.REFLECTIONS; measured: no consistent gain)

@@ -18,7 +18,8 @@ sigma_j = s / sqrt(P_j), P_j = sum_i W_i^2 d_ij^2 (``fidelity_diagonal``), whate
 3.4 s / W where the dipole kernel's energy stays in weighted voxels, and large where the field is
 unmeasured around a voxel (ICH: median 4.2e-3 ppm in the brain, 0.05 ppm in the bleed and its noisy
 halo). The TV term on the samples adds about lambda c sigma / (2 s^2) per voxel (c ~ 3.4) and pulls sigma
-towards 2 s^2 / (lambda c). This is the mean-field sigma: the spread of chi_j given its neighbours, not
+towards 2 s^2 / (lambda c); so the sigma reported is settled without it (``settle_variances``, ``sigma_tv``),
+at the flat prior's optimum for the mean reached. This is the mean-field sigma: the spread of chi_j given its neighbours, not
 its marginal spread, so it is smaller than the error wherever the error is bias (measured on ICH: 2-sigma
 coverage 40-52 %, benchmarks/results/vi_cpu.md).
 
@@ -91,6 +92,7 @@ class VIConfig:
     estimator: str = "exact"  # the KL's expectation in closed form; "mc": K = samples draws (the paper's)
     variance: str = "voxel"
     voxel_lr: float = 0.1  # Adam step for the per-voxel log variances ('voxel')
+    sigma_tv: bool = False  # settle the voxel variances with the TV term too (False: the field's own spread)
 
     def check(self) -> None:
         if self.samples < 1:
@@ -466,7 +468,12 @@ class MapChange:
 def settle_variances(model: Model, volumes: list[VolumeData], config: VIConfig, noise: float) -> list[torch.Tensor]:
     """The per-voxel log variances (ppm^2) for the mean reached: ``config.variance_iterations`` Adam steps
     on the offsets alone with the mean fixed, the KL's expectation in closed form (``expected_kl``; the
-    residual is then a constant, so a step costs no network pass and no FFT). Returns one per volume."""
+    residual is then a constant, so a step costs no network pass and no FFT). Returns one per volume.
+
+    Without ``config.sigma_tv`` the TV term is left out here (the flat prior's optimum, about s / sqrt(P_j)):
+    PDI-VI1's TV weight guards the mean against fitting the non-dipolar field, it is not a belief about how
+    far chi may stray, and with it sigma shrinks towards 2 s^2 / (lambda c): on realistic brain 31002 the
+    2-sigma coverage was 0.76 at lambda 1e-3 and 0.36 at 3e-3 (``benchmarks/results/vi_trace_cpu.md``)."""
     out = []
     for i, v in enumerate(volumes):
         with torch.no_grad():
@@ -474,7 +481,7 @@ def settle_variances(model: Model, volumes: list[VolumeData], config: VIConfig, 
         offsets = model.offsets[i]
         opt = torch.optim.Adam([offsets], lr=config.voxel_lr)
         for _ in range(config.variance_iterations):
-            loss = expected_kl(mean, model.voxel_logvar(i), v, config.lam, noise)["loss"]
+            loss = expected_kl(mean, model.voxel_logvar(i), v, config.lam if config.sigma_tv else 0.0, noise)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
