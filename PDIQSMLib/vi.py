@@ -6,22 +6,22 @@ For fields b without labels, minimise over the network weights
 
 with chi_k = mu + sigma eps_k (reparameterisation), K samples per iteration. W is MEDI's data weight
 (mean 1 in the mask) and s the field noise level (ppm) where W = 1, so W/s is the paper's Sigma_b^-1/2;
-lambda has the meaning it has in ``solvers.medi`` (default ``defaults.VI_LAMBDA``, 3x MEDI's 1e-3). Without a given s, it is estimated from the field
-itself (``estimate_noise_level``): the white noise (second differences) while the mean is tuned, and
-the cone estimate, which reads the non-dipolar part of real fields too, for the sigma reported (see
-``estimate_noise_level`` for why the two). Fine-tuning stops when the mean map moved less than ``tol``
-over 10 iterations (or at ``iterations``); the per-voxel variances are then set for the mean reached
-at the cone's s (``settle_variances``, no network pass).
+lambda has the meaning it has in ``solvers.medi`` (default ``defaults.VI_LAMBDA``, 3x MEDI's 1e-3).
+Without a given s, it is estimated from the field itself (``estimate_noise_level``): the white noise
+(second differences) while the mean is tuned, and the cone estimate, which reads the non-dipolar part
+of real fields too, for the sigma reported (see ``estimate_noise_level`` for why the two). Fine-tuning
+stops when the mean map moved less than ``tol`` over 10 iterations (or at ``iterations``); the per-voxel
+variances are then set for the mean reached at the cone's s (``settle_variances``, no network pass).
 
 What sigma to expect: with a flat prior the mean-field optimum per voxel is exactly
 sigma_j = s / sqrt(P_j), P_j = sum_i W_i^2 d_ij^2 (``fidelity_diagonal``), whatever the mean: about
 3.4 s / W where the dipole kernel's energy stays in weighted voxels, and large where the field is
 unmeasured around a voxel (ICH: median 4.2e-3 ppm in the brain, 0.05 ppm in the bleed and its noisy
 halo). The TV term on the samples adds about lambda c sigma / (2 s^2) per voxel (c ~ 3.4) and pulls sigma
-towards 2 s^2 / (lambda c); so the sigma reported is settled without it (``settle_variances``, ``sigma_tv``),
-at the flat prior's optimum for the mean reached. This is the mean-field sigma: the spread of chi_j given its neighbours, not
-its marginal spread, so it is smaller than the error wherever the error is bias (measured on ICH: 2-sigma
-coverage 40-52 %, benchmarks/results/vi_cpu.md).
+towards 2 s^2 / (lambda c); so the sigma reported is settled without it (``settle_variances``,
+``sigma_tv``), at the flat prior's optimum for the mean reached. This is the mean-field sigma: the spread
+of chi_j given its neighbours, not its marginal spread, so it is smaller than the error wherever the
+error is bias (measured on ICH with the first model: 2-sigma coverage 40-52 %, benchmarks/results/vi_cpu.md).
 
 Where sigma comes from (``VIConfig.variance``):
 - 'voxel' (default): the log-variance decoder is frozen; its output is the start of one free log
@@ -56,6 +56,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .defaults import VI_LAMBDA
 from .errors import InputError
 from .geometry import Geometry
 from .gradient import grad
@@ -63,7 +64,6 @@ from .inference import mask_box, pad_to_stride, paste, run_network
 from .network import CHI_SCALE, PDINet
 from .network_io import clamp_logvar, network_inputs, stacked_input
 from .physics import DipoleOperator
-from .defaults import VI_LAMBDA
 
 VARIANTS = ("full", "decoders", "last")
 ESTIMATORS = ("mc", "exact")  # the KL's expectation over q: K Monte Carlo samples, or in closed form
@@ -473,7 +473,7 @@ def settle_variances(model: Model, volumes: list[VolumeData], config: VIConfig, 
     Without ``config.sigma_tv`` the TV term is left out here (the flat prior's optimum, about s / sqrt(P_j)):
     PDI-VI1's TV weight guards the mean against fitting the non-dipolar field, it is not a belief about how
     far chi may stray, and with it sigma shrinks towards 2 s^2 / (lambda c): on realistic brain 31002 the
-    2-sigma coverage was 0.76 at lambda 1e-3 and 0.36 at 3e-3 (``benchmarks/results/vi_trace_cpu.md``)."""
+    2-sigma coverage was 0.76 at lambda 1e-3 and 0.36 at 3e-3 (``benchmarks/results/vi_trace_cpu.md``, session 11)."""
     out = []
     for i, v in enumerate(volumes):
         with torch.no_grad():

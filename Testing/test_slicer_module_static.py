@@ -84,3 +84,12 @@ def test_icon_is_128_square_png():
     data = (ROOT / "PDIQSM" / "Resources" / "Icons" / "PDIQSM.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(data[16:20], "big") == 128 and int.from_bytes(data[20:24], "big") == 128
+
+
+def test_the_automatic_lambda_tooltip_names_pdi_vi1s_default():
+    """The panel's 'automatic' box gives PDI-VI1 the library's default TV weight; its tooltip says which."""
+    from PDIQSMLib.defaults import VI_LAMBDA
+
+    box = next(w for w in ui_tree().iter("widget") if w.get("name") == "lambdaAutoCheckBox")
+    tip = box.find("./property[@name='toolTip']/string").text
+    assert f"PDI-VI1: {VI_LAMBDA:g} " in tip

@@ -401,3 +401,13 @@ def test_pdi_vi1_sigma_is_the_fields_own_spread_not_narrowed_by_its_tv_weight():
         assert float((sigma[lam, False] / optimum[inside] - 1).abs().max()) < 0.03
     assert torch.allclose(sigma[0.0, True], sigma[0.0, False], rtol=1e-4)
     assert float((sigma[0.3, True] / sigma[0.3, False]).median()) < 0.9
+
+
+def test_the_qsmci_method_folder_documents_pdi_vi1s_default_lambda():
+    """qsmci/pdi-vi1/algorithm.yml shows QSM-CI users the default a run without --set gets."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "qsmci" / "pdi-vi1" / "algorithm.yml").read_text()
+    default = re.search(r"- name: lambda\s*\n\s*default: ([0-9.eE+-]+)", text)
+    assert default and float(default.group(1)) == pytest.approx(VI_LAMBDA)
