@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from PDIQSMLib import phantoms
-from PDIQSMLib.errors import InputError
 from PDIQSMLib.defaults import VI_LAMBDA
+from PDIQSMLib.errors import InputError
 from PDIQSMLib.geometry import Geometry
 from PDIQSMLib.physics import DipoleOperator
 from PDIQSMLib.simulation import add_noise, field_of
@@ -146,9 +146,9 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     """`pdiqsm finetune` on two lesion brains, then `reconstruct --weights` on a third never seen: the
     adapted weights fit the unseen field's data better and keep the unseen lesion's total susceptibility,
     but with the bundled model (27171 steps) they raise the brain's RMSE on these clean phantoms (40.8 ->
-    47.3 % at the default lambda 3e-3, 45.1 % at the former 1e-3; 19088 steps: 42.4 -> 48.9 %; 10641 steps: 47.7 -> 47.8 %; the 2200-step model, which
-    overestimated the lesion by 73 %: 58.3 -> 55.4 %), and they spread the lesion over its rim, as the README
-    says: with a network this good, fine-tuning a set of clean fields mostly fits their noise. The RMSE bound
+    47.3 % at the default lambda 3e-3, 45.1 % at the former 1e-3; 19088 steps: 42.4 -> 48.9 %; 10641 steps:
+    47.7 -> 47.8 %; the 2200-step model, which overestimated the lesion by 73 %: 58.3 -> 55.4 %), and they
+    spread the lesion over its rim, as the README says: with a network this good, fine-tuning a set of clean fields mostly fits their noise. The RMSE bound
     only guards against a collapse."""
     from conftest import write_nifti
 
@@ -191,9 +191,8 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     rmse = lambda m: np.linalg.norm(m[mask] - chi[mask]) / np.linalg.norm(chi[mask])  # noqa: E731
     # measured (decoders, 30 iterations, K = 2; 27171 steps, lambda 3e-3): misfit x0.47, RMSE 40.78 -> 47.28 %,
     # lesion total error -0.00 -> -0.14, lesion mean error 0.06 -> 0.25 ppm (lambda 1e-3: x0.46, 45.09 %,
-    # -0.16, 0.23) (19088 steps: x0.45, 42.45 -> 48.92 %;
-    # 10641 steps: misfit x0.41, RMSE 47.67 -> 47.78 %, lesion total error 0.08 -> -0.11, lesion mean error
-    # 0.002 -> 0.236 ppm)
+    # -0.16, 0.23; 19088 steps: x0.45, 42.45 -> 48.92 %; 10641 steps: misfit x0.41, RMSE 47.67 -> 47.78 %,
+    # lesion total error 0.08 -> -0.11, lesion mean error 0.002 -> 0.236 ppm)
     assert misfit(adapted.mean) < 0.6 * misfit(base.mean)
     assert rmse(adapted.mean) < 1.25 * rmse(base.mean)
     assert abs(lesion_moment_error(base.mean, chi, mask, lesion)) < 0.2  # measured -0.00

@@ -74,8 +74,8 @@ def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None,
     vi.loss_terms = traced
     vi.finetune = lambda net, vols, config, *a, **k: finetune(net, vols, replace(config, lr=lr), *a, **k)
     try:
-        r = reconstruct(s.field, s.mask, s.geometry, Settings(method=method, device="cpu", noise_level=noise_level, lam=lam),
-                        noise_std=noise_std)
+        settings = Settings(method=method, device="cpu", noise_level=noise_level, lam=lam)
+        r = reconstruct(s.field, s.mask, s.geometry, settings, noise_std=noise_std)
     finally:
         vi.loss_terms, vi.finetune = loss_terms, finetune
     print(seed, method, "cone", round(cone_noise(s.field, m, s.geometry), 5), "white",
