@@ -148,8 +148,8 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     but with the bundled model (27171 steps) they raise the brain's RMSE on these clean phantoms (40.8 ->
     47.3 % at the default lambda 3e-3, 45.1 % at the former 1e-3; 19088 steps: 42.4 -> 48.9 %; 10641 steps:
     47.7 -> 47.8 %; the 2200-step model, which overestimated the lesion by 73 %: 58.3 -> 55.4 %), and they
-    spread the lesion over its rim, as the README says: with a network this good, fine-tuning a set of clean fields mostly fits their noise. The RMSE bound
-    only guards against a collapse."""
+    spread the lesion over its rim, as the README says: with a network this good, fine-tuning a set of clean
+    fields mostly fits their noise. The RMSE bound only guards against a collapse."""
     from conftest import write_nifti
 
     from PDIQSMLib.cli import main

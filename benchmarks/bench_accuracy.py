@@ -15,14 +15,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_table  # noqa: E402
+from benchmarks.common import ICH_LEVEL, ICH_SEED, ich_case, write_table  # noqa: E402
 from PDIQSMLib.evaluation import compare_methods, format_table  # noqa: E402
-from PDIQSMLib.geometry import Geometry  # noqa: E402
-from PDIQSMLib.simulate_cli import ich_field, load_ich  # noqa: E402
 from PDIQSMLib.simulation import simulated_brain  # noqa: E402
 from PDIQSMLib.weights import DEFAULT_WEIGHTS  # noqa: E402
 
-ICH_LEVEL, ICH_SEED = 1e-3, 0
 SIM_SEEDS, SIM_NOISE = (30000, 30001, 30002), 2e-3
 COLUMNS = ("rmse", "hfen", "ssim", "xsim", "mean_bleed", "std_bleed", "std_brain",
            "within_1sigma", "within_2sigma", "spearman_sigma_error", "seconds")
@@ -33,9 +30,7 @@ def methods() -> list[str]:
 
 
 def ich_table() -> str:
-    chi, mask, noise, like = load_ich()
-    g = Geometry(like.voxel_size)
-    field = ich_field(chi, mask, noise, ICH_LEVEL, ICH_SEED, g)
+    chi, mask, noise, g, field = ich_case()
     bleed = (chi > 1.0) & mask
     rows, _ = compare_methods(field, mask, g, chi, methods(), noise_std=noise,
                               regions={"bleed": bleed, "brain": mask & ~bleed})

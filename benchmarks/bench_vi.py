@@ -14,17 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_table  # noqa: E402
+from benchmarks.common import ich_case, write_table  # noqa: E402
 from PDIQSMLib import solvers, vi  # noqa: E402
 from PDIQSMLib.evaluation import evaluate_arrays, format_table  # noqa: E402
 from PDIQSMLib.geometry import Geometry  # noqa: E402
 from PDIQSMLib.inference import predict  # noqa: E402
 from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
-from PDIQSMLib.simulate_cli import ich_field, load_ich  # noqa: E402
+from PDIQSMLib.simulate_cli import ich_field  # noqa: E402
 from PDIQSMLib.solvers import MEDI_LAMBDA  # noqa: E402
 from PDIQSMLib.weighting import data_weight  # noqa: E402
 from PDIQSMLib.weights import load_model  # noqa: E402
@@ -112,11 +111,7 @@ def main() -> None:
     ap.add_argument("--uniform-noise", action="store_true",
                     help="noise of one level everywhere (W = 1: the bleed is measured); writes vi_uniform_<device>.md")
     args = ap.parse_args()
-    chi, mask, noise, like = load_ich()
-    if args.uniform_noise:
-        noise = np.ones_like(noise)
-    g = Geometry(like.voxel_size)
-    field = ich_field(chi, mask, noise, 1e-3, 0, g)
+    chi, mask, noise, g, field = ich_case(args.uniform_noise)
     bleed = (chi > 1.0) & mask
     net, _ = load_model(device=args.device)
     t0 = time.perf_counter()

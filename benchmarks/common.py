@@ -7,9 +7,11 @@ import platform
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ICH_LEVEL, ICH_SEED = 1e-3, 0  # the shared ICH case as scored: noise s (ppm where the noise map is its median), draw
 
 
 def machine() -> str:
@@ -24,6 +26,19 @@ def machine() -> str:
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}, "
             f"Python {platform.python_version()}, {date.today().isoformat()}")
+
+
+def ich_case(uniform_noise: bool = False):
+    """The shared ICH case at ICH_LEVEL / ICH_SEED: (chi, mask, noise map, geometry, field), all ppm;
+    ``uniform_noise``: one noise level everywhere (the noise map all ones), so W = 1."""
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.simulate_cli import ich_field, load_ich
+
+    chi, mask, noise, like = load_ich()
+    if uniform_noise:
+        noise = np.ones_like(noise)
+    g = Geometry(like.voxel_size)
+    return chi, mask, noise, g, ich_field(chi, mask, noise, ICH_LEVEL, ICH_SEED, g)
 
 
 def write_table(name: str, title: str, text: str) -> Path:

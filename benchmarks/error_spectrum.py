@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_table  # noqa: E402
+from benchmarks.common import ich_case, write_table  # noqa: E402
+from PDIQSMLib.fieldstats import _half_weights  # noqa: E402
 from PDIQSMLib.geometry import Geometry  # noqa: E402
 from PDIQSMLib.physics import DipoleOperator  # noqa: E402
 from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
-from PDIQSMLib.simulate_cli import ich_field, load_ich  # noqa: E402
 from PDIQSMLib.simulation import REALISTIC, make_volume  # noqa: E402
 from PDIQSMLib.weighting import data_weight  # noqa: E402
 
@@ -57,10 +57,7 @@ def spectra(mean: np.ndarray, chi: np.ndarray, field: np.ndarray, mask: np.ndarr
     d = op.kernel.abs().double()
     e_field = power(unexplained) / d.clamp_min(1e-3) ** 2
     t = power(demean(truth))
-    half = torch.full((t.shape[-1],), 2.0, dtype=torch.float64)  # rfft multiplicities
-    half[0] = 1.0
-    if op.pad_shape[-1] % 2 == 0:
-        half[-1] = 1.0
+    half = _half_weights(op.pad_shape)[0, 0]  # rfft multiplicities
     total = float((t * half).sum())
     pct = lambda x, sel: float((x * half)[sel].sum()) / total * 100  # noqa: E731
     rows = []
@@ -72,8 +69,8 @@ def spectra(mean: np.ndarray, chi: np.ndarray, field: np.ndarray, mask: np.ndarr
     everywhere = torch.ones_like(d, dtype=torch.bool)
     fused = e_pdi * e_field / (e_pdi + e_field).clamp_min(1e-300)
     nrmse = lambda x: pct(x, everywhere) ** 0.5 * 10  # noqa: E731  (% of power -> % NRMSE)
-    rows.append({"band": "total (NRMSE %)", "k_share": 1.0, "pdi": nrmse(e_pdi), "field": nrmse(e_field), "truth": 100.0,
-                 "fused": nrmse(fused)})
+    rows.append({"band": "total (NRMSE %)", "k_share": 1.0, "pdi": nrmse(e_pdi), "field": nrmse(e_field),
+                 "truth": 100.0, "fused": nrmse(fused)})
     return rows
 
 
@@ -98,9 +95,7 @@ def main() -> None:
         parts.append(table(f"brain {seed}", spectra(mean, s.chi, s.field, s.mask, s.geometry)))
         print(parts[-1], flush=True)
     if not args.no_ich:
-        chi, mask, noise, like = load_ich()
-        g = Geometry(like.voxel_size)
-        field = ich_field(chi, mask, noise, 1e-3, 0, g)
+        chi, mask, noise, g, field = ich_case()
         mean = reconstruct(field, mask, g, Settings(method="pdi", device="cpu"), noise_std=noise).mean
         parts.append(table("ICH (1e-3 ppm), W n", spectra(mean, chi, field, mask, g, data_weight(mask, noise))))
     write_table("error_spectrum", "PDI's error and the field's, by band of |D(k)| (benchmarks/error_spectrum.py)",

@@ -5,14 +5,14 @@
     SEED 0 is the shared ICH case, s = 1e-3 ppm, W from its noise map, as in bench_vi.py)
 
 For each brain (``simulation.REALISTIC``, brains only, the seeds' own volumes), runs the method with its
-defaults except the learning rate (and with --lam the TV weight) and prints, every 5 iterations, the RMS of the mean map's weighted misfit
-W (D mu - b) inside the mask (ppm) and the demeaned NRMSE against the truth (%), beside the field's two
+defaults except the learning rate (and with --lam the TV weight) and prints, every 5 iterations, the RMS
+of the mean map's weighted misfit W (D mu - b) inside the mask (ppm) and the demeaned NRMSE against the truth (%), beside the field's two
 noise readings (the cone's, what no map explains, and the white noise by second differences), and the
 objective's deterministic part, misfit + lambda TV (sum of W^2 (D mu - b)^2 + lambda sum |M grad mu|, the
 function MEDI minimises), for the path and for the true map, and the residual's cone share over the cone's
 volume share (``fieldstats.cone_share`` of W (D mu - b)): 1 for an isotropic residual, below 1 while dipolar
-structure is left in it, above 1 once the map has absorbed field outside the cone (the true map's is printed too). The question
-it answers: when does fine-tuning help, and does its misfit tell (a discrepancy rule: tune only while the
+structure is left in it, above 1 once the map has absorbed field outside the cone (the true map's is
+printed too). The question it answers: when does fine-tuning help, and does its misfit tell (a discrepancy rule: tune only while the
 misfit exceeds the cone's level)? Output goes to stdout; the runs quoted in the notes are in
 benchmarks/results/vi_trace_cpu.md.
 """
@@ -27,14 +27,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import ICH_LEVEL, ich_case  # noqa: E402
 from PDIQSMLib import vi  # noqa: E402
 from PDIQSMLib.fieldstats import cone_noise, cone_share, second_difference_noise  # noqa: E402
-from PDIQSMLib.geometry import Geometry  # noqa: E402
 from PDIQSMLib.gradient import grad  # noqa: E402
 from PDIQSMLib.inference import paste  # noqa: E402
 from PDIQSMLib.metrics import nrmse_demeaned  # noqa: E402
 from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
-from PDIQSMLib.simulate_cli import ich_field, load_ich  # noqa: E402
 from PDIQSMLib.simulation import REALISTIC, Sample, make_volume  # noqa: E402
 
 
@@ -42,9 +41,8 @@ def brain(seed: int) -> tuple[Sample, np.ndarray | None]:
     """(realistic brain ``seed``, no noise map), or for seed 0 (the ICH case, its noise map)."""
     if seed != 0:
         return make_volume(np.random.default_rng(seed), replace(REALISTIC, anatomical_fraction=1.0)), None
-    chi, mask, noise, like = load_ich()
-    g = Geometry(like.voxel_size)
-    return Sample(chi, mask, ich_field(chi, mask, noise, 1e-3, 0, g), g, 1e-3), noise
+    chi, mask, noise, g, field = ich_case()
+    return Sample(chi, mask, field, g, ICH_LEVEL), noise
 
 
 def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None, lam: float | None = None) -> None:
