@@ -65,7 +65,10 @@ def smooth_noise(shape, voxel_size, scale_mm: float, rng: np.random.Generator) -
     """Gaussian random field with correlation length ``scale_mm``, unit standard deviation.
 
     White noise filtered by a Gaussian of width ``scale_mm`` in k-space (periodic, so the cost does
-    not grow with the width as a spatial filter's does).
+    not grow with the width as a spatial filter's does). On a volume not much larger than ``scale_mm``
+    a draw is nearly constant (its mean, the k = 0 term, is all that passes the filter): it is then
+    scaled by its mean's size, not by its tiny spread, so its values stay of order 1 (dividing by the
+    spread gave values of 1e10 on an 8^3 grid, and exp() of them overflowed in ``make_volume``).
     """
     white = rng.standard_normal(shape).astype(np.float32)
     k2 = 0.0
@@ -76,7 +79,7 @@ def smooth_noise(shape, voxel_size, scale_mm: float, rng: np.random.Generator) -
         k2 = k2 + ((2 * np.pi * f / h) ** 2).reshape(view)
     spectrum = torch.fft.rfftn(torch.from_numpy(white)) * torch.from_numpy(np.exp(-0.5 * k2 * scale_mm**2).astype(np.float32))
     f = torch.fft.irfftn(spectrum, s=tuple(shape)).numpy()
-    return f / max(float(f.std()), 1e-12)
+    return f / max(float(f.std()), abs(float(f.mean())), 1e-12)
 
 
 def random_rotation(rng: np.random.Generator, in_plane_deg: float = 15.0, tilt_deg: float = 5.0) -> np.ndarray:

@@ -99,6 +99,18 @@ def test_correlated_noise_has_the_gaussian_blurs_correlation():
     assert abs(lag1 - np.exp(-1.0 / 4.0)) < 0.03  # a Gaussian of width s correlates exp(-d^2 / 4 s^2) at d
 
 
+def test_smooth_noise_has_unit_spread_and_stays_of_order_one_on_a_volume_smaller_than_its_scale():
+    """Unit std where the volume spans several correlation lengths; on an 8^3 or 16^3 grid with a 20 mm scale
+    (what the simulator's noise modulation asks of small volumes) a draw is nearly its mean: values of order 1,
+    not the 1e6-1e10 that dividing by the spread gave (exp() of them overflowed)."""
+    big = phantoms.smooth_noise((64, 64, 64), (1.0, 1.0, 1.0), 4.0, np.random.default_rng(1))
+    assert abs(float(big.std()) - 1.0) < 1e-4
+    for shape in ((8, 8, 8), (16, 16, 8)):
+        for seed in range(5):
+            small = phantoms.smooth_noise(shape, (1.0, 1.0, 2.0), 20.0, np.random.default_rng(seed))
+            assert np.isfinite(small).all() and 0.5 < float(np.abs(small).max()) < 2.0
+
+
 def test_perturbed_mask_moves_the_edge_by_at_most_a_few_voxels():
     from scipy import ndimage
 
