@@ -204,6 +204,20 @@ def fast_layout(net: PDINet, device: str) -> PDINet:
     return net.to(memory_format=torch.channels_last_3d) if not str(device).startswith("cuda") else net
 
 
+def use_bf16(precision: str, device: str) -> bool:
+    """Whether to run the network under bf16 autocast (training, PDI-VI): asked for, or 'auto' on a GPU or a
+    CPU with bf16 arithmetic."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; expected auto, bf16 or fp32")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    return bool(device == "cpu" and cpu is not None and (getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                                                         or getattr(cpu, "_is_amx_tile_supported", lambda: False)()))
+
+
 def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                  beta: float = 0.0) -> torch.Tensor:
     """Eq. 9 per voxel: 1/2 [(target - mean)^2 / sigma^2 + log sigma^2], averaged over mask voxels.

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, fast_layout, gaussian_nll
+from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, fast_layout, gaussian_nll, use_bf16
 from .network_io import clamp_logvar, prior_map, to_input
 from .simulation import REALISTIC, Sample, SimulationConfig, make_volume, random_patch
 
@@ -48,19 +48,6 @@ class TrainConfig:
     lr_final: float = 0.0  # > 0: cosine decay from lr to this over the run (its time when max_seconds, else its steps)
     flips: bool = False  # flip each patch along random axes (the physics is symmetric under it, see flip_patch)
     simulation: SimulationConfig = field(default_factory=lambda: REALISTIC)
-
-
-def use_bf16(precision: str, device: str) -> bool:
-    """Whether to train under bf16 autocast: asked for, or 'auto' on a GPU or a CPU with bf16 arithmetic."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown precision {precision!r}; expected auto, bf16 or fp32")
-    if precision != "auto":
-        return precision == "bf16"
-    if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    return bool(device == "cpu" and cpu is not None and (getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                                                         or getattr(cpu, "_is_amx_tile_supported", lambda: False)()))
 
 
 def with_prior(sample: Sample, kind: str) -> Sample:
