@@ -432,3 +432,17 @@ def test_the_qsmci_method_folder_documents_pdi_vi1s_default_lambda():
     text = (Path(__file__).resolve().parents[1] / "qsmci" / "pdi-vi1" / "algorithm.yml").read_text()
     default = re.search(r"- name: lambda\s*\n\s*default: ([0-9.eE+-]+)", text)
     assert default and float(default.group(1)) == pytest.approx(VI_LAMBDA)
+
+
+def test_the_qsmci_medi_folder_documents_the_automatic_lambda_its_runs_get():
+    """A QSM-CI run without --set passes no --lambda, so MEDI reads its lambda from the field; the yml says so
+    (it said 0.001, the old fixed default), and --set lambda=auto is passed through as no override."""
+    import re
+    from pathlib import Path
+
+    from PDIQSMLib.pipeline import Settings
+
+    root = Path(__file__).resolve().parents[1] / "qsmci"
+    default = re.search(r"- name: lambda\s*\n\s*default: (\S+)", (root / "medi" / "algorithm.yml").read_text())
+    assert default and default.group(1) == "auto" and Settings(method="medi").lam is None
+    assert '"$QSMCI_SET_LAMBDA" != auto' in (root / "common" / "run-dipole.sh").read_text()

@@ -13,7 +13,7 @@ elif command -v pdiqsm >/dev/null 2>&1; then CMD=(pdiqsm)
 else CMD=(python3 -m PDIQSMLib.cli); export PYTHONPATH="$HERE/../..${PYTHONPATH:+:$PYTHONPATH}"; fi
 ARGS=(reconstruct "$IN/localfield.nii.gz" --mask "$IN/mask.nii.gz" --params "$IN/params.json"
       --method "$METHOD" --out-dir "$OUT/.pdiqsm" --progress none)
-if [ -n "${QSMCI_SET_LAMBDA:-}" ]; then ARGS+=(--lambda "$QSMCI_SET_LAMBDA"); fi
+if [ -n "${QSMCI_SET_LAMBDA:-}" ] && [ "$QSMCI_SET_LAMBDA" != auto ]; then ARGS+=(--lambda "$QSMCI_SET_LAMBDA"); fi
 if [ -n "${QSMCI_SET_SAMPLES:-}" ]; then ARGS+=(--samples "$QSMCI_SET_SAMPLES"); fi
 if [ -n "${QSMCI_SET_ITERATIONS:-}" ]; then ARGS+=(--iterations "$QSMCI_SET_ITERATIONS"); fi
 if [ -n "${QSMCI_SET_DEVICE:-}" ]; then ARGS+=(--device "$QSMCI_SET_DEVICE"); fi
