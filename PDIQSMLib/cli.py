@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--method", choices=("pdi-vi1", "pdi-vi2"), default="pdi-vi1",
                    help="pdi-vi1: TV prior weighted by --lambda; pdi-vi2: flat prior (default pdi-vi1)")
     f.add_argument("--lambda", dest="lam", type=float, help=f"TV weight (default {defaults.VI_LAMBDA:g})")
-    f.add_argument("--iterations", type=int, default=100, help="iterations in all, over the set (default 100)")
+    f.add_argument("--iterations", type=int, default=defaults.VI_ITERATIONS,
+                   help=f"iterations in all, over the set (default {defaults.VI_ITERATIONS})")
     _add_vi(f, on_set=True)
     f.add_argument("--weights", type=Path, help="weights to start from (default: bundled)")
     f.add_argument("--units", default="ppm", help=f"field units: {', '.join(UNITS)} (default ppm)")

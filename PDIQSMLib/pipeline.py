@@ -201,7 +201,7 @@ def vi_config(settings: Settings, on_set: bool = False):
     variant = settings.vi_variant or (SET_VARIANT if on_set else DEFAULT_VARIANT)
     level = settings.noise_level
     estimate = dict(noise_estimate=level, sigma_estimate=level) if isinstance(level, str) else dict(noise_level=level)
-    config = VIConfig(lam=lam, samples=settings.samples, iterations=settings.iterations or 100,
+    config = VIConfig(lam=lam, samples=settings.samples, iterations=settings.iterations or defaults.VI_ITERATIONS,
                       variant=variant, seed=settings.seed, estimator=settings.vi_estimator,
                       variance=settings.vi_variance, tol=settings.vi_tol, **estimate)
     config.check()

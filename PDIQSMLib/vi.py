@@ -56,7 +56,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .defaults import VI_LAMBDA
+from .defaults import VI_ITERATIONS, VI_LAMBDA
 from .errors import InputError
 from .geometry import Geometry
 from .gradient import grad
@@ -80,7 +80,7 @@ SET_VARIANT = "decoders"
 class VIConfig:
     lam: float = VI_LAMBDA  # 0 gives PDI-VI2
     samples: int = 5
-    iterations: int = 100
+    iterations: int = VI_ITERATIONS
     lr: float = 1e-3
     variant: str = DEFAULT_VARIANT
     noise_level: float | None = None  # ppm where W = 1, for tuning and sigma; None: estimated from the field
