@@ -9,7 +9,10 @@ per realistic brain (held-out seeds 31000+, as ``bench_realistic.py``):
   exactly right about its own scales);
 - the regional Spearman: sigma against the local RMS error (both averaged with a Gaussian of 2 and of 4
   voxels inside the mask), which removes the single-draw noise and asks whether sigma follows the error's scale;
-- the spread (10th to 90th percentile) of sigma and of the local RMS error (2 voxels), the dynamic range each has.
+- the spread (10th to 90th percentile) of sigma and of the local RMS error (2 voxels), the dynamic range each has;
+- what a sigma that followed the error's broad local scale would reach: the Spearman of |error| with the RMS of
+  the other voxels' errors around it (Gaussian of 6 voxels, the voxel itself left out; uses the truth, so a
+  ceiling for any sigma map of that smoothness, not a method).
 Writes benchmarks/results/sigma_ranking.md.
 """
 
@@ -36,6 +39,15 @@ def local_rms(x: np.ndarray, mask: np.ndarray, width: float) -> np.ndarray:
     return np.sqrt(num / np.maximum(den, 1e-6))
 
 
+def neighbours_rms(x: np.ndarray, mask: np.ndarray, width: float) -> np.ndarray:
+    """``local_rms`` of x with each voxel's own weight left out: the scale its neighbours' values give."""
+    own = ndimage.gaussian_filter(np.pad(np.ones((1, 1, 1)), int(4 * width) + 1), width)[(int(4 * width) + 1,) * 3]
+    x2 = np.where(mask, x, 0.0).astype(np.float64) ** 2
+    num = ndimage.gaussian_filter(x2, width) - own * x2
+    den = ndimage.gaussian_filter(mask.astype(np.float64), width) - own * mask
+    return np.sqrt(np.maximum(num, 0.0) / np.maximum(den, 1e-6))
+
+
 def ranking(mean: np.ndarray, std: np.ndarray, truth: np.ndarray, mask: np.ndarray, seed: int = 0) -> dict:
     m = mask > 0
     err = mean - truth
@@ -48,6 +60,7 @@ def ranking(mean: np.ndarray, std: np.ndarray, truth: np.ndarray, mask: np.ndarr
     local = local_rms(err, m, 2)[m]
     row["sigma p10-p90 (ppm)"] = "%.4f-%.4f" % tuple(np.percentile(sigma, [10, 90]))
     row["local RMS error p10-p90 (ppm)"] = "%.4f-%.4f" % tuple(np.percentile(local, [10, 90]))
+    row["neighbours' error scale, 6 voxels (truth)"] = stats.spearmanr(neighbours_rms(err, m, 6)[m], np.abs(err[m])).statistic
     return row
 
 
