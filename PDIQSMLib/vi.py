@@ -121,7 +121,7 @@ class VIConfig:
         if not self.tol >= 0:
             raise InputError("--vi-tol", f"must be >= 0, got {self.tol}")
         if self.precision not in PRECISIONS:
-            raise InputError("--vi-precision", f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+            raise InputError("precision", f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
 
 
 @dataclass
