@@ -82,8 +82,8 @@ def main() -> None:
     split_header = ["| field | non-dipolar std (ppm) | fine: above a 2-voxel blur | smooth: the blur | fine / smooth | "
                     "within 5 voxels of the edge | deeper | edge / deeper |", "|---|---|---|---|---|---|---|---|"]
     fine, edge = np.median(ratios, axis=0)
-    split_summary = (f"\nMedian over the realistic fields: fine / smooth {fine:.2f}, edge / deeper {edge:.2f} (the real "
-                     f"brain's {REAL_SPLIT['fine'] / REAL_SPLIT['smooth']:.2f} and "
+    split_summary = (f"\nMedian over the realistic fields: fine / smooth {fine:.2f}, edge / deeper {edge:.2f} "
+                     f"(the real brain's {REAL_SPLIT['fine'] / REAL_SPLIT['smooth']:.2f} and "
                      f"{REAL_SPLIT['edge'] / REAL_SPLIT['inner']:.2f}).")
     write_table("field_stats", "Real-field statistics: real brains (quoted), the old simulator, the realistic one",
                 "\n".join(header + rows) + "\n" + summary + "\n\n## Where the non-dipolar part lies\n\n"

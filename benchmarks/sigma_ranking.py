@@ -60,7 +60,8 @@ def ranking(mean: np.ndarray, std: np.ndarray, truth: np.ndarray, mask: np.ndarr
     local = local_rms(err, m, 2)[m]
     row["sigma p10-p90 (ppm)"] = "%.4f-%.4f" % tuple(np.percentile(sigma, [10, 90]))
     row["local RMS error p10-p90 (ppm)"] = "%.4f-%.4f" % tuple(np.percentile(local, [10, 90]))
-    row["neighbours' error scale, 6 voxels (truth)"] = stats.spearmanr(neighbours_rms(err, m, 6)[m], np.abs(err[m])).statistic
+    scale = neighbours_rms(err, m, 6)[m]
+    row["neighbours' error scale, 6 voxels (truth)"] = stats.spearmanr(scale, np.abs(err[m])).statistic
     return row
 
 
