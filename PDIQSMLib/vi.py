@@ -95,8 +95,9 @@ class VIConfig:
     voxel_lr: float = 0.1  # Adam step for the per-voxel log variances ('voxel')
     sigma_tv: bool = False  # settle the voxel variances with the TV term too (False: the field's own spread)
     # The network's passes: 'fp32', 'bf16' (autocast) or 'auto' (bf16 where the hardware has it). fp32 by default:
-    # on a 2-core Xeon with AVX512-BF16 a whole-brain iteration took 8.79 s in bf16 against 7.48 in fp32
-    # (benchmarks/results/vi_speed_cpu.md); as accurate (ICH case 54.0 against 54.3 %, brain 20002 57.8 / 57.9).
+    # on a 2-core Xeon with AVX512-BF16 a whole-brain iteration took 8.79 / 9.06 s in bf16 against 7.48 / 9.36 in
+    # fp32 in two runs alone (benchmarks/results/vi_speed_cpu.md): no consistent gain; as accurate (ICH case 54.0
+    # against 54.3 %, brain 20002 57.8 / 57.9).
     precision: str = "fp32"
 
     def check(self) -> None:

@@ -3,8 +3,8 @@
 The brain is a realistic simulated one (MNI152 anatomy, non-dipolar field terms; seed 33000, never used in
 training) at 1.06 mm isotropic in at most 160^3, the size of the real 3 T brain issue 12 quotes PDI-VI's
 943 s on. Each configuration runs ``--iterations`` fine-tuning iterations of the default variant (every
-weight, sigma per voxel), in fp32 or with the network's passes under bf16 autocast (``VIConfig.precision``);
-the first is dropped as warm-up. MEDI (automatic lambda, to convergence) and
+weight, sigma per voxel), in fp32 or with the network's passes under bf16 autocast (``VIConfig.precision``),
+and in fp32 with the decoders alone tuned (the encoder's features cached); the first is dropped as warm-up. MEDI (automatic lambda, to convergence) and
 PDI are timed once on the same field. Writes benchmarks/results/vi_speed_<device>.md.
 
     python benchmarks/bench_vi_speed.py [--iterations 4] [--device cpu]
@@ -58,12 +58,14 @@ def main() -> None:
     if args.device.startswith("cuda"):
         layouts = {"default": net}
     for layout, model in layouts.items():
-        for estimator, precision in (("mc", "fp32"), ("exact", "fp32"), ("exact", "bf16")):
+        for estimator, precision, variant in (("mc", "fp32", None), ("exact", "fp32", None), ("exact", "bf16", None),
+                                              ("exact", "fp32", "decoders")):
             config = vi.VIConfig(iterations=args.iterations, estimator=estimator, tol=0.0, variance_iterations=1,
-                                 precision=precision)
+                                 precision=precision, **({"variant": variant} if variant else {}))
             s = per_iteration(model, volume, config)
             rows.append((f"PDI-VI1 iteration, {layout}, {estimator}" + (" (K = 5)" if estimator == "mc" else "")
-                         + f", {precision}", f"{s:.2f}", f"{100 * s / medi_s:.1f}", ""))
+                         + f", {precision}" + (f", variant {variant}" if variant else ""), f"{s:.2f}",
+                         f"{100 * s / medi_s:.1f}", ""))
     shape = "x".join(str(n) for n in sample.field.shape)
     box = "x".join(str(n) for n in volume.field.shape[-3:])
     lines = [f"Realistic brain seed {SEED}, {shape} at 1.06 mm (network box {box}, {int(sample.mask.sum())} mask "
