@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="background processes simulating volumes (0: in the loop, exactly reproducible)")
     t.add_argument("--init-from", type=Path,
                    help="a new run starts from these weights (checkpoint or .safetensors; fitting names and shapes)")
-    t.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    t.add_argument("--precision", choices=defaults.PRECISIONS, default="auto",
                    help="auto: bf16 autocast on GPUs and on CPUs with bf16 arithmetic, else fp32")
     t.add_argument("--max-seconds", type=float, default=0.0,
                    help="also stop after this many seconds of this run, validated and saved (0: no limit; for leased machines)")

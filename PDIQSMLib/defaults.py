@@ -17,6 +17,7 @@ PDI_REFLECTIONS = 1  # PDI: one pass; 2, 4, 8 average mirrored inputs (inference
 VI_SAMPLES = 5  # K, with the Monte Carlo estimator (the default estimator is exact: K unused)
 PANEL_VI_SAMPLES = 0  # the Slicer panel's K: 0 takes the expectation exactly (the default), K >= 1 draws K samples
 VI_ITERATIONS = 100
+PRECISIONS = ("auto", "bf16", "fp32")  # how the network runs (training, PDI-VI): network.use_bf16
 MEDI_MAX_ITER = 200
 DEVICE = "auto"
 UNITS = "ppm"

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .defaults import PRECISIONS
+
 FIELD_SCALE = 10.0  # ppm -> network input units (fields are ~0.01-0.1 ppm)
 CHI_SCALE = 10.0  # ppm -> network output units
 
@@ -207,8 +209,8 @@ def fast_layout(net: PDINet, device: str) -> PDINet:
 def use_bf16(precision: str, device: str) -> bool:
     """Whether to run the network under bf16 autocast (training, PDI-VI): asked for, or 'auto' on a GPU or a
     CPU with bf16 arithmetic."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown precision {precision!r}; expected auto, bf16 or fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision == "bf16"
     if device.startswith("cuda"):

@@ -56,7 +56,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .defaults import VI_ITERATIONS, VI_LAMBDA
+from .defaults import PRECISIONS, VI_ITERATIONS, VI_LAMBDA
 from .errors import InputError
 from .geometry import Geometry
 from .gradient import grad
@@ -69,7 +69,6 @@ VARIANTS = ("full", "decoders", "last")
 ESTIMATORS = ("mc", "exact")  # the KL's expectation over q: K Monte Carlo samples, or in closed form
 VARIANCES = ("network", "voxel")  # sigma from the log-variance decoder, or per voxel (refined from it)
 NOISE_ESTIMATES = ("cone", "white")  # s from the field: what no map explains, or the white noise alone
-PRECISIONS = ("auto", "bf16", "fp32")  # the network's passes while fine-tuning (network.use_bf16)
 # Why these defaults: the module's docstring (per volume) and pipeline.set_sigma (on a set: a frozen
 # encoder keeps the base network's sigma, since the frozen log-variance decoder reads the encoder).
 DEFAULT_VARIANT = "full"
@@ -294,10 +293,10 @@ class Model:
     def __call__(self, index: int, v: VolumeData) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean ppm, log variance in ppm^2) for volume ``index``; the network's passes under bf16 autocast
         when ``self.bf16``, everything after them (prior channel, dipole model, loss) in fp32."""
-        with torch.autocast(self.scaled[index].device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        x = self.scaled[index]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             mean, logvar = self._passes(index)
         mean = mean.float()
-        x = self.scaled[index]
         if self.voxel:
             mean = self.net.finish(mean, torch.zeros_like(mean), x)[0]
             return mean / CHI_SCALE, self.voxel_logvar(index)
