@@ -4,8 +4,9 @@ The brain is a realistic simulated one (MNI152 anatomy, non-dipolar field terms;
 training) at 1.06 mm isotropic in at most 160^3, the size of the real 3 T brain issue 12 quotes PDI-VI's
 943 s on. Each configuration runs ``--iterations`` fine-tuning iterations of the default variant (every
 weight, sigma per voxel), in fp32 or with the network's passes under bf16 autocast (``VIConfig.precision``),
-and in fp32 with the decoders alone tuned (the encoder's features cached); the first is dropped as warm-up. MEDI (automatic lambda, to convergence) and
-PDI are timed once on the same field. Writes benchmarks/results/vi_speed_<device>.md.
+and in fp32 with the decoders alone tuned (the encoder's features cached); the first is dropped as warm-up.
+MEDI (automatic lambda, to convergence) and PDI are timed once on the same field. Writes
+benchmarks/results/vi_speed_<device>.md.
 
     python benchmarks/bench_vi_speed.py [--iterations 4] [--device cpu]
 """

@@ -32,20 +32,17 @@ from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
 from PDIQSMLib.simulation import REALISTIC, make_volume  # noqa: E402
 
 
-def local_rms(x: np.ndarray, mask: np.ndarray, width: float) -> np.ndarray:
-    """sqrt of the mask-normalised Gaussian average of x^2 (x zero outside the mask)."""
-    num = ndimage.gaussian_filter(np.where(mask, x, 0.0).astype(np.float64) ** 2, width)
-    den = ndimage.gaussian_filter(mask.astype(np.float64), width)
-    return np.sqrt(num / np.maximum(den, 1e-6))
-
-
-def neighbours_rms(x: np.ndarray, mask: np.ndarray, width: float) -> np.ndarray:
-    """``local_rms`` of x with each voxel's own weight left out: the scale its neighbours' values give."""
-    own = ndimage.gaussian_filter(np.pad(np.ones((1, 1, 1)), int(4 * width) + 1), width)[(int(4 * width) + 1,) * 3]
+def local_rms(x: np.ndarray, mask: np.ndarray, width: float, leave_out: bool = False) -> np.ndarray:
+    """sqrt of the mask-normalised Gaussian average of x^2 (x zero outside the mask); ``leave_out``: each
+    voxel's own weight taken out, the scale its neighbours' values give."""
     x2 = np.where(mask, x, 0.0).astype(np.float64) ** 2
-    num = ndimage.gaussian_filter(x2, width) - own * x2
-    den = ndimage.gaussian_filter(mask.astype(np.float64), width) - own * mask
-    return np.sqrt(np.maximum(num, 0.0) / np.maximum(den, 1e-6))
+    m = mask.astype(np.float64)
+    num, den = ndimage.gaussian_filter(x2, width), ndimage.gaussian_filter(m, width)
+    if leave_out:
+        r = int(4 * width) + 1  # the filter's own radius: the weight at the centre of a unit impulse
+        own = ndimage.gaussian_filter(np.pad(np.ones((1, 1, 1)), r), width)[r, r, r]
+        num, den = np.maximum(num - own * x2, 0.0), den - own * m
+    return np.sqrt(num / np.maximum(den, 1e-6))
 
 
 def ranking(mean: np.ndarray, std: np.ndarray, truth: np.ndarray, mask: np.ndarray, seed: int = 0) -> dict:
@@ -60,7 +57,7 @@ def ranking(mean: np.ndarray, std: np.ndarray, truth: np.ndarray, mask: np.ndarr
     local = local_rms(err, m, 2)[m]
     row["sigma p10-p90 (ppm)"] = "%.4f-%.4f" % tuple(np.percentile(sigma, [10, 90]))
     row["local RMS error p10-p90 (ppm)"] = "%.4f-%.4f" % tuple(np.percentile(local, [10, 90]))
-    scale = neighbours_rms(err, m, 6)[m]
+    scale = local_rms(err, m, 6, leave_out=True)[m]
     row["neighbours' error scale, 6 voxels (truth)"] = stats.spearmanr(scale, np.abs(err[m])).statistic
     return row
 
