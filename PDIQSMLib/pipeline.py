@@ -190,15 +190,15 @@ def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_st
                    gradient_mask(mask, magnitude, geometry.voxel_size), device, prior=net.config.prior)
 
 
-def vi_config(settings: Settings, on_set: bool = False):
+def vi_config(settings: Settings):
     """PDI-VI settings from a reconstruction's: lambda 0 for pdi-vi2, ``defaults.VI_LAMBDA`` for pdi-vi1; the
-    variant by default every weight for one volume, the decoders for a set (see vi.SET_VARIANT)."""
-    from .vi import DEFAULT_VARIANT, SET_VARIANT, VIConfig
+    variant by default the decoders (``vi.DEFAULT_VARIANT``)."""
+    from .vi import DEFAULT_VARIANT, VIConfig
 
     if settings.method not in ("pdi-vi1", "pdi-vi2"):
         raise InputError("--method", f"fine-tuning needs pdi-vi1 or pdi-vi2, not {settings.method!r}")
     lam = 0.0 if settings.method == "pdi-vi2" else (settings.lam if settings.lam is not None else defaults.VI_LAMBDA)
-    variant = settings.vi_variant or (SET_VARIANT if on_set else DEFAULT_VARIANT)
+    variant = settings.vi_variant or DEFAULT_VARIANT
     level = settings.noise_level
     estimate = dict(noise_estimate=level, sigma_estimate=level) if isinstance(level, str) else dict(noise_level=level)
     config = VIConfig(lam=lam, samples=settings.samples, iterations=settings.iterations or defaults.VI_ITERATIONS,
@@ -245,7 +245,7 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
     from .weights import DEFAULT_WEIGHTS, load_model, save_weights
 
     settings.check()
-    config = vi_config(settings, on_set=True)
+    config = vi_config(settings)
     progress = progress or Progress("none")
     field_paths = [Path(p) for p in field_paths]
     if not field_paths:

@@ -38,11 +38,14 @@ paper's). On a whole brain both cost the same per iteration (the network's passe
 
 Variants trade speed for flexibility: 'full' tunes every weight; 'decoders' freezes the encoder and
 caches its features; 'last' also caches everything before each decoder's last level, tuning only
-those levels. Batch norm keeps its trained statistics throughout (eval mode). Per volume the default is
-'full', the only one whose correction reaches what the network never saw: on the ICH case with uniform
-noise (exact estimator, flat prior) the bleed mean goes 1.217 -> 1.27 ppm (truth 1.335) in 200 iterations
-with 'full', 1.235 with 'decoders' and 1.198 with 'last', where it stops rising after 100. On a set
-the default is 'decoders' (``SET_VARIANT``), see ``pipeline.set_sigma``.
+those levels. Batch norm keeps its trained statistics throughout (eval mode). The default is
+'decoders', per volume and on a set. Per volume, at the other defaults (27171-step model; details in
+benchmarks/results/vi_trace_cpu.md, "Session 12"), it is as accurate as 'full' on six realistic brains
+(demeaned NRMSE 58.6 against 58.4 %), better on the ICH case (PDI-VI1 51.2 % and bleed 0.771 ppm against
+54.3 % and 0.717; truth 1.335), and 0.68x the time per whole-brain iteration. 'full' was the default when
+the model was trained on procedural brains with a flat prior and uniform noise, where it moved the bleed
+furthest (1.217 -> 1.27 ppm in 200 iterations against 1.235 with 'decoders'). On a set, a frozen encoder
+also keeps the base network's calibrated sigma, see ``pipeline.set_sigma``.
 """
 
 from __future__ import annotations
@@ -69,10 +72,9 @@ VARIANTS = ("full", "decoders", "last")
 ESTIMATORS = ("mc", "exact")  # the KL's expectation over q: K Monte Carlo samples, or in closed form
 VARIANCES = ("network", "voxel")  # sigma from the log-variance decoder, or per voxel (refined from it)
 NOISE_ESTIMATES = ("cone", "white")  # s from the field: what no map explains, or the white noise alone
-# Why these defaults: the module's docstring (per volume) and pipeline.set_sigma (on a set: a frozen
-# encoder keeps the base network's sigma, since the frozen log-variance decoder reads the encoder).
-DEFAULT_VARIANT = "full"
-SET_VARIANT = "decoders"
+# Why this default: the module's docstring (and pipeline.set_sigma on a set: a frozen encoder keeps the
+# base network's sigma, since the frozen log-variance decoder reads the encoder).
+DEFAULT_VARIANT = "decoders"
 
 
 @dataclass

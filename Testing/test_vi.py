@@ -61,9 +61,9 @@ def test_bad_settings(kwargs, match):
 def test_variant_defaults_per_volume_and_on_a_set_and_what_sigma_a_set_keeps():
     from PDIQSMLib.pipeline import Settings, set_sigma, vi_config
 
-    assert vi_config(Settings(method="pdi-vi2")).variant == "full"
-    assert vi_config(Settings(method="pdi-vi2"), on_set=True).variant == "decoders"
-    assert vi_config(Settings(method="pdi-vi1", vi_variant="last"), on_set=True).variant == "last"
+    assert vi_config(Settings(method="pdi-vi2")).variant == "decoders"
+    assert vi_config(Settings(method="pdi-vi1", vi_variant="full")).variant == "full"
+    assert vi_config(Settings(method="pdi-vi1", vi_variant="last")).variant == "last"
     with pytest.raises(InputError, match="variant"):
         vi_config(Settings(method="pdi-vi1", vi_variant="encoder"))
     text, calibrated = set_sigma(VIConfig(variant="decoders"))
@@ -102,22 +102,21 @@ def lesion_moment_error(m, chi, mask, lesion) -> float:
     return float(m[region].sum() - chi[region].sum()) / float(chi[lesion].sum())
 
 
-@pytest.mark.parametrize("lam, rmse_ratio", [(0.0, 0.97), (VI_LAMBDA, 1.35)], ids=["vi2", "vi1"])
+@pytest.mark.parametrize("lam, rmse_ratio", [(0.0, 0.97), (VI_LAMBDA, 1.3)], ids=["vi2", "vi1"])
 def test_finetuning_on_an_unseen_lesion_fits_the_data_and_keeps_its_total(lesion_case, lam, rmse_ratio):
-    """PDI-VI2 (flat prior) and PDI-VI1 (TV prior, its default lambda 3e-3) per volume, default variant (every
-    weight), exact expectation, 100 iterations, on a brain with a 1.2 ppm lesion the model never saw.
+    """PDI-VI2 (flat prior) and PDI-VI1 (TV prior, its default lambda 3e-3) per volume, default variant (the
+    decoders), exact expectation, 100 iterations, on a brain with a 1.2 ppm lesion the model never saw.
 
-    Measured with the bundled model (27171 steps; Intel Xeon, 2 threads, ~60 s each): PDI itself gets the
+    Measured with the bundled model (27171 steps; Intel Xeon, 1 thread, ~55 s each): PDI itself gets the
     lesion's total susceptibility (``lesion_moment_error``) within 1 % (19088 steps: 8 %, 10641: 9 %; 2200
     CPU steps overestimated it by 83 %), and a 3 ppm lesion of 6 mm was within 4 % at 10641 steps; VI2 / VI1
-    fit the data and keep the total within -8 % / -12 %; VI2 lowers the brain RMSE 40.1 -> 37.9 % (ratio 0.94;
-    19088 steps: 43.0 -> 37.9, 0.88), VI1 does not: 51.3 % (ratio 1.28) at lambda 3e-3, 46.1 % (1.15) at the
-    former 1e-3 (19088 steps 1.06): TV flattens this procedural phantom's texture, more so at 3e-3, which was
-    chosen on realistic brains, where 1e-3 fitted the non-dipolar field (``defaults.VI_LAMBDA``); the map
-    moves by about a point between iterations. Both spread the lesion over its rim: its mean within the
-    exact boundary 1.17 -> 0.99 / 0.99 ppm (truth 1.2; the field of a uniform sphere fixes its total, not
-    its spread). Broken on purpose (lr 0, so the map stays PDI's),
-    the fidelity assert fails, and for VI2 the RMSE assert too.
+    fit the data (misfit x0.15 / x0.18) and keep the total within -6 % / -11 %; VI2 lowers the brain RMSE
+    40.1 -> 37.2 % (ratio 0.93), VI1 does not: 50.0 % (ratio 1.25) at lambda 3e-3: TV flattens this
+    procedural phantom's texture; 3e-3 was chosen on realistic brains, where 1e-3 fitted the non-dipolar
+    field (``defaults.VI_LAMBDA``). Tuning every weight (``variant="full"``, 1.6x the time) gave 0.94 / 1.27
+    and -7 % / -12 %. Both spread the lesion over its rim: its mean within the exact boundary 1.17 -> 1.01 /
+    1.02 ppm (truth 1.2; the field of a uniform sphere fixes its total, not its spread). Broken on purpose
+    (lr 0, so the map stays PDI's), the fidelity assert fails, and for VI2 the RMSE assert too.
     """
     from PDIQSMLib.weights import load_model
 
@@ -127,18 +126,19 @@ def test_finetuning_on_an_unseen_lesion_fits_the_data_and_keeps_its_total(lesion
     v = prepare(field, mask, g, net.config.stride, prior=net.config.prior)
     mean0, _ = predict_volume(net, v)
     result = finetune(net, [v], VIConfig(lam=lam, iterations=100, estimator="exact"))
-    # the default variant tunes the encoder too; the log-variance decoder stays (per-voxel sigma)
+    # the default variant tunes the mean decoder only: the encoder is frozen (cached), and the log-variance
+    # decoder stays (per-voxel sigma)
     tuned = result.net.state_dict()
-    assert any(not torch.equal(before[k], tuned[k]) for k in before if k.startswith("encoders"))
-    assert all(torch.equal(before[k], tuned[k]) for k in before if k.startswith("logvar_decoder"))
+    assert any(not torch.equal(before[k], tuned[k]) for k in before if k.startswith("mean_decoder"))
+    assert all(torch.equal(before[k], tuned[k]) for k in before if not k.startswith("mean_decoder"))
     mean1, std1 = result.predict(v)
     h = result.history
     assert h[-1]["fidelity"] < 0.2 * h[0]["fidelity"]
     assert abs(lesion_moment_error(mean0, chi, mask, lesion)) < 0.2  # measured 0.005: PDI generalises to it
-    assert abs(lesion_moment_error(mean1, chi, mask, lesion)) < 0.2  # measured -0.08 / -0.12
+    assert abs(lesion_moment_error(mean1, chi, mask, lesion)) < 0.2  # measured -0.06 / -0.11
     rmse = lambda m: np.linalg.norm(m[mask] - chi[mask]) / np.linalg.norm(chi[mask])  # noqa: E731
-    assert rmse(mean1) < rmse_ratio * rmse(mean0)  # measured 0.94 / 1.28
-    assert float(mean1[lesion].mean()) < float(mean0[lesion].mean()) - 0.1  # the spread: 1.17 -> 0.99 / 0.99
+    assert rmse(mean1) < rmse_ratio * rmse(mean0)  # measured 0.93 / 1.25
+    assert float(mean1[lesion].mean()) < float(mean0[lesion].mean()) - 0.1  # the spread: 1.17 -> 1.01 / 1.02
     assert np.all(np.isfinite(std1)) and np.all(std1[mask] > 0)
     # the input network is untouched
     assert all(torch.equal(before[k], t) for k, t in net.state_dict().items())

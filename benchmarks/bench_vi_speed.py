@@ -2,9 +2,9 @@
 
 The brain is a realistic simulated one (MNI152 anatomy, non-dipolar field terms; seed 33000, never used in
 training) at 1.06 mm isotropic in at most 160^3, the size of the real 3 T brain issue 12 quotes PDI-VI's
-943 s on. Each configuration runs ``--iterations`` fine-tuning iterations of the default variant (every
-weight, sigma per voxel), in fp32 or with the network's passes under bf16 autocast (``VIConfig.precision``),
-and in fp32 with the decoders alone tuned (the encoder's features cached); the first is dropped as warm-up.
+943 s on. Each configuration runs ``--iterations`` fine-tuning iterations (sigma per voxel) of the default variant (the
+decoders, the encoder's features cached) and of every weight tuned, in fp32 or with the network's passes under
+bf16 autocast (``VIConfig.precision``); the first is dropped as warm-up.
 MEDI (automatic lambda, to convergence) and PDI are timed once on the same field. Writes
 benchmarks/results/vi_speed_<device>.md.
 
@@ -59,14 +59,14 @@ def main() -> None:
     if args.device.startswith("cuda"):
         layouts = {"default": net}
     for layout, model in layouts.items():
-        for estimator, precision, variant in (("mc", "fp32", None), ("exact", "fp32", None), ("exact", "bf16", None),
-                                              ("exact", "fp32", "decoders")):
+        for estimator, precision, variant in (("exact", "fp32", "decoders"), ("exact", "bf16", "decoders"),
+                                              ("mc", "fp32", "full"), ("exact", "fp32", "full"), ("exact", "bf16", "full")):
             config = vi.VIConfig(iterations=args.iterations, estimator=estimator, tol=0.0, variance_iterations=1,
-                                 precision=precision, **({"variant": variant} if variant else {}))
+                                 precision=precision, variant=variant)
             s = per_iteration(model, volume, config)
             rows.append((f"PDI-VI1 iteration, {layout}, {estimator}" + (" (K = 5)" if estimator == "mc" else "")
-                         + f", {precision}" + (f", variant {variant}" if variant else ""), f"{s:.2f}",
-                         f"{100 * s / medi_s:.1f}", ""))
+                         + f", {precision}, variant {variant}" + (" (default)" if variant == vi.DEFAULT_VARIANT else ""),
+                         f"{s:.2f}", f"{100 * s / medi_s:.1f}", ""))
     shape = "x".join(str(n) for n in sample.field.shape)
     box = "x".join(str(n) for n in volume.field.shape[-3:])
     lines = [f"Realistic brain seed {SEED}, {shape} at 1.06 mm (network box {box}, {int(sample.mask.sum())} mask "
