@@ -12,7 +12,11 @@ per realistic brain (held-out seeds 31000+, as ``bench_realistic.py``):
 - the spread (10th to 90th percentile) of sigma and of the local RMS error (2 voxels), the dynamic range each has;
 - what a sigma that followed the error's broad local scale would reach: the Spearman of |error| with the RMS of
   the other voxels' errors around it (Gaussian of 6 voxels, the voxel itself left out; uses the truth, so a
-  ceiling for any sigma map of that smoothness, not a method).
+  ceiling for any sigma map of that smoothness, not a method);
+- what the error is: the slope of the truth on PDI's map (both demeaned in the mask; 1 for a posterior mean
+  that is right on average, above 1 if the map's contrast were merely too low) and the correlation of the
+  signed error with the truth's own contrast (truth minus its mask mean; -1 for pure shrinkage towards the
+  mean), with the Spearman of |error| against that contrast (uses the truth: what a sigma would need to see).
 Writes benchmarks/results/sigma_ranking.md.
 """
 
@@ -59,6 +63,10 @@ def ranking(mean: np.ndarray, std: np.ndarray, truth: np.ndarray, mask: np.ndarr
     row["local RMS error p10-p90 (ppm)"] = "%.4f-%.4f" % tuple(np.percentile(local, [10, 90]))
     scale = local_rms(err, m, 6, leave_out=True)[m]
     row["neighbours' error scale, 6 voxels (truth)"] = stats.spearmanr(scale, np.abs(err[m])).statistic
+    x, y = mean[m] - mean[m].mean(), truth[m] - truth[m].mean()
+    row["slope of truth on PDI"] = float((x * y).sum() / (x * x).sum())
+    row["corr(error, truth contrast)"] = stats.pearsonr(err[m], y).statistic
+    row["spearman(abs error, abs truth contrast)"] = stats.spearmanr(np.abs(err[m]), np.abs(y)).statistic
     return row
 
 
