@@ -40,7 +40,7 @@ class PDIQSM(ScriptedLoadableModule):
             "(weighted by the noise map when given) and gives the mean and the standard deviation "
             "of chi per voxel; PDI-VI1 and PDI-VI2 fine-tune it on your field without labels (with a TV "
             "prior of weight lambda, or a flat prior), taking the KL's expectation exactly (K = 0, the default) or "
-            "with K Monte Carlo samples, tuning the decoders (about 6.4 s per iteration for a 160^3 brain on 2 CPU "
+            "with K Monte Carlo samples, tuning the decoders (about 3.6 s per iteration for a 160^3 brain on 2 CPU "
             "cores, far less on a GPU; it stops early once the map no longer moves), and give the mean-field "
             "standard deviation per voxel (how well the data pin each voxel, given its neighbours: narrower "
             "than PDI's); MEDI, Tikhonov and TKD "

@@ -283,7 +283,7 @@ def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
     p.add_argument("--samples", type=int, default=d.samples,
                    help=f"PDI-VI: Monte Carlo samples K per iteration with --vi-estimator mc (default {d.samples})")
     why = ("the encoder stays frozen, so the adapted weights keep the base sigma" if on_set else
-           "as accurate as every weight on realistic brains, better on a bleed, 0.68x the time")
+           "as accurate as every weight on realistic brains, better on a bleed, about 0.7x the time")
     p.add_argument("--vi-variant", choices=VARIANTS,
                    help="PDI-VI: tune every weight, the decoders (encoder cached), or each decoder's last level "
                         f"(default {DEFAULT_VARIANT}: {why})")

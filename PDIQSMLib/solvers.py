@@ -14,6 +14,7 @@ import torch
 from .defaults import MEDI_LAMBDA, MEDI_MAX_ITER, TIKHONOV_LAMBDA, TKD_THRESHOLD  # noqa: F401  (re-exported)
 from .geometry import Geometry
 from .gradient import grad, grad_adjoint
+from .memory import reuse_freed_memory
 from .physics import DipoleOperator, gradient_kernels
 
 ProgressFn = Callable[[int, int], None]
@@ -177,6 +178,7 @@ def _soft_threshold(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.clamp(x.abs() - t, min=0.0)
 
 
+@reuse_freed_memory()
 def medi(field: torch.Tensor, mask: torch.Tensor, geometry: Geometry, lam: float = MEDI_LAMBDA,
          weight: torch.Tensor | None = None, edge_mask: torch.Tensor | None = None, pad: float = 1.0,
          max_iter: int = MEDI_MAX_ITER, tol: float = MEDI_TOL, progress: ProgressFn | None = None,

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .memory import reuse_freed_memory
 from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, fast_layout, gaussian_nll, use_bf16
 from .network_io import clamp_logvar, prior_map, to_input
 from .simulation import REALISTIC, Sample, SimulationConfig, make_volume, random_patch
@@ -160,6 +161,7 @@ def distributed_context(device: str) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+@reuse_freed_memory()
 def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = print,
           validation: list[Sample] | None = None, device: str = "cpu", init_from: Path | None = None) -> PDINet:
     """Train (or resume from ``checkpoint``) up to ``config.steps`` steps; returns the network.

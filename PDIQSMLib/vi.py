@@ -42,8 +42,9 @@ those levels. Batch norm keeps its trained statistics throughout (eval mode). Th
 'decoders', per volume and on a set. Per volume, at the other defaults (27171-step model; details in
 benchmarks/results/vi_trace_cpu.md, "Session 12"), it is as accurate as 'full' on six realistic brains
 (demeaned NRMSE 58.6 against 58.4 %), better on the ICH case (PDI-VI1 51.2 % and bleed 0.771 ppm against
-54.3 % and 0.717; truth 1.335), and 0.68x the time per whole-brain iteration. 'full' was the default when
-the model was trained on procedural brains with a flat prior and uniform noise, where it moved the bleed
+54.3 % and 0.717; truth 1.335), and 0.64-0.91x the time per whole-brain iteration (three runs of
+benchmarks/bench_vi_speed.py; 0.67-0.73x end to end on the ICH case and two realistic brains). 'full' was
+the default when the model was trained on procedural brains with a flat prior and uniform noise, where it moved the bleed
 furthest (1.217 -> 1.27 ppm in 200 iterations against 1.235 with 'decoders'). On a set, a frozen encoder
 also keeps the base network's calibrated sigma, see ``pipeline.set_sigma``.
 """
@@ -64,6 +65,7 @@ from .errors import InputError
 from .geometry import Geometry
 from .gradient import grad
 from .inference import mask_box, pad_to_stride, paste, run_network
+from .memory import reuse_freed_memory
 from .network import CHI_SCALE, PDINet, use_bf16
 from .network_io import clamp_logvar, network_inputs, stacked_input
 from .physics import DipoleOperator
@@ -96,9 +98,10 @@ class VIConfig:
     voxel_lr: float = 0.1  # Adam step for the per-voxel log variances ('voxel')
     sigma_tv: bool = False  # settle the voxel variances with the TV term too (False: the field's own spread)
     # The network's passes: 'fp32', 'bf16' (autocast) or 'auto' (bf16 where the hardware has it). fp32 by default:
-    # on a 2-core Xeon with AVX512-BF16 a whole-brain iteration took 8.79 / 9.06 s in bf16 against 7.48 / 9.36 in
-    # fp32 in two runs alone (benchmarks/results/vi_speed_cpu.md): no consistent gain; as accurate (ICH case 54.0
-    # against 54.3 %, brain 20002 57.8 / 57.9).
+    # on a 2-core Xeon with AVX512-BF16 (no AMX) a whole-brain iteration, every weight tuned, took 8.79 / 9.06 s in
+    # bf16 against 7.48 / 9.36 in fp32 in two runs alone, and with freed memory reused (memory.reuse_freed_memory)
+    # 7.62 against 5.70, decoders tuned 5.74 against 3.63 (benchmarks/results/vi_speed_cpu.md): slower; as
+    # accurate (ICH case 54.0 against 54.3 %, brain 20002 57.8 / 57.9).
     precision: str = "fp32"
 
     def check(self) -> None:
@@ -394,6 +397,7 @@ class FinetuneResult:
         return predict_volume(self.net, v, self.log_variances[index] if self.log_variances else None)
 
 
+@reuse_freed_memory()
 def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
              progress: Callable[[int, int], None] | None = None,
              log: Callable[[dict], None] | None = None, validation: VolumeData | None = None,

@@ -371,6 +371,42 @@ def test_a_volume_too_big_for_the_memory_is_refused_up_front_or_tiled(small_case
     assert np.allclose(a, b, atol=1e-6)
 
 
+def _faults_of_a_reallocation(mb: int = 64) -> int:
+    """Minor page faults of allocating and touching ``mb`` MiB again right after the same block was freed (a
+    torch tensor, as the methods allocate: numpy asks for huge pages, which hide the faults)."""
+    import resource
+
+    import torch
+
+    a = torch.ones(mb * 2**18)  # float32: mb MiB, every page touched
+    del a
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    b = torch.ones(mb * 2**18)
+    del b
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_iterative_methods_reuse_freed_memory_and_give_it_back_after():
+    """glibc unmaps a freed 64 MiB block, so allocating it again faults in every page anew (16384 of 4 KiB);
+    inside ``reuse_freed_memory`` the block stays in the heap and the second allocation costs almost no
+    faults; nested use holds until the outermost exits, and after it the defaults (and the faults) return.
+    Broken on purpose (the mallopt calls removed), the inside count equals the outside one."""
+    from PDIQSMLib import memory
+
+    if memory._glibc() is None:
+        pytest.skip("not glibc on Linux: reuse_freed_memory does nothing here")
+    outside = _faults_of_a_reallocation()
+    if outside < 4096:
+        pytest.skip(f"this kernel served the 64 MiB block with {outside} faults (huge pages?): nothing to measure")
+    with memory.reuse_freed_memory():
+        with memory.reuse_freed_memory():
+            _faults_of_a_reallocation()  # the heap grows to hold the block once
+        inside = _faults_of_a_reallocation()  # the inner exit did not restore the defaults
+    after = _faults_of_a_reallocation()
+    assert inside < outside / 10
+    assert after > outside / 2
+
+
 def test_the_demo_figure_keeps_the_voxel_proportions_and_says_what_it_shows():
     """Each row's panels have the aspect of its plane's voxel sides (1 x 1 x 1.5 mm: axial 1, coronal and
     sagittal 1.5), the rows name their plane and slice, std and |error| share one scale, and the title
