@@ -44,9 +44,9 @@ benchmarks/results/vi_trace_cpu.md, "Session 12"), it is as accurate as 'full' o
 (demeaned NRMSE 58.6 against 58.4 %), better on the ICH case (PDI-VI1 51.2 % and bleed 0.771 ppm against
 54.3 % and 0.717; truth 1.335), and 0.64-0.91x the time per whole-brain iteration (three runs of
 benchmarks/bench_vi_speed.py; 0.67-0.73x end to end on the ICH case and two realistic brains). 'full' was
-the default when the model was trained on procedural brains with a flat prior and uniform noise, where it moved the bleed
-furthest (1.217 -> 1.27 ppm in 200 iterations against 1.235 with 'decoders'). On a set, a frozen encoder
-also keeps the base network's calibrated sigma, see ``pipeline.set_sigma``.
+the default when the model was trained on procedural brains with a flat prior and uniform noise, where it
+moved the bleed furthest (1.217 -> 1.27 ppm in 200 iterations against 1.235 with 'decoders'). On a set, a
+frozen encoder also keeps the base network's calibrated sigma, see ``pipeline.set_sigma``.
 """
 
 from __future__ import annotations

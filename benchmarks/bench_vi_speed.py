@@ -2,9 +2,9 @@
 
 The brain is a realistic simulated one (MNI152 anatomy, non-dipolar field terms; seed 33000, never used in
 training) at 1.06 mm isotropic in at most 160^3, the size of the real 3 T brain issue 12 quotes PDI-VI's
-943 s on. Each configuration runs ``--iterations`` fine-tuning iterations (sigma per voxel) of the default variant (the
-decoders, the encoder's features cached) and of every weight tuned, in fp32 or with the network's passes under
-bf16 autocast (``VIConfig.precision``); the first is dropped as warm-up.
+943 s on. Each configuration runs ``--iterations`` fine-tuning iterations (sigma per voxel) of the default
+variant (the decoders, the encoder's features cached) and of every weight tuned, in fp32 or with the network's
+passes under bf16 autocast (``VIConfig.precision``); the first is dropped as warm-up.
 MEDI (automatic lambda, to convergence) and PDI are timed once on the same field. Writes
 benchmarks/results/vi_speed_<device>.md.
 
