@@ -116,12 +116,12 @@ def _glibc():
 def reuse_freed_memory():
     """Keep freed memory in the heap while iterating, and give it back to the system afterwards.
 
-    glibc serves large blocks (above a threshold of 128 KiB that adapts up to 32 MiB) by mmap and unmaps them
-    when freed, so an iterative method that frees and reallocates the same large tensors each iteration
-    (MEDI's ADMM, PDI-VI's forward and backward passes) has the kernel hand it fresh zeroed pages every time. Measured on a 160^3 brain (2-core
-    Xeon, alone; ``benchmarks/bench_vi_speed.py``): about half of PDI-VI's iteration time went to those page
-    faults (6.99 -> 3.67 s per iteration with the decoders tuned, MEDI 17.4 -> 13.0 s) for about 40 % more
-    peak memory (PDI-VI 3.8 -> 5.3 GB; fragments of the heap are not shared between sizes). Inside, large
+    glibc serves large blocks (above a threshold of 128 KiB that adapts up to 32 MiB) by mmap and unmaps them when
+    freed, so an iterative method that frees and reallocates the same large tensors each iteration (MEDI's ADMM,
+    PDI-VI's forward and backward passes) has the kernel hand it fresh zeroed pages every time. Measured on a
+    160^3 brain (2-core Xeon, alone; ``benchmarks/bench_vi_speed.py``): about half of PDI-VI's iteration time went
+    to those page faults (6.99 -> 3.67 s per iteration with the decoders tuned, MEDI 17.4 -> 13.0 s) for about
+    40 % more peak memory (PDI-VI 3.8 -> 5.3 GB; fragments of the heap are not shared between sizes). Inside, large
     blocks come from the heap and freed ones stay there (trimmed only above 2 GiB free at its top); on exit
     glibc's defaults return and ``malloc_trim`` gives the free memory back. Nested use holds until the
     outermost exits. Does nothing except with glibc on Linux, or when ``PDIQSM_REUSE_MEMORY=0``."""

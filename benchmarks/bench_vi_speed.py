@@ -60,7 +60,8 @@ def main() -> None:
         layouts = {"default": net}
     for layout, model in layouts.items():
         for estimator, precision, variant in (("exact", "fp32", "decoders"), ("exact", "bf16", "decoders"),
-                                              ("mc", "fp32", "full"), ("exact", "fp32", "full"), ("exact", "bf16", "full")):
+                                              ("mc", "fp32", "full"), ("exact", "fp32", "full"),
+                                              ("exact", "bf16", "full")):
             config = vi.VIConfig(iterations=args.iterations, estimator=estimator, tol=0.0, variance_iterations=1,
                                  precision=precision, variant=variant)
             s = per_iteration(model, volume, config)
