@@ -23,3 +23,4 @@ DEVICE = "auto"
 UNITS = "ppm"
 B0_TESLA = 3.0
 TE_SECONDS = 0.02
+MEDI_EDGES = ("magnitude", "pdi")  # where MEDI's edge mask M comes from (pipeline.Settings.medi_edges)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__, defaults, solvers
-from .defaults import METHODS
+from .defaults import MEDI_EDGES, METHODS
 from .outputs import OutputSet
 from .errors import InputError
 from .geometry import Geometry, geometry_from_affine, normalise_b0_dir
@@ -46,6 +46,7 @@ class Settings:
     noise_level: float | str | None = None  # PDI-VI: field noise (ppm) where W = 1, or how to read it: cone, white (None: white to tune, cone for sigma)
     reflections: int = defaults.PDI_REFLECTIONS  # PDI: mirrored inputs averaged (1, 2, 4, 8; inference.REFLECTIONS)
     vi_tol: float = 0.01  # PDI-VI stops when its mean map moved less than this over 10 iterations (0: never)
+    medi_edges: str = "magnitude"  # MEDI's edge mask M: from --magnitude (none given: TV everywhere) or 'pdi' (PDI's map)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -64,6 +65,8 @@ class Settings:
             raise InputError("--reflections", f"expected one of {defaults.REFLECTION_COUNTS}, got {self.reflections}")
         if not self.vi_tol >= 0:
             raise InputError("--vi-tol", f"must be >= 0, got {self.vi_tol}")
+        if self.medi_edges not in MEDI_EDGES:
+            raise InputError("--medi-edges", f"expected one of {', '.join(MEDI_EDGES)}, got {self.medi_edges!r}")
 
     def applicable(self) -> dict:
         """The settings this method reads (what a run record lists; the others would mislead a reader).
@@ -74,6 +77,8 @@ class Settings:
                             "vi_variance", "noise_level", "vi_tol"),
                 "pdi-vi2": ("samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
                             "vi_variance", "noise_level", "vi_tol")}[self.method]
+        if self.method == "medi":
+            used += ("medi_edges",) + (("device", "weights") if self.medi_edges == "pdi" else ())
         if self.vi_estimator == "exact":  # K is read only when samples are drawn
             used = tuple(k for k in used if k != "samples")
         values = asdict(self)
@@ -129,8 +134,13 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
         info["lambda"] = lam
     elif settings.method == "medi":
         w = torch.from_numpy(data_weight(m, noise_std))
-        lam = settings.lam if settings.lam is not None else _auto_lambda("medi", field_ppm * w.numpy(), m, geometry, info)
-        edges = torch.from_numpy(gradient_mask(m, magnitude, geometry.voxel_size))
+        rule, edges = "medi", None
+        if settings.medi_edges == "pdi":
+            edges = _pdi_edges(field_ppm, m, geometry, settings, magnitude, noise_std, progress, info)
+            rule = "medi-pdi-edges"
+        lam = settings.lam if settings.lam is not None else _auto_lambda(rule, field_ppm * w.numpy(), m, geometry, info)
+        if edges is None:
+            edges = torch.from_numpy(gradient_mask(m, magnitude, geometry.voxel_size))
         run: dict = {}
         chi = solvers.medi(b, mt, geometry, lam, w, edges, settings.pad or 1.0,
                            settings.iterations or solvers.MEDI_MAX_ITER, progress=progress.task("medi"), info=run)
@@ -143,6 +153,25 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
         chi, std = _pdi(field_ppm, m, geometry, settings, magnitude, noise_std, progress, info, tile)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return Result(chi.numpy().astype(np.float32), std, info)
+
+
+def _pdi_edges(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, progress: Progress,
+               info: dict) -> torch.Tensor:
+    """MEDI's edge mask M from PDI's map of the same field (``--medi-edges pdi``): the magnitude rule of
+    ``gradient_mask`` applied to the network's map, sparing its ``solvers.PDI_EDGE_FRACTION`` x N strongest gradient
+    components (N the mask's voxels)."""
+    from . import memory
+
+    if magnitude is not None:
+        raise InputError("--medi-edges", "'pdi' takes MEDI's edges from PDI's map, not from --magnitude: give one of "
+                                         "the two (--medi-edges magnitude uses the magnitude)")
+    guide = replace(settings, method="pdi")
+    tile = memory.check("pdi", mask.shape, memory.estimate_bytes("pdi", mask.shape, mask, settings.pad), settings.pad)
+    run: dict = {}
+    chi, _ = _pdi(field_ppm, mask, geometry, guide, None, noise_std, progress, run, tile)
+    info["edges"] = {"from": "pdi", "spared": f"the {solvers.PDI_EDGE_FRACTION:g} N strongest gradient components",
+                     **{k: run[k] for k in ("device", "weights_sha256")}}
+    return torch.from_numpy(gradient_mask(mask, chi.numpy(), geometry.voxel_size, solvers.PDI_EDGE_FRACTION))
 
 
 def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, progress: Progress, info: dict,

@@ -144,3 +144,38 @@ def test_the_magnitude_keeps_an_edge_sharper_in_medi(cases, tmp_path):
     e_plain, e_edged = nrmse_demeaned(plain, truth, edges), nrmse_demeaned(edged, truth, edges)
     print(f"MEDI on the truth's edges: {e_plain:.1f} % without magnitude, {e_edged:.1f} % with it")
     assert e_edged < e_plain - 3.0
+
+
+def test_medi_can_take_its_edges_from_pdis_map(cases, tmp_path, capsys):
+    """--medi-edges pdi: MEDI's edge mask is the magnitude rule applied to PDI's map of the same field (its
+    0.7 N strongest gradient components spared, N the mask's voxels) and lambda follows its own rule (c s^2, c = 400): the map equals MEDI
+    run by hand with that mask and lambda; the run record says where the edges came from; with a magnitude
+    as well, the command refuses (two sources for one mask)."""
+    import torch
+
+    from PDIQSMLib import solvers
+    from PDIQSMLib.fieldstats import cone_noise
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.weighting import gradient_mask
+
+    sim = cases["aligned"]
+    field, mask_path = sim / "field.nii.gz", sim / "mask.nii.gz"
+    guided = reconstruct(field, mask_path, tmp_path / "guided", "medi", "--medi-edges", "pdi", "--iterations", "40")
+    record = json.loads((tmp_path / "guided" / "field_medi_run.json").read_text())
+    assert record["settings"]["medi_edges"] == "pdi" and record["result"]["edges"]["from"] == "pdi"
+    pdi = reconstruct(field, mask_path, tmp_path / "pdi", "pdi")
+    params = json.loads((sim / "params.json").read_text())
+    geometry = Geometry(tuple(params["voxel_size"]), tuple(params["B0_dir"]))
+    m = nib.load(str(mask_path)).get_fdata() > 0
+    b = np.where(m, nib.load(str(field)).get_fdata(), 0.0).astype(np.float32)
+    lam = 400.0 * cone_noise(b, m, geometry) ** 2
+    assert record["result"]["lambda"] == pytest.approx(lam, rel=1e-4)
+    edges = gradient_mask(m, pdi, geometry.voxel_size, solvers.PDI_EDGE_FRACTION)
+    assert 0.1 < 1.0 - edges[:, m].mean() < 0.3  # 0.7 N of the 3 N components at most, some outside the mask
+    by_hand = solvers.medi(torch.from_numpy(b), torch.from_numpy(m.astype(np.float32)), geometry, lam,
+                           edge_mask=torch.from_numpy(edges), max_iter=40).numpy()
+    assert np.abs(guided - by_hand).max() < 1e-3 * np.abs(by_hand).max()
+    magnitude = write_nifti(tmp_path / "mag.nii.gz", np.ones(m.shape), nib.load(str(field)).affine)
+    assert main(["reconstruct", str(field), "--mask", str(mask_path), "--method", "medi", "--medi-edges", "pdi",
+                 "--magnitude", str(magnitude), "--out-dir", str(tmp_path / "both"), "--progress", "none"]) == 2
+    assert "--medi-edges" in capsys.readouterr().err and not any((tmp_path / "both").iterdir())  # no output written

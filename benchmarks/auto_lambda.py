@@ -29,6 +29,11 @@ STRENGTHS = (0.5, 1.0, 2.0)  # multiplies every non-dipolar amplitude range
 TIK = np.logspace(-3, 0, 13)
 MEDI = np.logspace(-4, -1, 7)
 MEDI_FIT = np.logspace(-3.5, -1.5, 5)  # --fit for MEDI: a coarser grid (MEDI costs 5-15 s a run)
+# --c-grid: c itself on a grid of factors 1.4 (the --fit grid above steps MEDI's lambda by 3.2x, too coarse to place
+# c), on the anatomical cases above and on the four sigma-calibration brains (realistic, full size, seeds 20000..)
+C_GRID = {"medi": (35.0, 50.0, 70.0, 100.0, 140.0, 200.0, 280.0),
+          "tikhonov": (1000.0, 1500.0, 2100.0, 3000.0, 4200.0, 6000.0, 8400.0)}
+CALIBRATION_SEEDS = (20000, 20001, 20002, 20003)
 
 
 KINDS = ("anatomical", "procedural")  # the two brain kinds of the training mix
@@ -58,11 +63,46 @@ def sweep(method: str, sample, grid) -> list[float]:
             for lam in grid]
 
 
+def c_grid(method: str) -> None:
+    """The demeaned NRMSE of ``method`` for each c of C_GRID (lambda = c s^2; MEDI with the pipeline's W and M
+    without a magnitude) per brain; the c with the lowest mean and the median of each brain's best c. Writes
+    auto_lambda_<method>.md."""
+    grid = C_GRID[method]
+    brains = [(case, seed, sample) for case, seed, sample in cases() if case.startswith("anatomical")]
+    brains += [("calibration (realistic, full size)", seed, make_volume(np.random.default_rng(seed),
+                                                                       replace(REALISTIC, anatomical_fraction=1.0)))
+               for seed in CALIBRATION_SEEDS]
+    rows = []
+    for case, seed, sample in brains:
+        s = cone_noise(sample.field, sample.mask, sample.geometry)
+        rows.append((case, seed, s, sweep(method, sample, [c * s**2 for c in grid])))
+        print(rows[-1], flush=True)
+    table = np.array([r[3] for r in rows])
+    best = [grid[int(np.argmin(e))] for e in table]
+    head = " | ".join(f"c = {c:g}" for c in grid)
+    lines = [f"| brain, non-dipolar strength | seed | cone noise s (ppm) | {head} |",
+             "|---|---|---|" + "---|" * len(grid)]
+    for (case, seed, s, errors), b in zip(rows, best):
+        cells = " | ".join(f"**{e:.1f}**" if c == b else f"{e:.1f}" for c, e in zip(grid, errors))
+        lines.append(f"| {case} | {seed} | {s:.5f} | {cells} |")
+    for name, part in (("mean, all", table), ("mean, calibration brains", table[-len(CALIBRATION_SEEDS):])):
+        lines.append(f"| {name} | | | " + " | ".join(f"{e:.1f}" for e in part.mean(axis=0)) + " |")
+    lines += ["", f"Lowest mean over all brains: c = {grid[int(np.argmin(table.mean(axis=0)))]:g}; median of each "
+              f"brain's best c: {np.exp(np.median(np.log(best))):.3g}; the pipeline's c: "
+              f"{solvers.AUTO_LAMBDA_PER_NOISE2[method]:g}."]
+    write_table(f"auto_lambda_{method}", f"{method}'s automatic lambda, c s^2: demeaned NRMSE % by c, realistic "
+                "simulated brains", "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--methods", nargs="+", default=["tikhonov", "medi"])
     parser.add_argument("--fit", action="store_true", help="print the fitted constant c per method")
+    parser.add_argument("--c-grid", choices=sorted(C_GRID), help="the method's NRMSE over a grid of c "
+                        "(auto_lambda_<method>.md)")
     args = parser.parse_args()
+    if args.c_grid:
+        return c_grid(args.c_grid)
     grids = {"tikhonov": TIK, "medi": MEDI_FIT if args.fit else MEDI}
     rows, fits = [], {m: [] for m in args.methods}
     for case, seed, sample in cases():

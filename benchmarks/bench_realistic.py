@@ -49,6 +49,7 @@ def runs(weights: list[str], reflections: list[int]) -> list[tuple[str, Settings
         for n in reflections:
             label = f"pdi {Path(w).stem if w else 'bundled'}" + ("" if n == PDI_REFLECTIONS else f", {n} reflection{'s' * (n > 1)}")
             out.append((label, Settings(method="pdi", weights=w or None, device="cpu", reflections=n)))
+    out.append(("medi, edges from pdi's map (--medi-edges pdi)", Settings(method="medi", medi_edges="pdi", device="cpu")))
     return out
 
 
