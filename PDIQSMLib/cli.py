@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"reconstruction method (default: {defaults.METHOD})")
     r.add_argument("--lambda", dest="lam", type=float, help="regularisation weight; default for MEDI and Tikhonov: automatic, c x s^2 "
                    "with s the field's effective noise read off the magic-angle cone (run.json records it); "
-                   f"PDI-VI1: {defaults.VI_LAMBDA:g}")
+                   f"PDI-VI1: {defaults.VI_LAMBDA_PDI_EDGES:g} with its edges from PDI's map (the default without a "
+                   f"magnitude, --vi-edges), {defaults.VI_LAMBDA:g} with a magnitude's or none")
     r.add_argument("--iterations", type=int, help="iterations: MEDI's maximum (default 200), PDI-VI's count")
     r.add_argument("--threshold", type=float, default=defaults.TKD_THRESHOLD,
                    help=f"TKD truncation threshold (default {defaults.TKD_THRESHOLD})")
@@ -209,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--validation-mask", type=Path, help="the validation field's mask")
     f.add_argument("--method", choices=("pdi-vi1", "pdi-vi2"), default="pdi-vi1",
                    help="pdi-vi1: TV prior weighted by --lambda; pdi-vi2: flat prior (default pdi-vi1)")
-    f.add_argument("--lambda", dest="lam", type=float, help=f"TV weight (default {defaults.VI_LAMBDA:g})")
+    f.add_argument("--lambda", dest="lam", type=float, help=f"TV weight (default {defaults.VI_LAMBDA_PDI_EDGES:g} "
+                   f"with edges from PDI's maps, without magnitudes; {defaults.VI_LAMBDA:g} with them)")
     f.add_argument("--iterations", type=int, default=defaults.VI_ITERATIONS,
                    help=f"iterations in all, over the set (default {defaults.VI_ITERATIONS})")
     _add_vi(f, on_set=True)
@@ -302,6 +304,10 @@ def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
                    help="PDI-VI: field noise std (ppm) where W = 1, or how to read it from the field: white (second "
                         "differences) or cone (everything no map explains). Default: white while the mean is tuned, "
                         "cone for the sigma reported")
+    p.add_argument("--vi-edges", choices=defaults.VI_EDGES, default="auto",
+                   help="PDI-VI1: the TV edge mask from the magnitude, or from PDI's own map of the field (pdi: its "
+                        "0.7 N strongest gradient components spared, as --medi-edges pdi); auto (default): the "
+                        "magnitude when one is given, else PDI's map")
     p.add_argument("--vi-tol", type=float, default=0.01,
                    help="PDI-VI: stop when the mean map moved less than this (relative) over 10 iterations; 0: run "
                         "every iteration (default 0.01)")
@@ -325,7 +331,8 @@ def _add_region_options(p: argparse.ArgumentParser) -> None:
 
 def _vi_settings(args) -> dict:
     return dict(samples=args.samples, vi_variant=args.vi_variant, vi_estimator=args.vi_estimator,
-                vi_variance=args.vi_variance, noise_level=args.noise_level, vi_tol=args.vi_tol)
+                vi_variance=args.vi_variance, noise_level=args.noise_level, vi_tol=args.vi_tol,
+                vi_edges=args.vi_edges)
 
 
 def reconstruct_settings(args) -> Settings:

@@ -11,7 +11,8 @@ MEDI_LAMBDA = 1e-3  # likewise
 # PDI-VI1's TV weight: 3x MEDI's. On the four realistic sigma-calibration brains (20000-20003) PDI-VI1 at 1e-3
 # fitted the non-dipolar field into chi (demeaned NRMSE 69.2 % mean, PDI 60.5), at 3e-3 59.7; the shared ICH
 # case gains as much at either (60.7 -> 54.6 / 54.1 % demeaned). benchmarks/results/vi_trace_cpu.md.
-VI_LAMBDA = 3e-3
+VI_LAMBDA = 3e-3  # PDI-VI1's TV weight with a magnitude's edge mask, or none (TV everywhere)
+VI_LAMBDA_PDI_EDGES = 1e-2  # with its default edge mask from PDI's own map (no magnitude; pipeline.vi_volume)
 REFLECTION_COUNTS = (1, 2, 4, 8)  # how many mirrored inputs PDI may average (inference.REFLECTIONS)
 PDI_REFLECTIONS = 1  # PDI: one pass; 2, 4, 8 average mirrored inputs (inference.REFLECTIONS; measured: no consistent gain)
 VI_SAMPLES = 5  # K, with the Monte Carlo estimator (the default estimator is exact: K unused)
@@ -24,3 +25,5 @@ UNITS = "ppm"
 B0_TESLA = 3.0
 TE_SECONDS = 0.02
 MEDI_EDGES = ("magnitude", "pdi")  # where MEDI's edge mask M comes from (pipeline.Settings.medi_edges)
+# where PDI-VI1's TV edge mask M comes from: 'auto' is the magnitude when one is given, else PDI's own map
+VI_EDGES = ("auto", "magnitude", "pdi")

@@ -47,6 +47,7 @@ class Settings:
     reflections: int = defaults.PDI_REFLECTIONS  # PDI: mirrored inputs averaged (1, 2, 4, 8; inference.REFLECTIONS)
     vi_tol: float = 0.01  # PDI-VI stops when its mean map moved less than this over 10 iterations (0: never)
     medi_edges: str = "magnitude"  # MEDI's edge mask M: from --magnitude (none given: TV everywhere) or 'pdi' (PDI's map)
+    vi_edges: str = "auto"  # PDI-VI1's edge mask M: auto (the magnitude if given, else PDI's map), magnitude, pdi
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -67,6 +68,8 @@ class Settings:
             raise InputError("--vi-tol", f"must be >= 0, got {self.vi_tol}")
         if self.medi_edges not in MEDI_EDGES:
             raise InputError("--medi-edges", f"expected one of {', '.join(MEDI_EDGES)}, got {self.medi_edges!r}")
+        if self.vi_edges not in defaults.VI_EDGES:
+            raise InputError("--vi-edges", f"expected one of {', '.join(defaults.VI_EDGES)}, got {self.vi_edges!r}")
 
     def applicable(self) -> dict:
         """The settings this method reads (what a run record lists; the others would mislead a reader).
@@ -74,7 +77,7 @@ class Settings:
         used = {"tkd": ("threshold", "pad"), "tikhonov": ("lam", "pad"), "medi": ("lam", "iterations", "pad"),
                 "pdi": ("device", "weights", "reflections"),
                 "pdi-vi1": ("lam", "samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
-                            "vi_variance", "noise_level", "vi_tol"),
+                            "vi_variance", "noise_level", "vi_tol", "vi_edges"),
                 "pdi-vi2": ("samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
                             "vi_variance", "noise_level", "vi_tol")}[self.method]
         if self.method == "medi":
@@ -197,8 +200,8 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         return torch.from_numpy(mean), std
     from . import vi
 
-    config = vi_config(settings)
-    volume = vi_volume(net, field_ppm, mask, geometry, magnitude, noise_std, device)
+    config = vi_config(settings, takes_pdi_edges(vi_edges(settings), magnitude is not None))
+    volume = vi_volume(net, field_ppm, mask, geometry, magnitude, noise_std, device, vi_edges(settings), info)
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")
     result = vi.finetune(net, [volume], config, progress.task("vi"))
     mean, std = result.predict(volume)
@@ -211,22 +214,49 @@ def check_finite(field_ppm: np.ndarray, mask: np.ndarray, name: str) -> None:
         raise InputError(name, "contains NaN or Inf inside the mask")
 
 
-def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_std=None, device: str = "cpu"):
-    """A field prepared for PDI-VI with ``net``: W from the noise std, M from the magnitude, the prior channel."""
+def vi_edges(settings: Settings) -> str:
+    """Where PDI-VI's edge mask comes from: ``settings.vi_edges`` for PDI-VI1; PDI-VI2 has no TV term to mask."""
+    return settings.vi_edges if settings.method == "pdi-vi1" else "magnitude"
+
+
+def takes_pdi_edges(edges: str, magnitude_given: bool) -> bool:
+    """Whether PDI-VI's edge mask comes from PDI's map: asked for ('pdi'), or 'auto' without a magnitude."""
+    return edges == "pdi" or (edges == "auto" and not magnitude_given)
+
+
+def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_std=None, device: str = "cpu",
+              edges: str = "magnitude", info: dict | None = None):
+    """A field prepared for PDI-VI with ``net``: W from the noise std, the prior channel, and M from the
+    magnitude, or with ``edges`` 'pdi' (or 'auto' and no magnitude) from the network's own map of the field:
+    MEDI's rule on that map, sparing its ``solvers.PDI_EDGE_FRACTION`` N strongest gradient components (the TV
+    prior then keeps the edges the network sees and smooths the rest against the field). ``info`` gets a line."""
+    from .inference import predict
     from .vi import prepare
 
-    return prepare(field_ppm, mask, geometry, net.config.stride, data_weight(mask, noise_std),
-                   gradient_mask(mask, magnitude, geometry.voxel_size), device, prior=net.config.prior)
+    weight = data_weight(mask, noise_std)
+    source, fraction, said = magnitude, 0.9, "magnitude" if magnitude is not None else "none (TV everywhere)"
+    if edges == "pdi" and magnitude is not None:
+        raise InputError("--vi-edges", "'pdi' takes PDI-VI's edges from PDI's map, not from the magnitude given: give "
+                                       "one of the two (--vi-edges auto or magnitude uses the magnitude)")
+    if takes_pdi_edges(edges, magnitude is not None):
+        source = predict(net, field_ppm, mask, device, geometry=geometry, weight=weight)[0]
+        fraction, said = solvers.PDI_EDGE_FRACTION, f"PDI's map ({solvers.PDI_EDGE_FRACTION:g} N components spared)"
+    if info is not None:
+        info["edges"] = said
+    return prepare(field_ppm, mask, geometry, net.config.stride, weight,
+                   gradient_mask(mask, source, geometry.voxel_size, fraction), device, prior=net.config.prior)
 
 
-def vi_config(settings: Settings):
-    """PDI-VI settings from a reconstruction's: lambda 0 for pdi-vi2, ``defaults.VI_LAMBDA`` for pdi-vi1; the
-    variant by default the decoders (``vi.DEFAULT_VARIANT``)."""
+def vi_config(settings: Settings, pdi_edges: bool = False):
+    """PDI-VI settings from a reconstruction's: lambda 0 for pdi-vi2; for pdi-vi1 ``defaults.VI_LAMBDA_PDI_EDGES``
+    when its edge mask comes from PDI's map (``pdi_edges``), else ``defaults.VI_LAMBDA``; the variant by default
+    the decoders (``vi.DEFAULT_VARIANT``)."""
     from .vi import DEFAULT_VARIANT, VIConfig
 
     if settings.method not in ("pdi-vi1", "pdi-vi2"):
         raise InputError("--method", f"fine-tuning needs pdi-vi1 or pdi-vi2, not {settings.method!r}")
-    lam = 0.0 if settings.method == "pdi-vi2" else (settings.lam if settings.lam is not None else defaults.VI_LAMBDA)
+    default = defaults.VI_LAMBDA_PDI_EDGES if pdi_edges else defaults.VI_LAMBDA
+    lam = 0.0 if settings.method == "pdi-vi2" else (settings.lam if settings.lam is not None else default)
     variant = settings.vi_variant or DEFAULT_VARIANT
     level = settings.noise_level
     estimate = dict(noise_estimate=level, sigma_estimate=level) if isinstance(level, str) else dict(noise_level=level)
@@ -274,7 +304,7 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
     from .weights import DEFAULT_WEIGHTS, load_model, save_weights
 
     settings.check()
-    config = vi_config(settings)
+    config = vi_config(settings, takes_pdi_edges(vi_edges(settings), bool(magnitude_paths)))
     progress = progress or Progress("none")
     field_paths = [Path(p) for p in field_paths]
     if not field_paths:
@@ -302,7 +332,8 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
         inp = load_inputs(field_path, mask_path, magnitude_path, noise_path, **load_kwargs)
         check_finite(inp.field_ppm, inp.mask, f"{field_path}: field")
         progress.status(f"field {i}: {inp.field.data.shape}, voxel {inp.geometry.voxel_size} mm")
-        return vi_volume(net, inp.field_ppm, inp.mask, inp.geometry, inp.magnitude, inp.noise_std, device)
+        return vi_volume(net, inp.field_ppm, inp.mask, inp.geometry, inp.magnitude, inp.noise_std, device,
+                         vi_edges(settings))
 
     volumes = [prepared(i + 1, f, m, (noise_paths or [None] * len(field_paths))[i],
                         (magnitude_paths or [None] * len(field_paths))[i])
@@ -316,7 +347,8 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
     result = vi.finetune(net, volumes, config, progress.task("vi"), validation=held_out)
     info = {"base_weights_sha256": manifest["sha256"], "base_weights": str(weights),
             "finetuned_on": [str(p) for p in field_paths], "validation": [str(p) for p in validation or ()],
-            "method": settings.method, **vi_summary(config, result), "sigma": sigma, "pdiqsm_version": __version__}
+            "method": settings.method, **vi_summary(config, result), "sigma": sigma, "pdiqsm_version": __version__,
+            "edges": vi_edges(settings)}
     if held_out is not None:
         info["best_validation_loss"] = min(h["validation"] for h in result.history if "validation" in h)
     save_weights(result.net, out, info)

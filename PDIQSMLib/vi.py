@@ -6,7 +6,8 @@ For fields b without labels, minimise over the network weights
 
 with chi_k = mu + sigma eps_k (reparameterisation), K samples per iteration. W is MEDI's data weight
 (mean 1 in the mask) and s the field noise level (ppm) where W = 1, so W/s is the paper's Sigma_b^-1/2;
-lambda has the meaning it has in ``solvers.medi`` (default ``defaults.VI_LAMBDA``, 3x MEDI's 1e-3).
+lambda has the meaning it has in ``solvers.medi`` (default ``defaults.VI_LAMBDA``, 3x MEDI's 1e-3; the pipeline
+gives 1e-2, ``defaults.VI_LAMBDA_PDI_EDGES``, when M comes from PDI's map: ``pipeline.vi_volume``).
 Without a given s, it is estimated from the field itself (``estimate_noise_level``): the white noise
 (second differences) while the mean is tuned, and the cone estimate, which reads the non-dipolar part
 of real fields too, for the sigma reported (see ``estimate_noise_level`` for why the two). Fine-tuning

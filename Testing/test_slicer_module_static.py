@@ -88,8 +88,8 @@ def test_icon_is_128_square_png():
 
 def test_the_automatic_lambda_tooltip_names_pdi_vi1s_default():
     """The panel's 'automatic' box gives PDI-VI1 the library's default TV weight; its tooltip says which."""
-    from PDIQSMLib.defaults import VI_LAMBDA
+    from PDIQSMLib.defaults import VI_LAMBDA, VI_LAMBDA_PDI_EDGES
 
     box = next(w for w in ui_tree().iter("widget") if w.get("name") == "lambdaAutoCheckBox")
     tip = box.find("./property[@name='toolTip']/string").text
-    assert f"PDI-VI1: {VI_LAMBDA:g} " in tip
+    assert f"PDI-VI1: {VI_LAMBDA_PDI_EDGES:g} " in tip and f"{VI_LAMBDA:g} with a magnitude" in tip

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from PDIQSMLib import phantoms
-from PDIQSMLib.defaults import VI_LAMBDA
+from PDIQSMLib.defaults import VI_LAMBDA, VI_LAMBDA_PDI_EDGES
 from PDIQSMLib.errors import InputError
 from PDIQSMLib.geometry import Geometry
 from PDIQSMLib.physics import DipoleOperator
@@ -142,6 +142,56 @@ def test_finetuning_on_an_unseen_lesion_fits_the_data_and_keeps_its_total(lesion
     assert np.all(np.isfinite(std1)) and np.all(std1[mask] > 0)
     # the input network is untouched
     assert all(torch.equal(before[k], t) for k, t in net.state_dict().items())
+
+
+def test_pdi_vi1_takes_its_tv_edges_from_pdis_map_unless_a_magnitude_is_given(lesion_case):
+    """Without a magnitude, PDI-VI1's edge mask M is MEDI's rule applied to the network's own map (its 0.7 N
+    strongest gradient components spared): the lesion's rim, which the network sees, is spared far more often than
+    the brain at large, so TV does not flatten it. A magnitude, when given, is used instead ('auto'); 'pdi' with a
+    magnitude is refused; 'magnitude' without one is TV everywhere (the mask)."""
+    from scipy import ndimage
+
+    from PDIQSMLib.inference import predict
+    from PDIQSMLib.pipeline import vi_volume
+    from PDIQSMLib.solvers import PDI_EDGE_FRACTION
+    from PDIQSMLib.weighting import gradient_mask
+    from PDIQSMLib.weights import load_model
+
+    chi, mask, field, lesion, g = lesion_case
+    net, _ = load_model()
+    info: dict = {}
+    v = vi_volume(net, field, mask, g, edges="auto", info=info)
+    assert info["edges"].startswith("PDI's map")
+    guide = predict(net, field, mask, "cpu", geometry=g)[0]
+    expected = gradient_mask(mask, guide, g.voxel_size, PDI_EDGE_FRACTION)[(slice(None),) + v.box]
+    x, y, z = v.size
+    edges = v.edges[:, :x, :y, :z].numpy()
+    assert np.array_equal(edges, expected)
+    spared = (edges == 0).any(axis=0) & mask[v.box]
+    rim = (ndimage.binary_dilation(lesion, iterations=1) & ~ndimage.binary_erosion(lesion, iterations=1) & mask)[v.box]
+    assert spared[rim].mean() > 2 * spared[mask[v.box]].mean()
+    magnitude = np.where(lesion, 0.2, 1.0)
+    v = vi_volume(net, field, mask, g, magnitude=magnitude, edges="auto", info=info)
+    assert info["edges"] == "magnitude"
+    assert np.array_equal(v.edges[:, :x, :y, :z].numpy(), gradient_mask(mask, magnitude, g.voxel_size)[(slice(None),) + v.box])
+    with pytest.raises(InputError, match="--vi-edges"):
+        vi_volume(net, field, mask, g, magnitude=magnitude, edges="pdi")
+    v = vi_volume(net, field, mask, g, edges="magnitude", info=info)
+    assert info["edges"].startswith("none") and np.array_equal(v.edges[:, :x, :y, :z].numpy()[0], mask[v.box])
+
+
+def test_pdi_vi1s_default_lambda_follows_where_its_edges_come_from(lesion_case):
+    """Through the pipeline: without a magnitude PDI-VI1 takes PDI's edges and lambda 1e-2, with one the magnitude's
+    edges and 3e-3 (chosen for each on realistic brains); a given --lambda is kept either way."""
+    from PDIQSMLib.pipeline import Settings, reconstruct
+
+    chi, mask, field, lesion, g = lesion_case
+    magnitude = np.where(lesion, 0.2, 1.0)
+    for given, edges, lam in ((None, "PDI's map", VI_LAMBDA_PDI_EDGES), (magnitude, "magnitude", VI_LAMBDA)):
+        info = reconstruct(field, mask, g, Settings(method="pdi-vi1", iterations=2, device="cpu"), magnitude=given).info
+        assert info["edges"].startswith(edges) and info["lam"] == pytest.approx(lam)
+    info = reconstruct(field, mask, g, Settings(method="pdi-vi1", iterations=2, device="cpu", lam=0.02)).info
+    assert info["lam"] == pytest.approx(0.02)
 
 
 def test_finetune_command_adapts_weights_on_a_set(tmp_path):
@@ -425,13 +475,14 @@ def test_pdi_vi1_sigma_is_the_fields_own_spread_not_narrowed_by_its_tv_weight():
 
 
 def test_the_qsmci_method_folder_documents_pdi_vi1s_default_lambda():
-    """qsmci/pdi-vi1/algorithm.yml shows QSM-CI users the default a run without --set gets."""
+    """qsmci/pdi-vi1/algorithm.yml shows QSM-CI users the default a run without --set gets (QSM-CI passes no
+    magnitude, so PDI-VI1's edges come from PDI's map, with its own default lambda)."""
     import re
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "qsmci" / "pdi-vi1" / "algorithm.yml").read_text()
     default = re.search(r"- name: lambda\s*\n\s*default: ([0-9.eE+-]+)", text)
-    assert default and float(default.group(1)) == pytest.approx(VI_LAMBDA)
+    assert default and float(default.group(1)) == pytest.approx(VI_LAMBDA_PDI_EDGES)
 
 
 def test_the_qsmci_medi_folder_documents_the_automatic_lambda_its_runs_get():
