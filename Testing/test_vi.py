@@ -173,7 +173,8 @@ def test_pdi_vi1_takes_its_tv_edges_from_pdis_map_unless_a_magnitude_is_given(le
     magnitude = np.where(lesion, 0.2, 1.0)
     v = vi_volume(net, field, mask, g, magnitude=magnitude, edges="auto", info=info)
     assert info["edges"] == "magnitude"
-    assert np.array_equal(v.edges[:, :x, :y, :z].numpy(), gradient_mask(mask, magnitude, g.voxel_size)[(slice(None),) + v.box])
+    by_magnitude = gradient_mask(mask, magnitude, g.voxel_size)[(slice(None),) + v.box]
+    assert np.array_equal(v.edges[:, :x, :y, :z].numpy(), by_magnitude)
     with pytest.raises(InputError, match="--vi-edges"):
         vi_volume(net, field, mask, g, magnitude=magnitude, edges="pdi")
     v = vi_volume(net, field, mask, g, edges="magnitude", info=info)

@@ -128,11 +128,17 @@ def main() -> None:
     d = vi.VIConfig()
     default = f"{d.variant}, sigma {d.variance}, {d.estimator}"
     if args.defaults_only:
-        for name, lam in ((f"pdi-vi1 ({default})", d.lam), (f"pdi-vi2 ({default})", 0.0)):
-            rows[name] = tuned_row(net, volume, vi.VIConfig(lam=lam, iterations=args.iterations), chi, mask, bleed)
+        from PDIQSMLib.defaults import VI_LAMBDA_PDI_EDGES
+        from PDIQSMLib.pipeline import vi_volume
+
+        edged = vi_volume(net, field, mask, g, None, noise, args.device, "auto")  # no magnitude: M from PDI's map
+        for name, v, lam in ((f"pdi-vi1 ({default}, edges from PDI's map)", edged, VI_LAMBDA_PDI_EDGES),
+                             (f"pdi-vi2 ({default})", volume, 0.0)):
+            rows[name] = tuned_row(net, v, vi.VIConfig(lam=lam, iterations=args.iterations), chi, mask, bleed)
         text = (f"ICH case, s = 1e-3 ppm, seed 0; W from the noise map; PDI-VI with its defaults ({default}, noise "
-                f"levels read from the field, at most {args.iterations} iterations, lambda (VI1) = {d.lam:g}).\n\n"
-                + format_table(rows, COLUMNS))
+                f"levels read from the field, at most {args.iterations} iterations; VI1's TV edge mask from PDI's map, "
+                f"lambda {VI_LAMBDA_PDI_EDGES:g}, as the pipeline without a magnitude; its seconds leave out the PDI "
+                "pass that mask takes).\n\n" + format_table(rows, COLUMNS))
         write_table(f"vi_defaults_{args.device}", "PDI-VI on the ICH case, defaults", text)
         return
     runs = {f"pdi-vi1 ({default})": dict(lam=MEDI_LAMBDA), f"pdi-vi2 ({default})": dict(lam=0.0),
