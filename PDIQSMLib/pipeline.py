@@ -137,13 +137,12 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
         info["lambda"] = lam
     elif settings.method == "medi":
         w = torch.from_numpy(data_weight(m, noise_std))
-        rule, edges = "medi", None
         if settings.medi_edges == "pdi":
             edges = _pdi_edges(field_ppm, m, geometry, settings, magnitude, noise_std, progress, info)
             rule = "medi-pdi-edges"
+        else:
+            edges, rule = torch.from_numpy(gradient_mask(m, magnitude, geometry.voxel_size)), "medi"
         lam = settings.lam if settings.lam is not None else _auto_lambda(rule, field_ppm * w.numpy(), m, geometry, info)
-        if edges is None:
-            edges = torch.from_numpy(gradient_mask(m, magnitude, geometry.voxel_size))
         run: dict = {}
         chi = solvers.medi(b, mt, geometry, lam, w, edges, settings.pad or 1.0,
                            settings.iterations or solvers.MEDI_MAX_ITER, progress=progress.task("medi"), info=run)

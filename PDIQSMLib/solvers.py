@@ -33,9 +33,9 @@ CLOSED_FORM_PAD = 1.5
 AUTO_LAMBDA_PER_NOISE2 = {"tikhonov": 3.0e3, "medi": 50.0, "medi-pdi-edges": 400.0}
 # MEDI with its edge mask from PDI's map (``--medi-edges pdi``): M spares that map's 0.7 N strongest gradient
 # components (N mask voxels; MEDI's magnitude rule, weighting.gradient_mask, spares 0.9 N), and the TV weight is 8x
-# plain MEDI's. Chosen on the four
-# sigma-calibration brains (20000-20003; grid 0.5 / 0.7 x 1, 2, 4, 8 times plain MEDI's lambda): demeaned NRMSE 57.6 %
-# against PDI 60.5 and plain MEDI 71.0; on the held-out brains 31000-31002: 51.4 against 53.0 and 52.6.
+# plain MEDI's. Chosen on the four sigma-calibration brains (20000-20003; grid 0.5 / 0.7 x 1, 2, 4, 8 times plain
+# MEDI's lambda): demeaned NRMSE 57.6 % against PDI 60.5 and plain MEDI 71.0; on the held-out brains 31000-31002:
+# 51.4 against 53.0 and 52.6.
 PDI_EDGE_FRACTION = 0.7
 AUTO_LAMBDA_RANGE = (1e-4, 1.0)
 

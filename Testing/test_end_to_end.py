@@ -148,9 +148,9 @@ def test_the_magnitude_keeps_an_edge_sharper_in_medi(cases, tmp_path):
 
 def test_medi_can_take_its_edges_from_pdis_map(cases, tmp_path, capsys):
     """--medi-edges pdi: MEDI's edge mask is the magnitude rule applied to PDI's map of the same field (its
-    0.7 N strongest gradient components spared, N the mask's voxels) and lambda follows its own rule (c s^2, c = 400): the map equals MEDI
-    run by hand with that mask and lambda; the run record says where the edges came from; with a magnitude
-    as well, the command refuses (two sources for one mask)."""
+    0.7 N strongest gradient components spared, N the mask's voxels) and lambda follows its own rule (c s^2,
+    c = 400): the map equals MEDI run by hand with that mask and lambda; the run record says where the edges
+    came from; with a magnitude as well, the command refuses (two sources for one mask)."""
     import torch
 
     from PDIQSMLib import solvers
