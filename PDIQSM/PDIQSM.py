@@ -21,7 +21,8 @@ from slicer.util import VTKObservationMixin
 # PDIQSMLib is installed beside this file; these modules import nothing but numpy (which Slicer ships),
 # so the panel loads before the reconstruction's own packages are installed.
 from PDIQSMLib import defaults
-from PDIQSMLib.slicer_logic import PANEL_DEVICES, PANEL_METHODS, PANEL_UNITS, TORCH_REQUIREMENT, label_of
+from PDIQSMLib.slicer_logic import (PANEL_DEVICES, PANEL_EDGES, PANEL_METHODS, PANEL_UNITS, TORCH_REQUIREMENT,
+                                    label_of)
 
 
 class PDIQSM(ScriptedLoadableModule):
@@ -35,7 +36,8 @@ class PDIQSM(ScriptedLoadableModule):
             "Susceptibility map (ppm) and its uncertainty from a local field map.<br>"
             "<b>Inputs</b>: the local (background-removed) field, in ppm, Hz (give B0) or radians of phase "
             "at one echo (give B0 and TE); a brain mask on the same grid; optionally a magnitude image "
-            "(MEDI spares its edges) and a field noise standard-deviation map (data weight).<br>"
+            "(MEDI's and PDI-VI1's TV prior spares its edges; 'TV edges from' may take them from PDI's own map "
+            "instead) and a field noise standard-deviation map (data weight).<br>"
             "<b>Methods</b>: PDI, a 3D U-Net with two decoders that reads the field and its Tikhonov inverse "
             "(weighted by the noise map when given) and gives the mean and the standard deviation "
             "of chi per voxel; PDI-VI1 and PDI-VI2 fine-tune it on your field without labels (with a TV "
@@ -92,6 +94,7 @@ class PDIQSMParameterNode:
     method: Annotated[str, Choice(list(PANEL_METHODS))] = label_of(PANEL_METHODS, defaults.METHOD)
     lambdaAuto: bool = True
     lam: Annotated[float, WithinRange(0.0, 1.0)] = defaults.MEDI_LAMBDA
+    edges: Annotated[str, Choice(list(PANEL_EDGES))] = label_of(PANEL_EDGES, "auto")  # MEDI's and PDI-VI1's TV edges
     samples: Annotated[float, WithinRange(0, 50)] = defaults.PANEL_VI_SAMPLES  # 0: exact expectation
     iterations: Annotated[int, WithinRange(1, 2000)] = defaults.VI_ITERATIONS
     device: Annotated[str, Choice(list(PANEL_DEVICES))] = label_of(PANEL_DEVICES, defaults.DEVICE)

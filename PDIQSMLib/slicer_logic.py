@@ -105,6 +105,7 @@ class Request:
     regions: object | None = None  # vtkMRMLSegmentationNode: one table row per segment
     reference: str = "whole-brain"  # what region means are relative to: whole-brain, none or a segment's name
     output_table: object | None = None  # vtkMRMLTableNode to fill; None: a new one named after the field
+    edges: str = "auto"  # where MEDI's and PDI-VI1's TV spares edges: auto, magnitude or pdi (PANEL_EDGES)
 
 
 # The panel's choices (labels shown) and the command's values.
@@ -112,6 +113,17 @@ PANEL_METHODS = {"PDI": "pdi", "PDI-VI1": "pdi-vi1", "PDI-VI2": "pdi-vi2", "MEDI
                  "TKD": "tkd"}
 PANEL_UNITS = {"ppm": "ppm", "Hz": "hz", "rad": "rad"}
 PANEL_DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
+PANEL_EDGES = {"Automatic": "auto", "Magnitude": "magnitude", "PDI's map": "pdi"}
+EDGE_FLAGS = {"medi": "--medi-edges", "pdi-vi1": "--vi-edges"}  # the methods whose TV prior spares edges
+
+
+def edge_args(method: str, edges: str) -> list[str]:
+    """The panel's edge source as command-line options: nothing for 'auto' (the command's default: the magnitude's
+    edges when one is given; without one MEDI's TV is everywhere and PDI-VI1 spares PDI's own edges) and for the
+    methods without a TV prior."""
+    if edges not in PANEL_EDGES.values():
+        raise ValueError(f"unknown edge source {edges!r}; expected one of {', '.join(PANEL_EDGES.values())}")
+    return [EDGE_FLAGS[method], edges] if method in EDGE_FLAGS and edges != "auto" else []
 
 
 def label_of(choices: dict[str, str], value: str) -> str:
@@ -147,6 +159,7 @@ def request_from_panel(p) -> Request:
         output_mean=p.outputMean, output_std=p.outputStd,
         mask_segment=(p.maskSegment or "").strip() or None, regions=p.regionsSegmentation,
         reference=(p.referenceRegion or "").strip() or "whole-brain", output_table=p.outputTable,
+        edges=PANEL_EDGES[p.edges],
     )
 
 
@@ -243,6 +256,9 @@ def problems(request: Request) -> list[str]:
             out.append(f"{role} '{node.GetName()}' has another geometry than the field")
     if not out and not is_segmentation(request.mask) and request.mask.GetImageData().GetScalarRange()[1] <= 0:
         out.append(f"mask '{request.mask.GetName()}' is empty")
+    if request.edges == "pdi" and request.magnitude is not None and request.method in EDGE_FLAGS:
+        out.append(f"edges from PDI's map take no magnitude: clear '{request.magnitude.GetName()}' or take the "
+                   "edges from the magnitude")
     try:
         ppm_per_unit(request.units, request.b0, request.te)
     except InputError as exc:
@@ -420,7 +436,8 @@ class Logic:
                            request.reference]
         args = [python_executable(), "-m", "PDIQSMLib.cli", "reconstruct", str(paths["field"]), "--mask",
                 str(paths["mask"]), "--method", request.method, "--units", request.units, "--device", request.device,
-                "--out-dir", str(work / "out"), "--progress", "lines", *vi_sampling_args(request.samples)]
+                "--out-dir", str(work / "out"), "--progress", "lines", *vi_sampling_args(request.samples),
+                *edge_args(request.method, request.edges)]
         optional = {"--magnitude": paths.get("magnitude"), "--noise-std": paths.get("noise"), "--b0": request.b0,
                     "--te": request.te, "--lambda": request.lam, "--iterations": request.iterations,
                     "--weights": request.weights}

@@ -208,6 +208,19 @@ def test_checking_a_request_does_not_copy_the_mask(case, monkeypatch):
     assert logic.problems(Request(nodes["field"], nodes["mask"])) == ["mask 'mask' is empty"]
 
 
+def test_edges_from_pdis_map_with_a_magnitude_are_refused_before_a_run(case):
+    """The command refuses PDI's map as the edge source when a magnitude is given; the panel says so first, for
+    the methods that take edges only."""
+    from PDIQSMLib.slicer_logic import problems
+
+    nodes = case["nodes"]
+    for method in ("medi", "pdi-vi1"):
+        said = problems(Request(nodes["field"], nodes["mask"], magnitude=nodes["field"], method=method, edges="pdi"))
+        assert said == ["edges from PDI's map take no magnitude: clear 'field' or take the edges from the magnitude"]
+        assert problems(Request(nodes["field"], nodes["mask"], method=method, edges="pdi")) == []
+    assert problems(Request(nodes["field"], nodes["mask"], magnitude=nodes["field"], method="pdi", edges="pdi")) == []
+
+
 def segmentation_from(scene, labels_file_order, affine, name):
     """A segmentation node made, as a user would, by importing a label map volume read from a NIfTI file
     on the field's grid (one segment per label value)."""

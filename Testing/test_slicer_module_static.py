@@ -45,13 +45,14 @@ def test_parameter_names_match_the_parameter_node_both_ways():
 
 
 def test_choices_in_the_ui_match_the_module_maps():
-    from PDIQSMLib.slicer_logic import PANEL_DEVICES, PANEL_METHODS, PANEL_UNITS
+    from PDIQSMLib.slicer_logic import PANEL_DEVICES, PANEL_EDGES, PANEL_METHODS, PANEL_UNITS
 
     combos = {w.get("name"): [i.find("property/string").text for i in w.findall("item")]
               for w in ui_tree().iter("widget") if w.get("class") == "QComboBox"}
     assert combos["methodComboBox"] == list(PANEL_METHODS)
     assert combos["unitsComboBox"] == list(PANEL_UNITS)
     assert combos["deviceComboBox"] == list(PANEL_DEVICES)
+    assert combos["edgesComboBox"] == list(PANEL_EDGES)
 
 
 def test_node_selectors_get_the_scene():

@@ -22,8 +22,8 @@ import pytest
 
 from PDIQSMLib import defaults
 from PDIQSMLib.cli import build_parser, reconstruct_settings
-from PDIQSMLib.slicer_logic import (PANEL_DEVICES, PANEL_METHODS, PANEL_UNITS, Request, decode_output, label_of,
-                                    process_outcome, request_from_panel, vi_sampling_args)
+from PDIQSMLib.slicer_logic import (PANEL_DEVICES, PANEL_EDGES, PANEL_METHODS, PANEL_UNITS, Request, decode_output,
+                                    edge_args, label_of, process_outcome, request_from_panel, vi_sampling_args)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "PDIQSM" / "PDIQSM.py"
@@ -165,7 +165,7 @@ class Panel:
         tree = ast.parse(MODULE.read_text())
         cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PDIQSMParameterNode")
         env = {"label_of": label_of, "PANEL_UNITS": PANEL_UNITS, "PANEL_METHODS": PANEL_METHODS,
-               "PANEL_DEVICES": PANEL_DEVICES, "defaults": defaults}
+               "PANEL_DEVICES": PANEL_DEVICES, "PANEL_EDGES": PANEL_EDGES, "defaults": defaults}
         for n in (b for b in cls.body if isinstance(b, ast.AnnAssign)):
             value = eval(compile(ast.Expression(n.value), "panel", "eval"), env) if n.value is not None else None
             setattr(self, n.target.id, value)
@@ -177,7 +177,7 @@ class Panel:
 def command_settings(request: Request):
     """The Settings the command line builds from the arguments the panel's request becomes."""
     args = ["reconstruct", "f.nii.gz", "--mask", "m.nii.gz", "--method", request.method, "--device", request.device,
-            "--out-dir", "o", *vi_sampling_args(request.samples)]
+            "--out-dir", "o", *vi_sampling_args(request.samples), *edge_args(request.method, request.edges)]
     for flag, value in (("--lambda", request.lam), ("--iterations", request.iterations), ("--weights", request.weights)):
         if value is not None:
             args += [flag, str(value)]
@@ -209,6 +209,21 @@ def test_the_panels_sample_count_chooses_the_estimator():
     assert Panel().samples == 0 and exact.vi_estimator == "exact"
     drawn = command_settings(request_from_panel(Panel(method="PDI-VI1", samples=7)))
     assert drawn.vi_estimator == "mc" and drawn.samples == 7
+
+
+def test_the_panels_edge_source_reaches_the_methods_whose_tv_spares_edges():
+    """'TV edges from' sets MEDI's --medi-edges and PDI-VI1's --vi-edges; 'Automatic' leaves both at the command's
+    default, and the methods without a TV prior get the same settings whatever is chosen."""
+    medi = command_settings(request_from_panel(Panel(method="MEDI", edges="PDI's map")))
+    assert medi.medi_edges == "pdi" and Panel().edges == label_of(PANEL_EDGES, "auto")
+    assert command_settings(request_from_panel(Panel(method="MEDI", edges="Magnitude"))).medi_edges == "magnitude"
+    for label, value in PANEL_EDGES.items():
+        assert command_settings(request_from_panel(Panel(method="PDI-VI1", edges=label))).vi_edges == value
+        for method in ("PDI", "PDI-VI2", "Tikhonov", "TKD"):
+            assert command_settings(request_from_panel(Panel(method=method, edges=label))) == \
+                command_settings(request_from_panel(Panel(method=method)))
+    with pytest.raises(ValueError, match="edge source"):
+        edge_args("medi", "truth")
 
 
 def test_panel_choices_and_defaults_are_the_librarys():
