@@ -102,10 +102,13 @@ def lesion_moment_error(m, chi, mask, lesion) -> float:
     return float(m[region].sum() - chi[region].sum()) / float(chi[lesion].sum())
 
 
-@pytest.mark.parametrize("lam, rmse_ratio", [(0.0, 0.97), (VI_LAMBDA, 1.3)], ids=["vi2", "vi1"])
-def test_finetuning_on_an_unseen_lesion_fits_the_data_and_keeps_its_total(lesion_case, lam, rmse_ratio):
-    """PDI-VI2 (flat prior) and PDI-VI1 (TV prior, its default lambda 3e-3) per volume, default variant (the
-    decoders), exact expectation, 100 iterations, on a brain with a 1.2 ppm lesion the model never saw.
+@pytest.mark.parametrize("lam, edges, rmse_ratio", [(0.0, "magnitude", 0.97), (VI_LAMBDA, "magnitude", 1.3),
+                                                     (VI_LAMBDA_PDI_EDGES, "pdi", 1.1)],
+                         ids=["vi2", "vi1-tv-everywhere", "vi1-pdi-edges"])
+def test_finetuning_on_an_unseen_lesion_fits_the_data_and_keeps_its_total(lesion_case, lam, edges, rmse_ratio):
+    """PDI-VI2 (flat prior) and PDI-VI1 (TV prior: everywhere at lambda 3e-3, its default with a magnitude's edges or
+    none; and its default without a magnitude, the edges of PDI's own map spared at 1e-2) per volume, default
+    variant (the decoders), exact expectation, 100 iterations, on a brain with a 1.2 ppm lesion the model never saw.
 
     Measured with the bundled model (27171 steps; Intel Xeon, 1 thread, ~55 s each): PDI itself gets the
     lesion's total susceptibility (``lesion_moment_error``) within 1 % (19088 steps: 8 %, 10641: 9 %; 2200
@@ -117,13 +120,16 @@ def test_finetuning_on_an_unseen_lesion_fits_the_data_and_keeps_its_total(lesion
     and -7 % / -12 %. Both spread the lesion over its rim: its mean within the exact boundary 1.17 -> 1.01 /
     1.02 ppm (truth 1.2; the field of a uniform sphere fixes its total, not its spread). Broken on purpose
     (lr 0, so the map stays PDI's), the fidelity assert fails, and for VI2 the RMSE assert too.
+    With PDI's edges at 1e-2 (session 15, same machine, 98 s): misfit x0.16, total -6.5 %, RMSE 40.1 -> 41.1 %
+    (ratio 1.02, against 1.25 with TV everywhere: the texture the network sees is spared), lesion mean 1.17 -> 1.06.
     """
+    from PDIQSMLib.pipeline import vi_volume
     from PDIQSMLib.weights import load_model
 
     chi, mask, field, lesion, g = lesion_case
     net, _ = load_model()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    v = prepare(field, mask, g, net.config.stride, prior=net.config.prior)
+    v = vi_volume(net, field, mask, g, edges=edges)  # 'magnitude' without one: TV everywhere, as prepare() alone
     mean0, _ = predict_volume(net, v)
     result = finetune(net, [v], VIConfig(lam=lam, iterations=100, estimator="exact"))
     # the default variant tunes the mean decoder only: the encoder is frozen (cached), and the log-variance
@@ -137,8 +143,8 @@ def test_finetuning_on_an_unseen_lesion_fits_the_data_and_keeps_its_total(lesion
     assert abs(lesion_moment_error(mean0, chi, mask, lesion)) < 0.2  # measured 0.005: PDI generalises to it
     assert abs(lesion_moment_error(mean1, chi, mask, lesion)) < 0.2  # measured -0.06 / -0.11
     rmse = lambda m: np.linalg.norm(m[mask] - chi[mask]) / np.linalg.norm(chi[mask])  # noqa: E731
-    assert rmse(mean1) < rmse_ratio * rmse(mean0)  # measured 0.93 / 1.25
-    assert float(mean1[lesion].mean()) < float(mean0[lesion].mean()) - 0.1  # the spread: 1.17 -> 1.01 / 1.02
+    assert rmse(mean1) < rmse_ratio * rmse(mean0)  # measured 0.93 / 1.25 / 1.02
+    assert float(mean1[lesion].mean()) < float(mean0[lesion].mean()) - 0.05  # the spread: 1.17 -> 1.01 / 1.02 / 1.06
     assert np.all(np.isfinite(std1)) and np.all(std1[mask] > 0)
     # the input network is untouched
     assert all(torch.equal(before[k], t) for k, t in net.state_dict().items())
