@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--b0-dir", type=float, nargs=3, default=(0.0, 0.0, 1.0), metavar=("X", "Y", "Z"))
     s.add_argument("--noise", type=float, default=1e-3, help="field noise standard deviation, ppm (default 1e-3)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sharp", action="store_true",
+                   help="realistic: one brain's tissue boundaries instead of the MNI template's averaged ones (same "
+                        "seed, same brain otherwise)")
     s.add_argument("--data-dir", type=Path, help="for 'ich': folder with chi_ppm, mask, noise_std (default ../shared/data)")
     _add_common(s)
 
@@ -176,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: the Gaussian NLL of Eq. 9; 0.5..1: beta-NLL, faster progress of the mean (finish with 0)")
     t.add_argument("--brain-fraction", type=float, default=0.7,
                    help="share of brains among the simulated volumes that are not anatomical, the rest random shapes (default 0.7)")
+    t.add_argument("--sharp-fraction", type=float, default=0.0,
+                   help="share of the anatomical brains given one brain's tissue boundaries instead of the MNI "
+                        "template's averaged ones (anatomy.sharp_tissue; default 0, the bundled model's recipe); the "
+                        "validation brains keep the template's, so that the learning curve stays comparable")
     t.add_argument("--validation-count", type=int, default=4, help="held-apart simulated brains for validation")
     t.add_argument("--ema", type=float, default=0.0,
                    help="keep a moving average of the weights with this decay (e.g. 0.998), validated and exported")
@@ -458,13 +465,16 @@ def cmd_train(args, progress: Progress) -> int:
 
     from .simulation import REALISTIC, SimulationConfig
 
+    if not 0.0 <= args.sharp_fraction <= 1.0:
+        raise InputError("--sharp-fraction", f"a share between 0 and 1, not {args.sharp_fraction:g}")
     base = REALISTIC if args.simulator == "realistic" else SimulationConfig()
     config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, validate_every=args.validate_every, pool_size=args.pool_size,
                          patch=tuple(args.patch), threads=args.threads, beta=args.beta, ema=args.ema,
                          workers=args.workers, precision=args.precision, max_seconds=args.max_seconds,
                          lr_final=args.lr_final, flips=args.flips,
-                         simulation=replace(base, brain_fov_mm=tuple(args.brain_fov), brain_fraction=args.brain_fraction))
+                         simulation=replace(base, brain_fov_mm=tuple(args.brain_fov), brain_fraction=args.brain_fraction,
+                                            sharp_fraction=args.sharp_fraction))
     log_path = args.log or args.out.with_name(args.out.name + ".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     step_fn = progress.task("train")
@@ -474,7 +484,8 @@ def cmd_train(args, progress: Progress) -> int:
             log_file.flush()
             step_fn(record["step"], config.steps)
         rank = int(os.environ.get("RANK", "0"))
-        validation = validation_set(count=args.validation_count, config=config.simulation) if rank == 0 and args.validate_every > 0 else None
+        plain = replace(config.simulation, sharp_fraction=0.0)  # the curve's brains whatever the training mix
+        validation = validation_set(count=args.validation_count, config=plain) if rank == 0 and args.validate_every > 0 else None
         train(config, args.out, log, validation, pick_device(args.device), args.init_from)
     print(args.out)
     return 0

@@ -62,15 +62,17 @@ def make_phantom(kind: str, shape, voxel_size, seed: int) -> phantoms.Phantom:
     return phantoms.Phantom(np.where(mask, chi, 0.0).astype(np.float32), mask, Geometry(voxel_size))
 
 
-def realistic_brain(voxel_size, b0_dir, seed: int, max_shape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def realistic_brain(voxel_size, b0_dir, seed: int, max_shape, sharp: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(chi, mask, field, nucleus labels) of an MNI152 brain with a realistic local field (the training
-    simulator's non-dipolar terms: anisotropy, background residue, correlated noise, mask error)."""
+    simulator's non-dipolar terms: anisotropy, background residue, correlated noise, mask error); ``sharp``: one
+    brain's tissue boundaries (anatomy.sharp_tissue)."""
     from . import anatomy
     from .simulation import realistic_brain as simulated
 
     if not anatomy.available():
         raise InputError("simulate realistic", "needs the MNI152 templates of nilearn's wheel: pip install nilearn")
-    sample, labels = simulated(seed, voxel_size, b0_dir, max_shape)
+    sample, labels = simulated(seed, voxel_size, b0_dir, max_shape, sharp)
     return sample.chi, sample.mask, sample.field, labels.astype(np.float32)
 
 
@@ -90,7 +92,8 @@ def simulate(args, progress: Progress) -> list[Path]:
         affine = affine_for_b0(like.voxel_size, b0_dir, like.affine[:3, 3]) if b0_dir != (0.0, 0.0, 1.0) else like.affine
         like = Volume(chi, affine, like.header)
     elif args.kind == "realistic":
-        chi, mask, field, labels = realistic_brain(tuple(args.voxel_size), b0_dir, args.seed, tuple(args.shape))
+        chi, mask, field, labels = realistic_brain(tuple(args.voxel_size), b0_dir, args.seed, tuple(args.shape),
+                                                   args.sharp)
         geometry = Geometry(tuple(args.voxel_size), b0_dir)
         like = Volume(chi, affine_for_b0(geometry.voxel_size, b0_dir), nib.Nifti1Header())
     else:

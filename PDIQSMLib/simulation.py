@@ -39,6 +39,7 @@ class SimulationConfig:
     correlated_ppm: tuple[float, float] = (1.5e-3, 8e-3)  # correlated noise std (log-uniform)
     correlated_width_vox: tuple[float, float] = (0.5, 1.5)
     mask_error_vox: float = 2.0  # mask edge moved by up to this (in 70 % of volumes)
+    sharp_fraction: float = 0.0  # anatomical brains with one brain's tissue boundaries (anatomy.sharp_tissue)
 
 
 # The realistic recipe: what the bundled model is trained on (TrainConfig's default).
@@ -105,8 +106,13 @@ def make_volume(rng: np.random.Generator, config: SimulationConfig = SimulationC
 
 def anatomical_volume(rng: np.random.Generator, config: SimulationConfig) -> Sample:
     """An MNI152 brain on a random acquisition grid, with its (realistic, when asked) local field."""
+    # no draw at 0 or 1, and the boundaries' own draws from a spawned generator: a seed keeps its brain, sharp or not
+    # (a spawned child depends on the seed and the count of children, not on the stream's state: after a resumed
+    # training run the first children repeat those of the run before, which only repeats some boundary jitter)
+    f = config.sharp_fraction
+    sharp = rng.spawn(1)[0] if f >= 1 or (f > 0 and rng.random() < f) else None
     vs = anatomy.random_grid(rng, config.in_plane_mm, config.slice_mm)
-    brain = anatomy.anatomical_brain(rng, vs, config.anatomical_max_shape)
+    brain = anatomy.anatomical_brain(rng, vs, config.anatomical_max_shape, sharp=sharp)
     geometry = Geometry(vs, random_b0(rng, config.max_tilt_deg))
     if config.realistic:
         return realistic_sample(brain.chi, brain.mask, geometry, rng, config, brain.wm)
@@ -115,11 +121,13 @@ def anatomical_volume(rng: np.random.Generator, config: SimulationConfig) -> Sam
                   geometry, sigma)
 
 
-def realistic_brain(seed: int, voxel_size, b0_dir=(0.0, 0.0, 1.0), max_shape=(144, 144, 96)) -> tuple[Sample, np.ndarray]:
+def realistic_brain(seed: int, voxel_size, b0_dir=(0.0, 0.0, 1.0), max_shape=(144, 144, 96),
+                    sharp: bool = False) -> tuple[Sample, np.ndarray]:
     """A seeded MNI152 brain on ``voxel_size`` with its realistic local field (``realistic_sample``) and its
-    nucleus labels (``anatomy.nucleus_names``), zero outside the sample's mask."""
+    nucleus labels (``anatomy.nucleus_names``), zero outside the sample's mask; ``sharp``: one brain's tissue
+    boundaries (``anatomy.sharp_tissue``), the seed's brain otherwise unchanged."""
     rng = np.random.default_rng(seed)
-    brain = anatomy.anatomical_brain(rng, voxel_size, max_shape)
+    brain = anatomy.anatomical_brain(rng, voxel_size, max_shape, sharp=rng.spawn(1)[0] if sharp else None)
     sample = realistic_sample(brain.chi, brain.mask, Geometry(brain.voxel_size, b0_dir), rng, REALISTIC, brain.wm)
     return sample, np.where(sample.mask, brain.labels, 0)
 

@@ -311,3 +311,10 @@ def test_medi_says_when_it_stops_before_converging(small_case, capsys, tmp_path)
     record = json.loads((tmp_path / "p" / "field_medi_run.json").read_text())
     assert code == 0 and "warning" not in err and record["result"]["medi"]["converged"] is True
     assert record["result"]["medi"]["iterations"] < 200
+
+
+def test_a_training_share_outside_zero_to_one_is_refused_before_anything_is_written(capsys, tmp_path):
+    code, _, err = run(["train", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "c.pt"),
+                        "--sharp-fraction", "1.5"], capsys)
+    assert code == 2 and "--sharp-fraction: a share between 0 and 1, not 1.5" in err
+    assert not any(tmp_path.iterdir())

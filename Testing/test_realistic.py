@@ -143,6 +143,41 @@ def test_anatomical_brain_has_the_published_tissue_values_where_they_belong():
 
 
 @needs_templates
+def test_sharp_tissue_gives_one_brains_boundaries_where_the_template_is_unsure():
+    """The template's tissue maps are averages of 152 brains: a quarter of the brain sits between 10 and 90 %
+    tissue. Sharpened, most of that is resolved to tissue or CSF (and white or grey), voxels the template is sure
+    of keep their class, the maps stay probabilities, and a generator's seed fixes the result."""
+    t = anatomy.templates()
+    m = t["mask"]
+    gm, wm = anatomy.sharp_tissue(t["gm"], t["wm"], np.random.default_rng(0))
+    before, after = t["gm"] + t["wm"], gm + wm
+    assert gm.min() >= 0 and wm.min() >= 0 and after.max() <= 1 + 1e-6
+    sure = (before > 0.95) | ((before < 0.05) & m)
+    assert np.abs(after - before)[sure].max() < 0.06  # measured: > 0.99 and < 0.005 there
+    unsure = lambda x: np.mean((x[m] > 0.1) & (x[m] < 0.9))  # noqa: E731
+    assert unsure(after) < 0.5 * unsure(before) and unsure(wm) < 0.5 * unsure(t["wm"])  # 0.23 -> 0.07, 0.43 -> 0.15
+    assert np.array_equal(anatomy.sharp_tissue(t["gm"], t["wm"], np.random.default_rng(0))[1], wm)
+    assert not np.array_equal(anatomy.sharp_tissue(t["gm"], t["wm"], np.random.default_rng(1))[1], wm)
+
+
+@needs_templates
+def test_a_sharp_brain_is_its_seeds_brain_with_a_stronger_dipole_field():
+    """sharp_fraction 1 gives a seed's brain on the same grid, mask and B0 with one brain's boundaries: chi moves
+    only at the boundaries, and the sharper tissue carries more field (the real brain's COSMOS dipole field has
+    std 0.0084 ppm at 1.06 mm; six template brains 0.0071, sharpened 0.0083, each one higher)."""
+    from PDIQSMLib.simulation import field_of
+
+    config = replace(REALISTIC, anatomical_fraction=1.0, anatomical_max_shape=(64, 64, 40))
+    plain = make_volume(np.random.default_rng(7), config)
+    sharp = make_volume(np.random.default_rng(7), replace(config, sharp_fraction=1.0))
+    assert np.array_equal(plain.mask, sharp.mask) and plain.geometry == sharp.geometry
+    m = plain.mask
+    assert np.corrcoef(plain.chi[m], sharp.chi[m])[0, 1] > 0.95 and np.abs(plain.chi - sharp.chi).max() > 0.005
+    std = lambda s: field_of(s.chi, m, s.geometry)[m].std()  # noqa: E731
+    assert std(sharp) > 1.05 * std(plain)
+
+
+@needs_templates
 def test_realistic_fields_span_the_real_cone_share():
     """Real 3 T local fields: 5.4 % and 8.5 % of their power in the cone; a dipole field plus white noise:
     1.3-1.6 %. The simulator's fields must sit in the real range (issue 12: about 3-10 %)."""
@@ -303,3 +338,20 @@ def test_pdi_with_a_noise_map_survives_a_bleed_whose_field_is_gone(monkeypatch):
     assert nrmse(filled.mean, chi, mask) < 0.85 * nrmse(raw.mean, chi, mask)  # measured 0.78
     assert outside(filled.mean) < 0.7 * outside(raw.mean)  # measured 0.60
     assert 0.3 < float(filled.mean[bleed].mean()) < 1.6  # measured 0.63
+
+
+@needs_templates
+def test_simulate_realistic_sharp_writes_the_seeds_brain_with_one_brains_boundaries(tmp_path):
+    import nibabel as nib
+
+    from PDIQSMLib.cli import main
+
+    args = ["simulate", "realistic", "--shape", "48", "56", "36", "--voxel-size", "2", "2", "2.5", "--seed", "3",
+            "--progress", "none"]
+    assert main(args + ["--out-dir", str(tmp_path / "plain")]) == 0
+    assert main(args + ["--sharp", "--out-dir", str(tmp_path / "sharp")]) == 0
+    read = lambda kind, name: nib.load(str(tmp_path / kind / f"{name}.nii.gz")).get_fdata()  # noqa: E731
+    m = read("plain", "mask") > 0
+    assert np.array_equal(m, read("sharp", "mask") > 0)
+    plain, sharp = read("plain", "chi"), read("sharp", "chi")
+    assert np.corrcoef(plain[m], sharp[m])[0, 1] > 0.9 and np.abs(plain - sharp).max() > 0.005

@@ -63,8 +63,10 @@ def main() -> None:
     parser.add_argument("--vi", action="store_true", help="PDI and PDI-VI only (about 5 min a brain and method on 2 "
                         "cores), into realistic_vi_<name>.md")
     parser.add_argument("--no-ablation", action="store_true", help="with --vi: the defaults only")
+    parser.add_argument("--sharp", action="store_true", help="the same brains with one brain's tissue boundaries "
+                        "instead of the template's averaged ones (anatomy.sharp_tissue); same seeds, same fields' terms")
     args = parser.parse_args()
-    config = replace(REALISTIC, anatomical_fraction=1.0)
+    config = replace(REALISTIC, anatomical_fraction=1.0, sharp_fraction=1.0 if args.sharp else 0.0)
     per_method: dict[str, list[dict]] = {}
     for seed in args.seeds:
         s = make_volume(np.random.default_rng(seed), config)
@@ -74,7 +76,7 @@ def main() -> None:
             per_method.setdefault(m, []).append(r)
             print(seed, m, {k: round(v, 3) for k, v in r.items() if k in COLUMNS}, flush=True)
     mean_rows = {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in per_method.items()}
-    write_table(f"realistic_{'vi_' if args.vi else ''}{args.name}", f"Realistic simulated brains (MNI152 anatomy, non-dipolar terms), mean of "
+    write_table(f"realistic_{'vi_' if args.vi else ''}{args.name}", f"Realistic simulated brains (MNI152 anatomy{', sharp tissue boundaries' if args.sharp else ''}, non-dipolar terms), mean of "
                 f"{len(args.seeds)} (seeds {', '.join(map(str, args.seeds))})", format_table(mean_rows, COLUMNS))
 
 
