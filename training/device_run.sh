@@ -2,7 +2,8 @@
 # One leased GPU session (the `device` tool, DEVELOPERS.md "Training compute"), run from the repository root:
 #   1. PDI-VI speed on a whole realistic brain on the GPU (benchmarks/bench_vi_speed.py --device cuda);
 #   2. training resumed from training/realistic-ckpt.pt for the rest of BUDGET seconds (--max-seconds),
-#      volumes simulated by WORKERS processes, batch 16, cosine learning rate, mirrored patches;
+#      volumes simulated by WORKERS processes, batch 16, cosine learning rate, mirrored patches; since session 15
+#      half the anatomical brains with one brain's tissue boundaries (SHARP, --sharp-fraction; 0 for the old mix);
 #   3. the checkpoint, its log and the tables copied to $OUT (the checkpoint without its history, which the
 #      log holds, to stay under the tool's 16 MiB per file; training/merge_device_run.py puts them back).
 # Carried wheels (.whl: nibabel, nilearn for the MNI152 templates) are installed first when present.
@@ -48,7 +49,8 @@ left=$((BUDGET - SECONDS - 60))  # the validation set is made before, the last v
 echo "training for $left s" | tee -a "$OUT/env.txt"
 timeout $((left + 120)) $PY -m PDIQSMLib.cli train --steps 1000000 --out /tmp/device-ckpt.pt --log "$OUT/device-log.jsonl" \
   --batch-size "$BATCH" --lr "${LR:-3e-4}" --lr-final 1e-5 --beta 1 --ema 0.998 --workers "$WORKERS" --threads 2 \
-  --pool-size 48 --validate-every 2000 --validation-count 3 --flips --max-seconds "$left" --device "$DEVICE" \
+  --pool-size 48 --validate-every 2000 --validation-count 3 --flips --sharp-fraction "${SHARP:-0.5}" \
+  --max-seconds "$left" --device "$DEVICE" \
   --progress none > "$OUT/train.log" 2>&1
 echo "train exit $?" | tee -a "$OUT/env.txt"
 $PY - "$OUT" <<'PYEOF'
