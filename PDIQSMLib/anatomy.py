@@ -124,7 +124,8 @@ def sharp_tissue(gm: np.ndarray, wm: np.ndarray, rng: np.random.Generator) -> tu
     [0, 1]; where the template is sure (probability near 0 or 1) nothing changes. Measured (session 15, six
     brains at 1.06 mm, B0 along z): the dipole field's std in the mask is 0.0083 ppm (0.0064-0.0098) against
     0.0071 (0.0057-0.0081) for the same brains with the template's boundaries, each brain higher; the real 3 T
-    brain's COSMOS dipole field has 0.0084 (issue 12 quotes 0.0088 with 0.0026 ppm white noise added)."""
+    brain's COSMOS dipole field has 0.0084 (issue 12 quotes 0.0088 with 0.0026 ppm white noise added; the table:
+    benchmarks/results/field_stats.md, last section)."""
     width, jitter = rng.uniform(*SHARP_WIDTH), rng.uniform(*SHARP_JITTER)
     vs = (1.0, 1.0, 1.0)
     tissue = gm + wm
