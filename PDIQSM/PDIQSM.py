@@ -199,8 +199,11 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.b0DirX, p.b0DirY, p.b0DirZ = default_b0_dir(p.fieldVolume)
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        from PDIQSMLib.slicer_logic import problems
+        from PDIQSMLib.slicer_logic import method_controls, problems
 
+        if self._parameterNode:  # grey out the settings the chosen method does not use
+            for name, used in method_controls(self._parameterNode.method).items():
+                getattr(self.ui, name).enabled = used
         if self._process is not None:
             return
         found = problems(self.logic.request(self._parameterNode)) if self._parameterNode else ["no parameter node"]

@@ -117,6 +117,14 @@ PANEL_EDGES = {"Automatic": "auto", "Magnitude": "magnitude", "PDI's map": "pdi"
 EDGE_FLAGS = {"medi": "--medi-edges", "pdi-vi1": "--vi-edges"}  # the methods whose TV prior spares edges
 
 
+def method_controls(method_label: str) -> dict[str, bool]:
+    """Which of the panel's method settings the chosen method uses (the others are greyed out): the edge source for
+    MEDI and PDI-VI1, K and the iteration count for PDI-VI (``request_from_panel`` sends them for those only)."""
+    method = PANEL_METHODS[method_label]
+    vi = method.startswith("pdi-vi")
+    return {"edgesComboBox": method in EDGE_FLAGS, "samplesSliderWidget": vi, "iterationsSpinBox": vi}
+
+
 def edge_args(method: str, edges: str) -> list[str]:
     """The panel's edge source as command-line options: nothing for 'auto' (the command's default: the magnitude's
     edges when one is given; without one MEDI's TV is everywhere and PDI-VI1 spares PDI's own edges) and for the

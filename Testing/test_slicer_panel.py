@@ -226,6 +226,25 @@ def test_the_panels_edge_source_reaches_the_methods_whose_tv_spares_edges():
         edge_args("medi", "truth")
 
 
+def test_the_settings_a_method_does_not_use_are_greyed_out(monkeypatch):
+    """On every parameter change the panel enables the edge source for MEDI and PDI-VI1 only, K and the iteration
+    count for PDI-VI only: the settings the command receives for that method (request_from_panel)."""
+    module, _ = load_module_with_stand_ins(monkeypatch)
+    w = make_widget(module)
+    w.ui.edgesComboBox, w.ui.samplesSliderWidget, w.ui.iterationsSpinBox = Widget(), Widget(), Widget()
+    w._process = object()  # a run in progress: the controls follow the method all the same
+    expected = {"PDI": (False, False), "PDI-VI1": (True, True), "PDI-VI2": (False, True), "MEDI": (True, False),
+                "Tikhonov": (False, False), "TKD": (False, False)}
+    assert set(expected) == set(PANEL_METHODS)
+    for label, (edges, vi) in expected.items():
+        w._parameterNode = types.SimpleNamespace(method=label)
+        module.PDIQSMWidget._checkCanApply(w)
+        assert (w.ui.edgesComboBox.enabled, w.ui.samplesSliderWidget.enabled, w.ui.iterationsSpinBox.enabled) == \
+            (edges, vi, vi), label
+        request = request_from_panel(Panel(method=label, edges="PDI's map", samples=3, iterations=7))
+        assert bool(edge_args(request.method, request.edges)) == edges and (request.iterations == 7) == vi
+
+
 def test_panel_choices_and_defaults_are_the_librarys():
     panel = Panel()
     assert PANEL_METHODS[panel.method] == defaults.METHOD and PANEL_UNITS[panel.units] == defaults.UNITS
