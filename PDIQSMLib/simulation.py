@@ -1,7 +1,8 @@
 """Simulated training and test data: phantoms, their fields by the forward model, noise, patches.
 
 The recipe (documented in the model card): a volume is an anatomical brain (the MNI152 template,
-deformed and resampled to a random acquisition grid; probability ``anatomical_fraction``), a
+deformed and resampled to a random acquisition grid, with one brain's sharp tissue boundaries instead of the
+template's averaged ones in a share ``sharp_fraction``; probability ``anatomical_fraction``), a
 procedural brain (``brain_fraction`` of the rest) or a DeepQSM-style random-shapes volume; B0 tilted
 from the third voxel axis by up to ``max_tilt_deg``; field = F^-1 D F chi with 1.5x padding, masked.
 Then what a real local field carries beside ``D chi`` (``realistic``, see fieldterms.py): white-matter
