@@ -188,13 +188,15 @@ def random_grid(rng: np.random.Generator, in_plane_mm=(0.6, 1.2), slice_mm=(1.0,
 
 
 def anatomical_brain(rng: np.random.Generator, voxel_size, max_shape=(144, 144, 96),
-                     elastic_mm: float = 2.0, scale_range=(0.9, 1.1), sharp: np.random.Generator | None = None
-                     ) -> AnatomicalBrain:
+                     elastic_mm: float = 2.0, scale_range=(0.9, 1.1), sharp: bool = False) -> AnatomicalBrain:
     """A deformed MNI brain resampled to ``voxel_size``; a field of view of at most ``max_shape`` voxels,
-    placed at random over the brain when the whole brain does not fit (keeping simulation cheap); ``sharp``: a
-    generator that draws individual tissue boundaries (``sharp_tissue``), None for the template's."""
+    placed at random over the brain when the whole brain does not fit (keeping simulation cheap); ``sharp``:
+    individual tissue boundaries (``sharp_tissue``), drawn by a generator spawned from ``rng``, which leaves
+    ``rng``'s stream as it is, so that a seed gives the same brain sharp or not (a spawned child depends on the
+    seed and the count of children, not on the stream's state: after a resumed training run the first children
+    repeat those of the run before, which only repeats some boundary jitter)."""
     t = templates()
-    chi1, labels1, wm1 = susceptibility_1mm(rng, sharp)
+    chi1, labels1, wm1 = susceptibility_1mm(rng, rng.spawn(1)[0] if sharp else None)
     vs = np.asarray(voxel_size, float)
     rot = random_rotation(rng, 15.0, 10.0)
     scale = rng.uniform(*scale_range, 3)

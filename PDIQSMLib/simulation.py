@@ -107,11 +107,9 @@ def make_volume(rng: np.random.Generator, config: SimulationConfig = SimulationC
 
 def anatomical_volume(rng: np.random.Generator, config: SimulationConfig) -> Sample:
     """An MNI152 brain on a random acquisition grid, with its (realistic, when asked) local field."""
-    # no draw at 0 or 1, and the boundaries' own draws from a spawned generator: a seed keeps its brain, sharp or not
-    # (a spawned child depends on the seed and the count of children, not on the stream's state: after a resumed
-    # training run the first children repeat those of the run before, which only repeats some boundary jitter)
+    # no draw at 0 or 1, so that a seed keeps its brain sharp or not (anatomical_brain draws the boundaries apart)
     f = config.sharp_fraction
-    sharp = rng.spawn(1)[0] if f >= 1 or (f > 0 and rng.random() < f) else None
+    sharp = f >= 1 or (f > 0 and rng.random() < f)
     vs = anatomy.random_grid(rng, config.in_plane_mm, config.slice_mm)
     brain = anatomy.anatomical_brain(rng, vs, config.anatomical_max_shape, sharp=sharp)
     geometry = Geometry(vs, random_b0(rng, config.max_tilt_deg))
@@ -128,7 +126,7 @@ def realistic_brain(seed: int, voxel_size, b0_dir=(0.0, 0.0, 1.0), max_shape=(14
     nucleus labels (``anatomy.nucleus_names``), zero outside the sample's mask; ``sharp``: one brain's tissue
     boundaries (``anatomy.sharp_tissue``), the seed's brain otherwise unchanged."""
     rng = np.random.default_rng(seed)
-    brain = anatomy.anatomical_brain(rng, voxel_size, max_shape, sharp=rng.spawn(1)[0] if sharp else None)
+    brain = anatomy.anatomical_brain(rng, voxel_size, max_shape, sharp=sharp)
     sample = realistic_sample(brain.chi, brain.mask, Geometry(brain.voxel_size, b0_dir), rng, REALISTIC, brain.wm)
     return sample, np.where(sample.mask, brain.labels, 0)
 
