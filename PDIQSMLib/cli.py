@@ -318,6 +318,10 @@ def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
     p.add_argument("--vi-tol", type=float, default=0.01,
                    help="PDI-VI: stop when the mean map moved less than this (relative) over 10 iterations; 0: run "
                         "every iteration (default 0.01)")
+    p.add_argument("--vi-precision", choices=defaults.PRECISIONS, default="auto",
+                   help="PDI-VI: the network's passes in fp32 or bf16 (autocast; as accurate, faster on some CPUs and "
+                        "slower on others); auto (default): bf16 on a GPU, and on a CPU with bf16 arithmetic whichever "
+                        "ran its timed iterations faster (the run record says which)")
 
 
 def _noise_level(text: str) -> float | str:
@@ -339,7 +343,7 @@ def _add_region_options(p: argparse.ArgumentParser) -> None:
 def _vi_settings(args) -> dict:
     return dict(samples=args.samples, vi_variant=args.vi_variant, vi_estimator=args.vi_estimator,
                 vi_variance=args.vi_variance, noise_level=args.noise_level, vi_tol=args.vi_tol,
-                vi_edges=args.vi_edges)
+                vi_precision=args.vi_precision, vi_edges=args.vi_edges)
 
 
 def reconstruct_settings(args) -> Settings:

@@ -46,6 +46,7 @@ class Settings:
     noise_level: float | str | None = None  # PDI-VI: field noise (ppm) where W = 1, or how to read it: cone, white (None: white to tune, cone for sigma)
     reflections: int = defaults.PDI_REFLECTIONS  # PDI: mirrored inputs averaged (1, 2, 4, 8; inference.REFLECTIONS)
     vi_tol: float = 0.01  # PDI-VI stops when its mean map moved less than this over 10 iterations (0: never)
+    vi_precision: str = "auto"  # PDI-VI's network passes: auto (bf16 where timed faster on a CPU), bf16, fp32
     medi_edges: str = "magnitude"  # MEDI's edge mask M: from --magnitude (none given: TV everywhere) or 'pdi' (PDI's map)
     vi_edges: str = "auto"  # PDI-VI1's edge mask M: auto (the magnitude if given, else PDI's map), magnitude, pdi
 
@@ -64,6 +65,8 @@ class Settings:
             raise InputError("--noise-level", f"expected a level in ppm, cone or white, got {self.noise_level!r}")
         if self.reflections not in defaults.REFLECTION_COUNTS:
             raise InputError("--reflections", f"expected one of {defaults.REFLECTION_COUNTS}, got {self.reflections}")
+        if self.vi_precision not in defaults.PRECISIONS:
+            raise InputError("--vi-precision", f"expected one of {', '.join(defaults.PRECISIONS)}, got {self.vi_precision!r}")
         if not self.vi_tol >= 0:
             raise InputError("--vi-tol", f"must be >= 0, got {self.vi_tol}")
         if self.medi_edges not in MEDI_EDGES:
@@ -77,9 +80,9 @@ class Settings:
         used = {"tkd": ("threshold", "pad"), "tikhonov": ("lam", "pad"), "medi": ("lam", "iterations", "pad"),
                 "pdi": ("device", "weights", "reflections"),
                 "pdi-vi1": ("lam", "samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
-                            "vi_variance", "noise_level", "vi_tol", "vi_edges"),
+                            "vi_variance", "noise_level", "vi_tol", "vi_precision", "vi_edges"),
                 "pdi-vi2": ("samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
-                            "vi_variance", "noise_level", "vi_tol")}[self.method]
+                            "vi_variance", "noise_level", "vi_tol", "vi_precision")}[self.method]
         if self.method == "medi":
             used += ("medi_edges",) + (("device", "weights") if self.medi_edges == "pdi" else ())
         if self.vi_estimator == "exact":  # K is read only when samples are drawn
@@ -261,7 +264,7 @@ def vi_config(settings: Settings, pdi_edges: bool = False):
     estimate = dict(noise_estimate=level, sigma_estimate=level) if isinstance(level, str) else dict(noise_level=level)
     config = VIConfig(lam=lam, samples=settings.samples, iterations=settings.iterations or defaults.VI_ITERATIONS,
                       variant=variant, seed=settings.seed, estimator=settings.vi_estimator,
-                      variance=settings.vi_variance, tol=settings.vi_tol, **estimate)
+                      variance=settings.vi_variance, tol=settings.vi_tol, precision=settings.vi_precision, **estimate)
     config.check()
     return config
 
@@ -276,7 +279,7 @@ def vi_summary(config, result) -> dict:
                 sigma_noise_level_from=("given" if config.noise_level else f"{config.sigma_estimate} estimate from the field"),
                 stopped=(f"converged: the mean moved less than {config.tol:g} over 10 iterations"
                          if len(result.history) < config.iterations else "iteration limit"),
-                finetune_seconds=round(result.seconds, 2),
+                finetune_seconds=round(result.seconds, 2), precision=result.precision,
                 final_terms={k: result.history[-1][k] for k in ("loss", "entropy", "fidelity", "tv")})
 
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -90,6 +90,9 @@ class VIConfig:
     noise_level: float | None = None  # ppm where W = 1, for tuning and sigma; None: estimated from the field
     noise_estimate: str = "white"  # s while the mean is tuned: 'white' (second differences) or 'cone'
     sigma_estimate: str = "cone"  # s the voxel sigma is settled for afterwards: 'cone' (all no map explains) or 'white'
+    warmup: int = 0  # > 0: Adam's step on the network rises linearly to lr over this many iterations
+    tv_start: float = 1.0  # the TV weight starts at tv_start * lam and falls geometrically to lam over tv_iterations
+    tv_iterations: int = 0
     tol: float = 0.01  # stop when the mean map moved less than this (relative, in the mask) over 10 iterations
     variance_iterations: int = 100  # then the voxel variances alone, for the mean reached (no network pass)
     seed: int = 0
@@ -98,12 +101,13 @@ class VIConfig:
     variance: str = "voxel"
     voxel_lr: float = 0.1  # Adam step for the per-voxel log variances ('voxel')
     sigma_tv: bool = False  # settle the voxel variances with the TV term too (False: the field's own spread)
-    # The network's passes: 'fp32', 'bf16' (autocast) or 'auto' (bf16 where the hardware has it). fp32 by default:
-    # on a 2-core Xeon with AVX512-BF16 (no AMX) a whole-brain iteration, every weight tuned, took 8.79 / 9.06 s in
-    # bf16 against 7.48 / 9.36 in fp32 in two runs alone, and with freed memory reused (memory.reuse_freed_memory)
-    # 7.62 against 5.70, decoders tuned 5.74 against 3.63 (benchmarks/results/vi_speed_cpu.md): slower; as
-    # accurate (ICH case 54.0 against 54.3 %, brain 20002 57.8 / 57.9).
-    precision: str = "fp32"
+    # The network's passes: 'fp32', 'bf16' (autocast) or 'auto': on a GPU bf16 where supported; on a CPU with bf16
+    # arithmetic, whichever of the two ran its timed iteration faster (``PrecisionTrial``), else fp32. Which is
+    # faster depends on the CPU: a whole-brain iteration, decoders tuned, took 5.74 s in bf16 against 3.63 in fp32
+    # on a 2-core Xeon with AVX512-BF16 and no AMX (benchmarks/results/vi_speed_cpu.md), 2.57 against 4.09 on a
+    # 2-core AMD EPYC with AVX512-BF16 (vi_speed_cpu_epyc.md); as accurate (ICH case 54.0 against 54.3 %, brain
+    # 20002 57.8 / 57.9).
+    precision: str = "auto"
 
     def check(self) -> None:
         if self.samples < 1:
@@ -124,6 +128,9 @@ class VIConfig:
             if estimate not in NOISE_ESTIMATES:
                 raise InputError("--noise-level", f"unknown estimate {estimate!r}; expected a number (ppm) or "
                                                   f"one of {', '.join(NOISE_ESTIMATES)}")
+        if self.warmup < 0 or self.tv_iterations < 0 or not self.tv_start >= 1:
+            raise InputError("VIConfig", f"warmup and tv_iterations must be >= 0 and tv_start >= 1, got "
+                                         f"{self.warmup}, {self.tv_iterations}, {self.tv_start}")
         if not self.tol >= 0:
             raise InputError("--vi-tol", f"must be >= 0, got {self.tol}")
         if self.precision not in PRECISIONS:
@@ -391,6 +398,7 @@ class FinetuneResult:
     seconds: float = 0.0
     log_variances: list[torch.Tensor] | None = None  # 'voxel' variance: per volume, ppm^2, padded box
     sigma_noise_level: float = 0.0  # the s the voxel variances were settled for
+    precision: str = ""  # how the network's passes ran (and, with 'auto' on a CPU, the trial's timings)
 
     def predict(self, v: VolumeData, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std (ppm) of training volume ``index`` (``v``): the tuned network's mean, and the
@@ -412,8 +420,10 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
     """
     config.check()
     tuned = copy.deepcopy(net)
+    device = str(volumes[0].field.device)
+    trial = PrecisionTrial(config, device, len(volumes))
     model = Model(tuned, config.variant, volumes + ([validation] if validation is not None else []), config.variance,
-                  use_bf16(config.precision, str(volumes[0].field.device)))
+                  trial.bf16)
     noise = config.noise_level or estimate_noise_level(volumes, config.noise_estimate)
     best = (float("inf"), None)
     groups = [{"params": model.params, "lr": config.lr}]
@@ -426,11 +436,16 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
     t0 = time.perf_counter()
     for it in range(1, config.iterations + 1):
         i = (it - 1) % len(volumes)
+        if config.warmup:
+            groups[0]["lr"] = config.lr * min(1.0, it / config.warmup)
+        model.bf16 = trial.before(it)
+        started = time.perf_counter()
         mean, logvar = model(i, volumes[i])
-        terms = loss_terms(mean, logvar, volumes[i], config, noise, gen)
+        terms = loss_terms(mean, logvar, volumes[i], scheduled(config, it), noise, gen)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         opt.step()
+        trial.after(it, time.perf_counter() - started)
         record = {"iteration": it, **{k: v.item() for k, v in terms.items()}, "seconds": round(time.perf_counter() - t0, 2)}
         moved = change.update(it, i, mean)
         if moved is not None:
@@ -459,7 +474,57 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
         if config.noise_level is None and config.sigma_estimate != config.noise_estimate:
             sigma_noise = estimate_noise_level(volumes, config.sigma_estimate)
         logvars = settle_variances(model, volumes, config, sigma_noise)
-    return FinetuneResult(tuned, history, noise, time.perf_counter() - t0, logvars, sigma_noise)
+    return FinetuneResult(tuned, history, noise, time.perf_counter() - t0, logvars, sigma_noise, trial.summary())
+
+
+class PrecisionTrial:
+    """Which precision the network's passes run in, iteration by iteration. Fixed unless ``config.precision``
+    is 'auto' on a CPU with bf16 arithmetic (``network.use_bf16``) and there are iterations enough: then, with
+    n volumes cycled, iterations 1..2n run in fp32 and 2n+1..4n in bf16 (the first cycle of each warms its
+    kernels up), and the rest in bf16 only if its second cycle took under ``MARGIN`` of fp32's. The two are as
+    accurate (see ``VIConfig.precision``), so the trial costs no more than the slower precision's 2n iterations."""
+
+    MARGIN = 0.9  # bf16 must save a tenth: near-ties keep fp32, the reference precision
+
+    def __init__(self, config: VIConfig, device: str, volumes: int = 1) -> None:
+        self.n = volumes
+        self.fixed = use_bf16(config.precision, device)
+        self.trying = config.precision == "auto" and device == "cpu" and self.fixed and config.iterations >= 4 * volumes
+        self.bf16 = False if self.trying else self.fixed
+        self.seconds = [0.0, 0.0]  # fp32's and bf16's second cycle
+        self.timed = False
+
+    def before(self, it: int) -> bool:
+        """The precision of iteration ``it`` (from 1)."""
+        if self.trying:
+            self.bf16 = it > 2 * self.n
+        return self.bf16
+
+    def after(self, it: int, seconds: float) -> None:
+        """Iteration ``it`` took ``seconds``."""
+        if not self.trying:
+            return
+        cycle = (it - 1) // self.n  # 0, 1: fp32; 2, 3: bf16
+        if cycle in (1, 3):
+            self.seconds[cycle // 2] += seconds
+        if it == 4 * self.n:
+            self.bf16 = self.seconds[1] < self.MARGIN * self.seconds[0]
+            self.trying = False
+            self.timed = True
+
+    def summary(self) -> str:
+        name = "bf16" if self.bf16 else "fp32"
+        if not self.timed:
+            return name
+        fp32, bf16 = (t / self.n for t in self.seconds)
+        return f"{name} (timed: an iteration {fp32:.2f} s in fp32, {bf16:.2f} s in bf16)"
+
+
+def scheduled(config: VIConfig, it: int) -> VIConfig:
+    """``config`` with iteration ``it``'s TV weight (``tv_start`` lam falling to lam over ``tv_iterations``)."""
+    if config.tv_iterations <= 0 or config.tv_start == 1.0 or it > config.tv_iterations:
+        return config
+    return replace(config, lam=config.lam * config.tv_start ** (1.0 - (it - 1) / config.tv_iterations))
 
 
 CHANGE_WINDOW = 10  # iterations over which the mean map's movement is measured

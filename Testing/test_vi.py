@@ -424,6 +424,58 @@ def test_bf16_autocast_covers_the_network_only_and_fine_tunes_as_fp32_does():
     assert np.linalg.norm(bf16 - fp32) < 0.06 * np.linalg.norm(fp32)
 
 
+@pytest.mark.parametrize("bf16_seconds, chosen", [(0.6, True), (0.95, False), (1.3, False)])
+def test_auto_precision_times_both_on_a_cpu_with_bf16_and_keeps_bf16_only_if_clearly_faster(
+        monkeypatch, bf16_seconds, chosen):
+    """With two volumes cycled: two cycles in fp32, two in bf16 (the first of each warms up), then the faster,
+    bf16 only if its second cycle took under 0.9 of fp32's."""
+    from PDIQSMLib import vi
+
+    monkeypatch.setattr(vi, "use_bf16", lambda precision, device: precision != "fp32")  # a CPU with bf16
+    trial = vi.PrecisionTrial(VIConfig(iterations=20), "cpu", volumes=2)
+    used = []
+    for it in range(1, 12):
+        used.append(trial.before(it))
+        trial.after(it, {False: 1.0, True: bf16_seconds}[used[-1]] * (5.0 if it in (1, 5) else 1.0))
+    assert used == [False] * 4 + [True] * 4 + [chosen] * 3
+    assert trial.summary() == f"{'bf16' if chosen else 'fp32'} (timed: an iteration 1.00 s in fp32, {bf16_seconds:.2f} s in bf16)"
+    # no trial where the precision is given, on a GPU, on a CPU without bf16, or with too few iterations
+    for config, device, hardware in ((VIConfig(precision="fp32"), "cpu", True), (VIConfig(precision="bf16"), "cpu", True),
+                                     (VIConfig(), "cuda", True), (VIConfig(), "cpu", False),
+                                     (VIConfig(iterations=7), "cpu", True)):
+        monkeypatch.setattr(vi, "use_bf16", lambda precision, device: precision == "bf16" or hardware)
+        trial = vi.PrecisionTrial(config, device, volumes=2)
+        assert len({trial.before(it) for it in range(1, 9)}) == 1 and "timed" not in trial.summary()
+
+
+def test_auto_precision_runs_the_trial_inside_finetuning(monkeypatch):
+    """The trial's iterations really change the network's precision: iterations 1-2 give fp32's losses exactly,
+    3-4 bf16's rounding (not fp32's), and the run says what it chose and timed."""
+    from PDIQSMLib import vi
+    from PDIQSMLib.network import PRESETS, PDINet
+
+    torch.manual_seed(0)
+    net = PDINet(PRESETS["tiny"]).eval()
+    v, _ = small_weighted_volume(shape=(12, 12, 8))
+    config = VIConfig(lam=VI_LAMBDA, iterations=6, estimator="exact", noise_level=0.01, tol=0.0)
+    fp32 = [r["loss"] for r in finetune(net, [v], replace(config, precision="fp32")).history]
+    monkeypatch.setattr(vi, "use_bf16", lambda precision, device: precision != "fp32")
+    auto = finetune(net, [v], replace(config, precision="auto"))
+    losses = [r["loss"] for r in auto.history]
+    assert losses[:2] == fp32[:2] and losses[2] != fp32[2] and abs(losses[2] - fp32[2]) < 1e-3 * abs(fp32[2])
+    assert auto.precision.split(" ")[0] in ("fp32", "bf16") and "s in bf16)" in auto.precision
+
+
+def test_the_tv_weight_schedule_falls_geometrically_from_its_start_to_lambda():
+    from PDIQSMLib.vi import scheduled
+
+    config = VIConfig(lam=1e-2, tv_start=8.0, tv_iterations=3)
+    assert [scheduled(config, it).lam for it in (1, 2, 3, 4, 50)] == pytest.approx([8e-2, 4e-2, 2e-2, 1e-2, 1e-2])
+    assert scheduled(VIConfig(lam=1e-2), 1).lam == 1e-2
+    with pytest.raises(InputError, match="tv_start"):
+        VIConfig(tv_start=0.5).check()
+
+
 def test_learning_the_noise_level_from_the_elbo_is_degenerate_with_voxel_variances():
     """Why PDI-VI reads s from the field instead of learning it as the ELBO's maximiser: with a flat prior
     and each voxel's sigma at its optimum s^2 / P_j, the KL plus the likelihood's normaliser N log s is

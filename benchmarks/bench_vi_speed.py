@@ -8,7 +8,8 @@ passes under bf16 autocast (``VIConfig.precision``); the first is dropped as war
 MEDI (automatic lambda, to convergence) and PDI are timed once on the same field. Writes
 benchmarks/results/vi_speed_<device>.md.
 
-    python benchmarks/bench_vi_speed.py [--iterations 4] [--device cpu]
+    python benchmarks/bench_vi_speed.py [--iterations 4] [--device cpu] [--whole-run] [--name vi_speed_cpu_epyc]
+    (--iterations 0: no per-iteration rows)
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--whole-run", action="store_true", help="also time PDI-VI1 with every default, end to end")
+    ap.add_argument("--name", help="the table's name (default vi_speed_<device>), e.g. to keep another CPU's")
     args = ap.parse_args()
     sample, _ = simulation.realistic_brain(SEED, (1.06, 1.06, 1.06), max_shape=(160, 160, 160))
     net, _ = load_model(None, args.device)
@@ -55,10 +58,16 @@ def main() -> None:
     t = time.perf_counter()
     reconstruct(sample.field, sample.mask, sample.geometry, Settings(method="pdi", device=args.device))
     rows.append(("PDI (whole run)", f"{time.perf_counter() - t:.1f}", "", ""))
+    if args.whole_run:
+        t = time.perf_counter()
+        vi1 = reconstruct(sample.field, sample.mask, sample.geometry, Settings(method="pdi-vi1", device=args.device))
+        whole = time.perf_counter() - t
+        rows.append((f"PDI-VI1, every default (whole run: PDI's edges, {vi1.info['iterations']} iterations, network "
+                     f"passes {vi1.info['precision']})", f"{whole:.1f}", "", f"{whole / medi_s:.1f} MEDI runs"))
     layouts = {"channels-last": net, "contiguous": copy.deepcopy(net).to(memory_format=torch.contiguous_format)}
     if args.device.startswith("cuda"):
         layouts = {"default": net}
-    for layout, model in layouts.items():
+    for layout, model in layouts.items() if args.iterations > 0 else ():
         for estimator, precision, variant in (("exact", "fp32", "decoders"), ("exact", "bf16", "decoders"),
                                               ("mc", "fp32", "full"), ("exact", "fp32", "full"),
                                               ("exact", "bf16", "full")):
@@ -71,10 +80,11 @@ def main() -> None:
     shape = "x".join(str(n) for n in sample.field.shape)
     box = "x".join(str(n) for n in volume.field.shape[-3:])
     lines = [f"Realistic brain seed {SEED}, {shape} at 1.06 mm (network box {box}, {int(sample.mask.sum())} mask "
-             f"voxels); {args.iterations} iterations per configuration, the first dropped.", "",
+             f"voxels)" + (f"; {args.iterations} iterations per configuration, the first dropped." if args.iterations else ".")
+             + (" PDI-VI1's own choice of precision is timed in its run ('auto')." if args.whole_run else ""), "",
              "| what | seconds | 100 iterations in MEDI runs | MEDI iterations |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    write_table(f"vi_speed_{'cuda' if args.device.startswith('cuda') else 'cpu'}", "PDI-VI speed on a whole brain",
+    write_table(args.name or f"vi_speed_{'cuda' if args.device.startswith('cuda') else 'cpu'}", "PDI-VI speed on a whole brain",
                 "\n".join(lines))
 
 

@@ -1,6 +1,7 @@
 """PDI-VI's path on realistic simulated brains: data misfit and accuracy at every iteration (issue 12).
 
     python benchmarks/vi_trace.py pdi-vi1 LR SEED [SEED ...] [--noise-level cone] [--lam L]
+        [--warmup N] [--tv-start F --tv-iterations N] [--iterations N]
     (LR: Adam's step, 1e-3 is the default; L: PDI-VI1's TV weight, defaults.VI_LAMBDA by default;
     SEED 0 is the shared ICH case, s = 1e-3 ppm, W from its noise map, as in bench_vi.py)
 
@@ -45,7 +46,8 @@ def brain(seed: int) -> tuple[Sample, np.ndarray | None]:
     return Sample(chi, mask, field, g, ICH_LEVEL), noise
 
 
-def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None, lam: float | None = None) -> None:
+def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None, lam: float | None = None,
+              **schedule) -> None:
     s, noise_std = brain(seed)
     m = s.mask > 0
     trace: list[tuple[int, float, float, float, float]] = []
@@ -70,7 +72,8 @@ def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None,
         return loss_terms(mean, logvar, data, config, noise, gen)
 
     vi.loss_terms = traced
-    vi.finetune = lambda net, vols, config, *a, **k: finetune(net, vols, replace(config, lr=lr), *a, **k)
+    vi.finetune = lambda net, vols, config, *a, **k: finetune(net, vols, replace(config, lr=lr, **schedule),
+                                                                   *a, **k)
     try:
         settings = Settings(method=method, device="cpu", noise_level=noise_level, lam=lam)
         r = reconstruct(s.field, s.mask, s.geometry, settings, noise_std=noise_std)
@@ -79,7 +82,7 @@ def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None,
     print(seed, method, "cone", round(cone_noise(s.field, m, s.geometry), 5), "white",
           round(second_difference_noise(s.field, m), 5), "final", round(nrmse_demeaned(r.mean, s.chi, m), 2),
           r.info.get("iterations"), flush=True)
-    print("  lr", lr, "noise level", noise_level or "default", "lambda", lam or "default",
+    print("  lr", lr, schedule or "", "noise level", noise_level or "default", "lambda", lam or "default",
           "true map: objective %.2f residual cone share / volume %.3f" % tuple(truth),
           "best (iteration, misfit, objective, cone ratio, nrmse)", min(trace, key=lambda t: t[4]))
     for t in trace[::5] + [trace[-1]]:
@@ -95,6 +98,12 @@ if __name__ == "__main__":
     ap.add_argument("seeds", type=int, nargs="+")
     ap.add_argument("--noise-level", choices=("cone", "white"), help="both levels from this reading (default: white to tune, cone for sigma)")
     ap.add_argument("--lam", type=float, help="PDI-VI1's TV weight (default: the method's, defaults.VI_LAMBDA)")
+    ap.add_argument("--warmup", type=int, default=0, help="iterations over which Adam's step rises to LR")
+    ap.add_argument("--tv-start", type=float, default=1.0, help="the TV weight's start, in lambdas")
+    ap.add_argument("--tv-iterations", type=int, default=0, help="iterations over which it falls to lambda")
+    ap.add_argument("--iterations", type=int, help="fine-tuning iterations (default: the method's)")
     args = ap.parse_args()
+    schedule = {k: v for k, v in (("warmup", args.warmup), ("tv_start", args.tv_start),
+                                  ("tv_iterations", args.tv_iterations), ("iterations", args.iterations)) if v}
     for seed in args.seeds:
-        trace_run(args.method, args.lr, seed, args.noise_level, args.lam)
+        trace_run(args.method, args.lr, seed, args.noise_level, args.lam, **schedule)
