@@ -463,7 +463,7 @@ def cmd_fieldstats(args, progress: Progress) -> int:
 
 def cmd_train(args, progress: Progress) -> int:
     from .inference import pick_device
-    from .training import TrainConfig, train, validation_set
+    from .training import TrainConfig, train, validation_sets
 
     from dataclasses import replace
 
@@ -488,9 +488,9 @@ def cmd_train(args, progress: Progress) -> int:
             log_file.flush()
             step_fn(record["step"], config.steps)
         rank = int(os.environ.get("RANK", "0"))
-        plain = replace(config.simulation, sharp_fraction=0.0)  # the curve's brains whatever the training mix
-        validation = validation_set(count=args.validation_count, config=plain) if rank == 0 and args.validate_every > 0 else None
-        train(config, args.out, log, validation, pick_device(args.device), args.init_from)
+        validation, sharp = (validation_sets(args.validation_count, config.simulation)
+                             if rank == 0 and args.validate_every > 0 else (None, None))
+        train(config, args.out, log, validation, pick_device(args.device), args.init_from, sharp)
     print(args.out)
     return 0
 

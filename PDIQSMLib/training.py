@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -163,10 +163,12 @@ def distributed_context(device: str) -> tuple[int, int]:
 
 @reuse_freed_memory()
 def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = print,
-          validation: list[Sample] | None = None, device: str = "cpu", init_from: Path | None = None) -> PDINet:
+          validation: list[Sample] | None = None, device: str = "cpu", init_from: Path | None = None,
+          validation_sharp: list[Sample] | None = None) -> PDINet:
     """Train (or resume from ``checkpoint``) up to ``config.steps`` steps; returns the network.
     A new run may start from the weights of another checkpoint or weights file (``init_from``, see
-    ``warm_start``).
+    ``warm_start``). Each validation scores ``validation`` (record key 'validation') and, when given,
+    ``validation_sharp`` (the same brains with one brain's tissue boundaries; 'validation_sharp').
 
     Under ``torchrun`` each process trains a DistributedDataParallel replica on its own data stream
     (seed + rank); gradients are averaged across processes, so the replicas stay identical (each
@@ -255,6 +257,8 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
         if rank == 0:
             if validation and (step % config.validate_every == 0 or last):
                 record["validation"] = validate(ema if ema is not None else net, validation, device)
+                if validation_sharp:
+                    record["validation_sharp"] = validate(ema if ema is not None else net, validation_sharp, device)
                 net.train()
             history.append(record)
             log(record)
@@ -347,6 +351,15 @@ def brains_only(config: SimulationConfig) -> SimulationConfig:
 def validation_set(seed: int = 10_000, count: int = 2, config: SimulationConfig = REALISTIC) -> list[Sample]:
     """Held-apart simulated brains (seeds disjoint from training's stream)."""
     return [make_volume(np.random.default_rng(seed + i), brains_only(config)) for i in range(count)]
+
+
+def validation_sets(count: int, config: SimulationConfig) -> tuple[list[Sample], list[Sample] | None]:
+    """The validation brains for a training mix: with the template's tissue boundaries whatever the mix (so
+    the curve stays comparable across runs), and when the mix sharpens some (``config.sharp_fraction`` > 0)
+    the same seeds sharpened too (a seed keeps its brain, grid and field terms: ``anatomy.anatomical_brain``)."""
+    plain = validation_set(count=count, config=replace(config, sharp_fraction=0.0))
+    sharp = validation_set(count=count, config=replace(config, sharp_fraction=1.0)) if config.sharp_fraction > 0 else None
+    return plain, sharp
 
 
 @torch.no_grad()

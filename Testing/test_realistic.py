@@ -161,6 +161,25 @@ def test_sharp_tissue_gives_one_brains_boundaries_where_the_template_is_unsure()
 
 
 @needs_templates
+def test_training_with_sharp_brains_validates_on_the_template_brains_and_on_them_sharpened(tmp_path):
+    """The curve's brains stay those of a mix without sharp brains (comparable across runs); a mix with them
+    adds the same seeds sharpened, scored at each validation under 'validation_sharp'."""
+    from PDIQSMLib.training import TrainConfig, train, validation_set, validation_sets
+
+    config = replace(REALISTIC, anatomical_max_shape=(48, 48, 32))
+    assert validation_sets(1, config)[1] is None
+    plain, sharp = validation_sets(1, replace(config, sharp_fraction=0.5))
+    assert np.array_equal(plain[0].chi, validation_set(count=1, config=config)[0].chi)
+    assert np.array_equal(plain[0].mask, sharp[0].mask) and not np.array_equal(plain[0].chi, sharp[0].chi)
+    logs = []
+    cfg = TrainConfig(preset="tiny", steps=1, pool_size=1, patch=(16, 16, 8), validate_every=1, refresh_every=100,
+                      simulation=replace(config, sharp_fraction=0.5))
+    train(cfg, tmp_path / "c.pt", logs.append, plain, validation_sharp=sharp)
+    scores = [logs[-1][key]["rmse_demeaned"] for key in ("validation", "validation_sharp")]
+    assert all(np.isfinite(scores)) and scores[0] != scores[1]
+
+
+@needs_templates
 def test_a_sharp_brain_is_its_seeds_brain_with_a_stronger_dipole_field():
     """sharp_fraction 1 gives a seed's brain on the same grid, mask and B0 with one brain's boundaries: chi moves
     only at the boundaries, and the sharper tissue carries more field (the real brain's COSMOS dipole field has

@@ -56,6 +56,9 @@ def main(log_path: str, out_path: str, references: list[tuple[float, str]] = ())
             four = [(s, v["rmse"]) for s, v in val if len(v.get("rmse_each", [])) >= 4]
             if four:
                 b.plot(*zip(*four), "^-", ms=3, color="C2", label="validation RMSE %, brains 1-4")
+        sharp = [(r["step"], r["validation_sharp"]["rmse_demeaned"]) for r in records if "validation_sharp" in r]
+        if sharp:  # runs whose mix sharpens some brains also score the validation brains sharpened
+            b.plot(*zip(*sharp), "v", ms=4, color="C3", label="demeaned, the same brains sharpened")
         for value, label in references:
             b.axhline(value, color="0.4", ls=":", lw=1)
             b.text(b.get_xlim()[0], value, " " + label, va="bottom", fontsize=7, color="0.3")
