@@ -91,6 +91,7 @@ class VIConfig:
     noise_estimate: str = "white"  # s while the mean is tuned: 'white' (second differences) or 'cone'
     sigma_estimate: str = "cone"  # s the voxel sigma is settled for afterwards: 'cone' (all no map explains) or 'white'
     warmup: int = 0  # > 0: Adam's step on the network rises linearly to lr over this many iterations
+    lr_final: float | None = None  # a number: Adam's step falls from lr to it over the iterations (cosine)
     tv_start: float = 1.0  # the TV weight starts at tv_start * lam and falls geometrically to lam over tv_iterations
     tv_iterations: int = 0
     tol: float = 0.01  # stop when the mean map moved less than this (relative, in the mask) over 10 iterations
@@ -128,6 +129,8 @@ class VIConfig:
             if estimate not in NOISE_ESTIMATES:
                 raise InputError("--noise-level", f"unknown estimate {estimate!r}; expected a number (ppm) or "
                                                   f"one of {', '.join(NOISE_ESTIMATES)}")
+        if self.lr_final is not None and not 0 <= self.lr_final <= self.lr:
+            raise InputError("VIConfig", f"lr_final must lie between 0 and lr ({self.lr:g}), got {self.lr_final}")
         if self.warmup < 0 or self.tv_iterations < 0 or not self.tv_start >= 1:
             raise InputError("VIConfig", f"warmup and tv_iterations must be >= 0 and tv_start >= 1, got "
                                          f"{self.warmup}, {self.tv_iterations}, {self.tv_start}")
@@ -436,8 +439,8 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
     t0 = time.perf_counter()
     for it in range(1, config.iterations + 1):
         i = (it - 1) % len(volumes)
-        if config.warmup:
-            groups[0]["lr"] = config.lr * min(1.0, it / config.warmup)
+        if config.warmup or config.lr_final is not None:
+            groups[0]["lr"] = step_size(config, it)
         model.bf16 = trial.before(it)
         started = time.perf_counter()
         mean, logvar = model(i, volumes[i])
@@ -518,6 +521,15 @@ class PrecisionTrial:
             return name
         fp32, bf16 = (t / self.n for t in self.seconds)
         return f"{name} (timed: an iteration {fp32:.2f} s in fp32, {bf16:.2f} s in bf16)"
+
+
+def step_size(config: VIConfig, it: int) -> float:
+    """Adam's step on the network at iteration ``it``: ``lr``, raised linearly over ``warmup`` iterations and,
+    with ``lr_final``, falling to it along a cosine over ``iterations``."""
+    lr = config.lr
+    if config.lr_final is not None:
+        lr = config.lr_final + (lr - config.lr_final) * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(config.iterations - 1, 1)))
+    return lr * min(1.0, it / config.warmup) if config.warmup else lr
 
 
 def scheduled(config: VIConfig, it: int) -> VIConfig:

@@ -476,6 +476,16 @@ def test_the_tv_weight_schedule_falls_geometrically_from_its_start_to_lambda():
         VIConfig(tv_start=0.5).check()
 
 
+def test_adams_step_rises_over_the_warm_up_and_falls_along_a_cosine_to_its_final_value():
+    from PDIQSMLib.vi import step_size
+
+    config = VIConfig(lr=1e-3, iterations=5, lr_final=1e-4)
+    assert [step_size(config, it) for it in range(1, 6)] == pytest.approx(
+        [1e-3, 1e-4 + 9e-4 * (1 + math.cos(math.pi / 4)) / 2, 5.5e-4, 1e-4 + 9e-4 * (1 - math.cos(math.pi / 4)) / 2, 1e-4])
+    assert [step_size(VIConfig(lr=1e-3, warmup=4), it) for it in (1, 2, 4, 9)] == pytest.approx([2.5e-4, 5e-4, 1e-3, 1e-3])
+    assert step_size(VIConfig(lr=1e-3), 7) == 1e-3
+
+
 def test_learning_the_noise_level_from_the_elbo_is_degenerate_with_voxel_variances():
     """Why PDI-VI reads s from the field instead of learning it as the ELBO's maximiser: with a flat prior
     and each voxel's sigma at its optimum s^2 / P_j, the KL plus the likelihood's normaliser N log s is

@@ -1,7 +1,7 @@
 """PDI-VI's path on realistic simulated brains: data misfit and accuracy at every iteration (issue 12).
 
     python benchmarks/vi_trace.py pdi-vi1 LR SEED [SEED ...] [--noise-level cone] [--lam L]
-        [--warmup N] [--tv-start F --tv-iterations N] [--iterations N]
+        [--warmup N] [--tv-start F --tv-iterations N] [--iterations N] [--lr-final F]
     (LR: Adam's step, 1e-3 is the default; L: PDI-VI1's TV weight, defaults.VI_LAMBDA by default;
     SEED 0 is the shared ICH case, s = 1e-3 ppm, W from its noise map, as in bench_vi.py)
 
@@ -38,6 +38,9 @@ from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
 from PDIQSMLib.simulation import REALISTIC, Sample, make_volume  # noqa: E402
 
 
+AVERAGE_FROM = 80  # the path's last maps from here on are also averaged (Polyak), printed beside the final map
+
+
 def brain(seed: int) -> tuple[Sample, np.ndarray | None]:
     """(realistic brain ``seed``, no noise map), or for seed 0 (the ICH case, its noise map)."""
     if seed != 0:
@@ -53,6 +56,7 @@ def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None,
     trace: list[tuple[int, float, float, float, float]] = []
     loss_terms, finetune = vi.loss_terms, vi.finetune
     truth: list[float] = []
+    average: list = [None, 0]  # sum of the maps after iteration AVERAGE_FROM, and how many
 
     def objective(mu: torch.Tensor, data: vi.VolumeData, tv_weight: float) -> tuple[float, float, float]:
         r = data.weight * (data.op.forward(mu) - data.field)
@@ -69,6 +73,9 @@ def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None,
                 truth.extend(objective(true_box * data.mask, data, config.lam)[1:])
             full = paste(mu[0, 0, :data.size[0], :data.size[1], :data.size[2]].cpu().numpy(), m, data.box)
             trace.append((len(trace), *objective(mu, data, config.lam), nrmse_demeaned(full, s.chi, m)))
+            if len(trace) > AVERAGE_FROM:
+                average[0] = full if average[0] is None else average[0] + full
+                average[1] += 1
         return loss_terms(mean, logvar, data, config, noise, gen)
 
     vi.loss_terms = traced
@@ -85,6 +92,9 @@ def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None,
     print("  lr", lr, schedule or "", "noise level", noise_level or "default", "lambda", lam or "default",
           "true map: objective %.2f residual cone share / volume %.3f" % tuple(truth),
           "best (iteration, misfit, objective, cone ratio, nrmse)", min(trace, key=lambda t: t[4]))
+    if average[1]:
+        print(f"  mean of the maps of iterations {AVERAGE_FROM}-{len(trace) - 1} (an iterate average): nrmse "
+              f"{nrmse_demeaned(average[0] / average[1], s.chi, m):.2f}")
     for t in trace[::5] + [trace[-1]]:
         print("  it %d misfit %.5f objective %.2f cone ratio %.3f nrmse %.2f" % t, flush=True)
 
@@ -102,8 +112,11 @@ if __name__ == "__main__":
     ap.add_argument("--tv-start", type=float, default=1.0, help="the TV weight's start, in lambdas")
     ap.add_argument("--tv-iterations", type=int, default=0, help="iterations over which it falls to lambda")
     ap.add_argument("--iterations", type=int, help="fine-tuning iterations (default: the method's)")
+    ap.add_argument("--lr-final", type=float, help="Adam's step falls from LR to this along a cosine")
     args = ap.parse_args()
     schedule = {k: v for k, v in (("warmup", args.warmup), ("tv_start", args.tv_start),
                                   ("tv_iterations", args.tv_iterations), ("iterations", args.iterations)) if v}
+    if args.lr_final is not None:
+        schedule["lr_final"] = args.lr_final
     for seed in args.seeds:
         trace_run(args.method, args.lr, seed, args.noise_level, args.lam, **schedule)
