@@ -416,3 +416,34 @@ def test_bundled_model_beats_its_own_tikhonov_input_and_tkd_on_an_unseen_realist
     assert pdi < tkd  # measured 76.0 %
     assert 0.9 < cover < 0.995  # measured 97.2 %
     assert np.all(np.isfinite(std)) and np.all(std[s.mask] > 0)
+
+
+def test_a_background_runs_records_continue_the_log_and_its_checkpoint_replaces_the_local_one(tmp_path):
+    """training/merge_cpu_run.py: the steps after the log's last up to the scratch checkpoint's, the later record
+    of a repeated step (a resumed run repeats the steps after its last save), and nothing with a gap."""
+    import subprocess
+    import sys
+
+    log, scratch_log = tmp_path / "log.jsonl", tmp_path / "scratch.jsonl"
+    ckpt, scratch = tmp_path / "c.pt", tmp_path / "scratch.pt"
+    log.write_text("".join(json.dumps({"step": s, "loss": 0.0}) + "\n" for s in (1, 2, 3)))
+    torch.save({"step": 3}, ckpt)
+    torch.save({"step": 5}, scratch)
+    scratch_log.write_text("".join(json.dumps({"step": s, "loss": x}) + "\n"
+                                   for s, x in ((4, 1.0), (5, 1.0), (6, 1.0), (4, 2.0), (5, 2.0), (6, 2.0))))
+    from pathlib import Path
+
+    merge = Path(__file__).resolve().parents[1] / "training" / "merge_cpu_run.py"
+    script = [sys.executable, str(merge), str(scratch), str(scratch_log), "--ckpt", str(ckpt),
+              "--log", str(log), "--extra", '{"sharp_fraction": 0.5}']
+    done = subprocess.run(script, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[3:] == [{"step": s, "loss": 2.0, "device": "cpu", "sharp_fraction": 0.5} for s in (4, 5)]
+    assert torch.load(ckpt, weights_only=True)["step"] == 5
+    torch.save({"step": 8}, scratch)  # steps 7, 8 are not in the scratch log: refused, nothing changed
+    before = log.read_text()
+    done = subprocess.run(script, capture_output=True, text=True)
+    assert done.returncode != 0 and "steps 6..8 needed, found 6..6" in done.stderr and log.read_text() == before
+    assert torch.load(ckpt, weights_only=True)["step"] == 5

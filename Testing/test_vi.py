@@ -486,6 +486,19 @@ def test_adams_step_rises_over_the_warm_up_and_falls_along_a_cosine_to_its_final
     assert step_size(VIConfig(lr=1e-3), 7) == 1e-3
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_fixed_precision_gives_bit_identical_maps_run_after_run(precision):
+    """What the README promises on the CPU (with 'auto', the timed choice may differ between runs)."""
+    from PDIQSMLib.network import PRESETS, PDINet
+
+    torch.manual_seed(0)
+    net = PDINet(PRESETS["tiny"]).eval()
+    v, _ = small_weighted_volume(shape=(12, 12, 8))
+    config = VIConfig(lam=VI_LAMBDA, iterations=5, noise_level=0.01, tol=0.0, precision=precision)
+    (m1, s1), (m2, s2) = (finetune(net, [v], config).predict(v) for _ in range(2))
+    assert np.array_equal(m1, m2) and np.array_equal(s1, s2) and np.abs(m1).max() > 0
+
+
 def test_learning_the_noise_level_from_the_elbo_is_degenerate_with_voxel_variances():
     """Why PDI-VI reads s from the field instead of learning it as the ELBO's maximiser: with a flat prior
     and each voxel's sigma at its optimum s^2 / P_j, the KL plus the likelihood's normaliser N log s is
