@@ -105,7 +105,7 @@ class VIConfig:
     # The network's passes: 'fp32', 'bf16' (autocast) or 'auto': on a GPU bf16 where supported; on a CPU with bf16
     # arithmetic, whichever of the two ran its timed iteration faster (``PrecisionTrial``), else fp32. Which is
     # faster depends on the CPU: a whole-brain iteration, decoders tuned, took 5.74 s in bf16 against 3.63 in fp32
-    # on a 2-core Xeon with AVX512-BF16 and no AMX (benchmarks/results/vi_speed_cpu.md), 2.57 against 4.09 on a
+    # on a 2-core Xeon with AVX512-BF16 and no AMX (benchmarks/results/vi_speed_cpu.md), 2.83 against 4.74 on a
     # 2-core AMD EPYC with AVX512-BF16 (vi_speed_cpu_epyc.md); as accurate (ICH case 54.0 against 54.3 %, brain
     # 20002 57.8 / 57.9).
     precision: str = "auto"
@@ -286,6 +286,7 @@ class Model:
             self.base.append(base)
         if variant == "full":
             self.cache = None
+        self.cache_bf16: dict[int, object] = {}  # the cache cast once, for bf16 passes (see ``_cached``)
         if self.voxel:
             self.offsets = [torch.zeros_like(b, requires_grad=True) for b in self.base]
 
@@ -328,17 +329,35 @@ class Model:
             mean = self.net.mean_decoder(*features)
             logvar = None if voxel else self.net.logvar_decoder(*features)
         elif self.variant == "decoders":
-            mean = self.net.mean_decoder(*self.cache[index])
-            logvar = None if voxel else self.net.logvar_decoder(*self.cache[index])
+            mean = self.net.mean_decoder(*self._cached(index))
+            logvar = None if voxel else self.net.logvar_decoder(*self._cached(index))
         else:
-            a, b = self.cache[index]
+            a, b = self._cached(index)
             mean = self.net.mean_decoder.tail(a)
             logvar = None if voxel else self.net.logvar_decoder.tail(b)
         return mean, logvar
 
+    def _cached(self, index: int):
+        """Volume ``index``'s cached features, cast to bf16 once for bf16 passes. Autocast would cast them at
+        every pass, after first promoting each bf16 upsampled tensor to fp32 to concatenate it with an fp32
+        skip (see ``benchmarks/results/vi_speed_cpu_epyc.md`` for what it saves). The convolutions read the
+        same bf16 values either way; the sums may round differently (the losses agree to 1e-6)."""
+        if not self.bf16:
+            return self.cache[index]
+        if index not in self.cache_bf16:
+            self.cache_bf16[index] = _to_bf16(self.cache[index])
+        return self.cache_bf16[index]
+
     def voxel_logvar(self, index: int) -> torch.Tensor:
         """Volume ``index``'s free per-voxel log variance ('voxel' variance) in ppm^2: no network pass."""
         return to_ppm2(self.base[index] + self.offsets[index])
+
+
+def _to_bf16(x):
+    """Tensors, nested in tuples and lists, cast to bf16 in their own memory layout; None stays None."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_bf16(t) for t in x)
+    return None if x is None else x.to(torch.bfloat16)
 
 
 def to_ppm2(logvar: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """PDI-VI: the KL loss by hand, the flat prior, fine-tuning behaviour, and bad settings."""
 
+import copy
 import json
 import math
 from dataclasses import replace
@@ -390,9 +391,12 @@ def test_finetuning_stops_when_the_mean_stops_moving_and_then_settles_the_varian
     net = PDINet(PRESETS["tiny"]).eval()
     v, _ = small_weighted_volume(shape=(12, 12, 8))
     s = 0.01
-    stopped = finetune(net, [v], VIConfig(lam=0.0, iterations=40, estimator="exact", noise_level=s, lr=0.0))
+    # fp32 throughout: under 'auto' a switch to bf16 after the timed iterations moves the map by bf16's rounding
+    stopped = finetune(net, [v], VIConfig(lam=0.0, iterations=40, estimator="exact", noise_level=s, lr=0.0,
+                                          precision="fp32"))
     assert len(stopped.history) == CHANGE_WINDOW + 1 and stopped.history[-1]["change"] == 0.0
-    full = finetune(net, [v], VIConfig(lam=0.0, iterations=40, estimator="exact", noise_level=s, lr=0.0, tol=0.0))
+    full = finetune(net, [v], VIConfig(lam=0.0, iterations=40, estimator="exact", noise_level=s, lr=0.0, tol=0.0,
+                                       precision="fp32"))
     assert len(full.history) == 40
     optimum = s / fidelity_diagonal(v.op, v.weight)[0, 0].sqrt()
     inside = v.mask[0, 0] > 0
@@ -497,6 +501,27 @@ def test_a_fixed_precision_gives_bit_identical_maps_run_after_run(precision):
     config = VIConfig(lam=VI_LAMBDA, iterations=5, noise_level=0.01, tol=0.0, precision=precision)
     (m1, s1), (m2, s2) = (finetune(net, [v], config).predict(v) for _ in range(2))
     assert np.array_equal(m1, m2) and np.array_equal(s1, s2) and np.abs(m1).max() > 0
+
+
+def test_bf16_passes_read_the_cached_features_cast_once_and_fine_tune_as_before(monkeypatch):
+    """The decoders' bf16 passes read a bf16 copy of the encoder's cached features (made once), not the fp32 cache
+    that autocast would cast at every pass: the losses agree with the per-pass casts to float rounding."""
+    from PDIQSMLib import vi
+    from PDIQSMLib.network import PRESETS, PDINet
+
+    torch.manual_seed(0)
+    net = PDINet(PRESETS["tiny"]).eval()
+    v, _ = small_weighted_volume(shape=(12, 12, 8))
+    config = VIConfig(lam=VI_LAMBDA, iterations=4, estimator="exact", noise_level=0.01, tol=0.0, precision="bf16",
+                      variant="decoders")
+    model = vi.Model(copy.deepcopy(net), "decoders", [v], "voxel", bf16=True)
+    bottom, skips = model._cached(0)
+    assert bottom.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in skips)
+    assert model._cached(0)[0] is bottom and model.cache[0][0].dtype == torch.float32
+    once = [r["loss"] for r in finetune(net, [v], config).history]
+    monkeypatch.setattr(vi.Model, "_cached", lambda self, index: self.cache[index])
+    every_pass = [r["loss"] for r in finetune(net, [v], config).history]
+    assert np.allclose(once, every_pass, rtol=1e-5, atol=0)
 
 
 def test_learning_the_noise_level_from_the_elbo_is_degenerate_with_voxel_variances():
