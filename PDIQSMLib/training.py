@@ -256,9 +256,10 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
         last = step == config.steps or _out_of_time(start, config.max_seconds, world, device)
         if rank == 0:
             if validation and (step % config.validate_every == 0 or last):
-                record["validation"] = validate(ema if ema is not None else net, validation, device)
+                scored = ema if ema is not None else net
+                record["validation"] = validate(scored, validation, device)
                 if validation_sharp:
-                    record["validation_sharp"] = validate(ema if ema is not None else net, validation_sharp, device)
+                    record["validation_sharp"] = validate(scored, validation_sharp, device)
                 net.train()
             history.append(record)
             log(record)

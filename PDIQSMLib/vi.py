@@ -510,9 +510,9 @@ class PrecisionTrial:
 
     def __init__(self, config: VIConfig, device: str, volumes: int = 1) -> None:
         self.n = volumes
-        self.fixed = use_bf16(config.precision, device)
-        self.trying = config.precision == "auto" and device == "cpu" and self.fixed and config.iterations >= 4 * volumes
-        self.bf16 = False if self.trying else self.fixed
+        fixed = use_bf16(config.precision, device)
+        self.trying = config.precision == "auto" and device == "cpu" and fixed and config.iterations >= 4 * volumes
+        self.bf16 = False if self.trying else fixed
         self.seconds = [0.0, 0.0]  # fp32's and bf16's second cycle
         self.timed = False
 
