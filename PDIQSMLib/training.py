@@ -25,6 +25,7 @@ import torch
 from .memory import reuse_freed_memory
 from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, fast_layout, gaussian_nll, use_bf16
 from .network_io import clamp_logvar, prior_map, to_input
+from .schedules import cosine
 from .simulation import REALISTIC, Sample, SimulationConfig, make_volume, random_patch
 
 
@@ -62,7 +63,7 @@ def scheduled_lr(lr: float, lr_final: float, progress: float) -> float:
     """Cosine decay from ``lr`` (``progress`` 0) to ``lr_final`` (``progress`` >= 1); ``lr`` when ``lr_final`` is 0."""
     if lr_final <= 0:
         return lr
-    return lr_final + (lr - lr_final) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return cosine(lr, lr_final, progress)
 
 
 def flip_patch(arrays: tuple[np.ndarray, ...], axes: tuple[int, ...]) -> tuple[np.ndarray, ...]:

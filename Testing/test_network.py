@@ -321,7 +321,7 @@ def test_time_limited_run_stops_validates_saves_and_resumes(tmp_path):
     assert scheduled_lr(1e-3, 0.0, 0.7) == 1e-3
     small = SimulationConfig(brain_fov_mm=(40.0, 40.0, 30.0), shapes_fov_vox=(24, 24, 16), brain_fraction=1.0)
     cfg = TrainConfig(preset="tiny", steps=10_000, pool_size=1, patch=(16, 16, 8), refresh_every=100,
-                      checkpoint_every=10_000, validate_every=10_000, max_seconds=1.0, lr=1e-3, lr_final=1e-5,
+                      checkpoint_every=10_000, validate_every=10_000, max_seconds=4.0, lr=1e-3, lr_final=1e-5,
                       flips=True, simulation=small)
     ckpt, logs = tmp_path / "t.pt", []
     validation = validation_set(count=1, config=small)
