@@ -70,6 +70,7 @@ from .memory import reuse_freed_memory
 from .network import CHI_SCALE, PDINet, use_bf16
 from .network_io import clamp_logvar, network_inputs, stacked_input
 from .physics import DipoleOperator
+from .schedules import cosine
 
 VARIANTS = ("full", "decoders", "last")
 ESTIMATORS = ("mc", "exact")  # the KL's expectation over q: K Monte Carlo samples, or in closed form
@@ -343,10 +344,22 @@ class Model:
         skip (see ``benchmarks/results/vi_speed_cpu_epyc.md`` for what it saves). The convolutions read the
         same bf16 values either way; the sums may round differently (the losses agree to 1e-6)."""
         if not self.bf16:
+            if self.cache[index] is None:
+                raise RuntimeError("fp32 pass after the fp32 feature cache was freed (see bf16_only)")
             return self.cache[index]
         if index not in self.cache_bf16:
             self.cache_bf16[index] = _to_bf16(self.cache[index])
         return self.cache_bf16[index]
+
+    def bf16_only(self) -> None:
+        """Once every remaining pass is bf16: each volume's cached features kept in bf16 alone, the fp32 copy freed
+        (it would otherwise stay beside its bf16 copy, half the cache's memory again). No-op without a cache."""
+        if self.cache is None:
+            return
+        for index, cached in enumerate(self.cache):
+            if cached is not None and index not in self.cache_bf16:
+                self.cache_bf16[index] = _to_bf16(cached)
+            self.cache[index] = None
 
     def voxel_logvar(self, index: int) -> torch.Tensor:
         """Volume ``index``'s free per-voxel log variance ('voxel' variance) in ppm^2: no network pass."""
@@ -461,6 +474,8 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
         if config.warmup or config.lr_final is not None:
             groups[0]["lr"] = step_size(config, it)
         model.bf16 = trial.before(it)
+        if model.bf16 and not trial.trying:
+            model.bf16_only()
         started = time.perf_counter()
         mean, logvar = model(i, volumes[i])
         terms = loss_terms(mean, logvar, volumes[i], scheduled(config, it), noise, gen)
@@ -547,7 +562,7 @@ def step_size(config: VIConfig, it: int) -> float:
     with ``lr_final``, falling to it along a cosine over ``iterations``."""
     lr = config.lr
     if config.lr_final is not None:
-        lr = config.lr_final + (lr - config.lr_final) * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(config.iterations - 1, 1)))
+        lr = cosine(lr, config.lr_final, (it - 1) / max(config.iterations - 1, 1))
     return lr * min(1.0, it / config.warmup) if config.warmup else lr
 
 

@@ -520,8 +520,38 @@ def test_bf16_passes_read_the_cached_features_cast_once_and_fine_tune_as_before(
     assert model._cached(0)[0] is bottom and model.cache[0][0].dtype == torch.float32
     once = [r["loss"] for r in finetune(net, [v], config).history]
     monkeypatch.setattr(vi.Model, "_cached", lambda self, index: self.cache[index])
+    monkeypatch.setattr(vi.Model, "bf16_only", lambda self: None)  # keep the fp32 cache this run reads
     every_pass = [r["loss"] for r in finetune(net, [v], config).history]
     assert np.allclose(once, every_pass, rtol=1e-5, atol=0)
+
+
+def test_once_bf16_is_final_the_fp32_feature_cache_is_freed_and_the_passes_are_unchanged(monkeypatch):
+    """After ``bf16_only`` a volume's cached features live in bf16 alone: the bf16 passes give the same maps, an
+    fp32 pass is refused instead of running on nothing, and fine-tuning frees the fp32 copy only when bf16 is final."""
+    from PDIQSMLib import vi
+    from PDIQSMLib.network import PRESETS, PDINet
+
+    torch.manual_seed(0)
+    net = PDINet(PRESETS["tiny"]).eval()
+    v, _ = small_weighted_volume(shape=(12, 12, 8))
+    model = vi.Model(copy.deepcopy(net), "decoders", [v, v], "voxel", bf16=True)
+    with torch.no_grad():
+        before = model(1, v)[0]
+        model.bf16_only()
+        after = model(1, v)[0]
+    assert model.cache == [None, None] and all(model.cache_bf16[i][0].dtype == torch.bfloat16 for i in (0, 1))
+    assert torch.equal(before, after) and before.abs().max() > 0
+    model.bf16 = False
+    with pytest.raises(RuntimeError, match="freed"):
+        model(0, v)
+    freed: list[bool] = []
+    free = vi.Model.bf16_only
+    monkeypatch.setattr(vi.Model, "bf16_only", lambda self: (freed.append(self.bf16), free(self)))
+    for precision in ("fp32", "bf16"):
+        config = VIConfig(lam=VI_LAMBDA, iterations=3, noise_level=0.01, tol=0.0, precision=precision,
+                          variant="decoders")
+        finetune(net, [v], config)
+        assert freed == ([] if precision == "fp32" else [True] * 3)
 
 
 def test_learning_the_noise_level_from_the_elbo_is_degenerate_with_voxel_variances():
