@@ -56,6 +56,7 @@ def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None,
     trace: list[tuple[int, float, float, float, float]] = []
     loss_terms, finetune = vi.loss_terms, vi.finetune
     truth: list[float] = []
+    lams: list[float] = []  # the run's lambda: the objective is scored with it, not a scheduled (--tv-start) weight
     average: list = [None, 0]  # sum of the maps after iteration AVERAGE_FROM, and how many
 
     def objective(mu: torch.Tensor, data: vi.VolumeData, tv_weight: float) -> tuple[float, float, float]:
@@ -70,17 +71,20 @@ def trace_run(method: str, lr: float, seed: int, noise_level: str | None = None,
             if not truth:
                 true_box = torch.zeros_like(mu)
                 true_box[0, 0, :data.size[0], :data.size[1], :data.size[2]] = torch.from_numpy(s.chi[data.box])
-                truth.extend(objective(true_box * data.mask, data, config.lam)[1:])
+                truth.extend(objective(true_box * data.mask, data, lams[0])[1:])
             full = paste(mu[0, 0, :data.size[0], :data.size[1], :data.size[2]].cpu().numpy(), m, data.box)
-            trace.append((len(trace), *objective(mu, data, config.lam), nrmse_demeaned(full, s.chi, m)))
+            trace.append((len(trace), *objective(mu, data, lams[0]), nrmse_demeaned(full, s.chi, m)))
             if len(trace) > AVERAGE_FROM:
                 average[0] = full if average[0] is None else average[0] + full
                 average[1] += 1
         return loss_terms(mean, logvar, data, config, noise, gen)
 
     vi.loss_terms = traced
-    vi.finetune = lambda net, vols, config, *a, **k: finetune(net, vols, replace(config, lr=lr, **schedule),
-                                                                   *a, **k)
+    def tuning(net, vols, config, *a, **k):
+        lams.append(config.lam)
+        return finetune(net, vols, replace(config, lr=lr, **schedule), *a, **k)
+
+    vi.finetune = tuning
     try:
         settings = Settings(method=method, device="cpu", noise_level=noise_level, lam=lam)
         r = reconstruct(s.field, s.mask, s.geometry, settings, noise_std=noise_std)
