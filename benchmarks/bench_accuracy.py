@@ -9,6 +9,7 @@ Writes benchmarks/results/accuracy.md.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def sim_table() -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options; --help says what it does
     text = (f"## Shared ICH case (206x219x52, 1x1x3 mm; s = {ICH_LEVEL} ppm, seed {ICH_SEED})\n\n"
             "mean_bleed: mean chi (ppm) where the truth exceeds 1 ppm; std_*: mean predicted std there and elsewhere.\n\n"
             + ich_table()

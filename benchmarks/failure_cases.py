@@ -8,6 +8,7 @@ Writes benchmarks/results/failure_cases.md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -171,6 +172,7 @@ def run_case(name, args, opts, template: Path) -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options; --help says what it does
     template = Path(tempfile.mkdtemp(prefix="failcase-inputs-"))
     inputs(template)
     lines = ["| case | exit | what the user sees (last line on stderr) | files the run left | inputs intact | staging folders |",

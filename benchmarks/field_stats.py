@@ -14,6 +14,7 @@ benchmarks/results/field_stats.md.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import replace
 
@@ -83,6 +84,7 @@ def split_row(name: str, v: dict[str, float]) -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options; --help says what it does
     rows = [f"| {name} | {std:.4f} | {share:.1f} | {white:.4f} | {cone if cone else ''} | |"
             for name, std, share, white, cone in REAL]
     s = simulated_brain((150, 150, 150), (1.06, 1.06, 1.06), 0, 2.6e-3)
