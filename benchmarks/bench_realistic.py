@@ -29,11 +29,12 @@ SEEDS = (31000, 31001, 31002)
 COLUMNS = ("rmse", "rmse_demeaned", "hfen", "xsim", "within_2sigma", "spearman_sigma_error", "seconds")
 
 
-def vi_runs(ablation: bool = True) -> list[tuple[str, Settings]]:
+def vi_runs(ablation: bool = True, vi2: bool = True) -> list[tuple[str, Settings]]:
     """PDI-VI with its defaults (tuned at the white noise level, sigma at the cone's), and, with ``ablation``,
     VI1 with the white level for both (the old sigma)."""
-    runs = [("pdi-vi1 (default)", Settings(method="pdi-vi1", device="cpu")),
-            ("pdi-vi2 (default)", Settings(method="pdi-vi2", device="cpu"))]
+    runs = [("pdi-vi1 (default)", Settings(method="pdi-vi1", device="cpu"))]
+    if vi2:
+        runs.append(("pdi-vi2 (default)", Settings(method="pdi-vi2", device="cpu")))
     if ablation:
         runs.append(("pdi-vi1, --noise-level white (sigma too)", Settings(method="pdi-vi1", device="cpu", noise_level="white")))
     return runs
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--vi", action="store_true", help="PDI and PDI-VI only (about 5 min a brain and method on 2 "
                         "cores), into realistic_vi_<name>.md")
     parser.add_argument("--no-ablation", action="store_true", help="with --vi: the defaults only")
+    parser.add_argument("--no-vi2", action="store_true", help="with --vi: PDI and PDI-VI1 only (half the time)")
     parser.add_argument("--sharp", action="store_true", help="the same brains with one brain's tissue boundaries "
                         "instead of the template's averaged ones (anatomy.sharp_tissue); same seeds, same fields' terms")
     args = parser.parse_args()
@@ -70,7 +72,7 @@ def main() -> None:
     per_method: dict[str, list[dict]] = {}
     for seed in args.seeds:
         s = make_volume(np.random.default_rng(seed), config)
-        chosen = [("pdi bundled", Settings(method="pdi", device="cpu"))] + vi_runs(not args.no_ablation) if args.vi else runs(args.weights, args.reflections)
+        chosen = [("pdi bundled", Settings(method="pdi", device="cpu"))] + vi_runs(not args.no_ablation, not args.no_vi2) if args.vi else runs(args.weights, args.reflections)
         rows, _ = compare_methods(s.field, s.mask, s.geometry, s.chi, chosen)
         for m, r in rows.items():
             per_method.setdefault(m, []).append(r)
