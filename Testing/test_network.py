@@ -420,7 +420,8 @@ def test_bundled_model_beats_its_own_tikhonov_input_and_tkd_on_an_unseen_realist
 
 def test_a_background_runs_records_continue_the_log_and_its_checkpoint_replaces_the_local_one(tmp_path):
     """training/merge_cpu_run.py: the steps after the log's last up to the scratch checkpoint's, the later record
-    of a repeated step (a resumed run repeats the steps after its last save), and nothing with a gap."""
+    of a repeated step (a resumed run repeats the steps after its last save), and nothing with a gap; the checkpoint
+    keeps only the validation records of its history (the log holds every step)."""
     import subprocess
     import sys
 
@@ -428,7 +429,8 @@ def test_a_background_runs_records_continue_the_log_and_its_checkpoint_replaces_
     ckpt, scratch = tmp_path / "c.pt", tmp_path / "scratch.pt"
     log.write_text("".join(json.dumps({"step": s, "loss": 0.0}) + "\n" for s in (1, 2, 3)))
     torch.save({"step": 3}, ckpt)
-    torch.save({"step": 5}, scratch)
+    history = [{"step": s, "loss": 0.0} for s in range(1, 6)] + [{"step": 5, "loss": 0.0, "validation": {"rmse": 9.0}}]
+    torch.save({"step": 5, "history": history}, scratch)
     scratch_log.write_text("".join(json.dumps({"step": s, "loss": x}) + "\n"
                                    for s, x in ((4, 1.0), (5, 1.0), (6, 1.0), (4, 2.0), (5, 2.0), (6, 2.0))))
     from pathlib import Path
@@ -441,7 +443,8 @@ def test_a_background_runs_records_continue_the_log_and_its_checkpoint_replaces_
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert records[3:] == [{"step": s, "loss": 2.0, "device": "cpu", "sharp_fraction": 0.5} for s in (4, 5)]
-    assert torch.load(ckpt, weights_only=True)["step"] == 5
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 5 and state["history"] == history[-1:]  # the log holds the rest
     torch.save({"step": 8}, scratch)  # steps 7, 8 are not in the scratch log: refused, nothing changed
     before = log.read_text()
     done = subprocess.run(script, capture_output=True, text=True)

@@ -5,7 +5,8 @@ consistent pair; it saves every 50 steps and on SIGTERM, and a resumed run repea
 save in its log. This takes the run's records after the last step that training/'s log holds up to the
 scratch checkpoint's step (a repeated step: the later record wins), refuses them unless they continue the log
 without a gap, marks them ``"device": "cpu"`` plus any EXTRA fields (JSON, e.g. the training mix), appends them
-and replaces the checkpoint (which carries its own history).
+and replaces the checkpoint, its history cut to the validation records (``training.kept_history``: the log
+holds the rest).
 
     python training/merge_cpu_run.py SCRATCH_CKPT SCRATCH_LOG [--extra '{"sharp_fraction": 0.5}']
         [--ckpt training/realistic-ckpt.pt] [--log training/realistic-log.jsonl]
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
+
+from PDIQSMLib.training import kept_history
 
 
 def new_records(scratch_log: Path, after: int, upto: int) -> list[dict]:
@@ -49,8 +51,10 @@ def main() -> None:
     last = json.loads(lines[-1])["step"] if lines else 0
     upto = int(torch.load(args.scratch_ckpt, map_location="cpu", weights_only=True)["step"])
     records = new_records(args.scratch_log, last, upto)
+    state = torch.load(args.scratch_ckpt, map_location="cpu", weights_only=True)
+    state["history"] = kept_history(state.get("history", []))
     tmp = args.ckpt.with_name(args.ckpt.name + ".tmp")
-    shutil.copyfile(args.scratch_ckpt, tmp)
+    torch.save(state, tmp)
     with open(args.log, "a") as f:
         for r in records:
             f.write(json.dumps({**r, "device": "cpu", **extra}) + "\n")

@@ -1,7 +1,8 @@
 """Put a leased machine's training run (training/device_run.sh) back into the local checkpoint and log.
 
 The device returns the checkpoint without its history (to stay under 16 MiB) and the run's own log; this
-writes the checkpoint with the local history plus the run's records, and appends those records to the
+writes the checkpoint with the local history plus the run's records (their validations only,
+``training.kept_history``: the log holds every step), and appends those records to the
 local log. Records that the local log already holds (same step or earlier) are refused.
 
     python training/merge_device_run.py DEVICE_DIR [--ckpt training/realistic-ckpt.pt] [--log training/realistic-log.jsonl]
@@ -14,6 +15,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from PDIQSMLib.training import kept_history
 
 
 def main() -> None:
@@ -31,7 +34,7 @@ def main() -> None:
                          f"do not continue {args.ckpt} (step {local['step']})")
     for r in records:
         r["device"] = "cuda"
-    remote["history"] = list(local["history"]) + records
+    remote["history"] = kept_history(list(local["history"]) + records)
     tmp = args.ckpt.with_name(args.ckpt.name + ".tmp")
     torch.save(remote, tmp)
     tmp.replace(args.ckpt)
