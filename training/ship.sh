@@ -13,11 +13,9 @@ export OMP_NUM_THREADS=${THREADS:-2}
 export PYTHONUNBUFFERED=1
 step() { echo "== $(date -u +%H:%M:%S) $*"; "$@"; }
 
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-# export with sigma calibrated on brains 20000-20003; both files replace the bundled ones together
-step "$PY" -m PDIQSMLib.cli export "$CKPT" --out "$tmp/pdi-default.safetensors" --calibrate-std --progress none
-cp "$tmp/pdi-default.json" "$tmp/pdi-default.safetensors" Resources/models/
+# export with sigma calibrated on brains 20000-20003, straight over the bundled files: the export writes both to
+# temporary names and renames them only when both are complete (weights.save_weights)
+step "$PY" -m PDIQSMLib.cli export "$CKPT" --out Resources/models/pdi-default.safetensors --calibrate-std --progress none
 step "$PY" benchmarks/region_calibration.py --calibrate 10 --test 10 --write
 [ "${STEPS:-1}" = 0 ] && exit 0
 step "$PY" benchmarks/bench_realistic.py --reflections 1 2 8
