@@ -16,6 +16,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def gpu_spans(records: list[dict]) -> list[tuple[int, int]]:
+    """(first step, last step) of each unbroken run of records trained on a GPU (``device`` cuda), in log order."""
+    spans: list[list[int]] = []
+    previous_on_gpu = False
+    for r in records:
+        on_gpu = str(r.get("device", "cpu")).startswith("cuda")
+        if on_gpu and previous_on_gpu:
+            spans[-1][1] = r["step"]
+        elif on_gpu:
+            spans.append([r["step"], r["step"]])
+        previous_on_gpu = on_gpu
+    return [(first, last) for first, last in spans]
+
+
 def main(log_path: str, out_path: str, references: list[tuple[float, str]] = ()) -> None:
     by_step = {}
     for line in open(log_path):
@@ -70,10 +84,11 @@ def main(log_path: str, out_path: str, references: list[tuple[float, str]] = ())
         b.set_ylabel("RMSE (%)")
         b.legend(loc="upper left", fontsize=8)
         b2.legend(loc="upper right", fontsize=8)
-    gpu = [r["step"] for r in records if r.get("device", "cpu").startswith("cuda")]
-    if gpu:  # steps trained on a leased GPU (larger batches: a step there is several CPU steps' data)
+    spans = gpu_spans(records)
+    for i, (first, last) in enumerate(spans):  # steps trained on a leased GPU (a step there is several CPU steps' data)
         for axis in (a, b):
-            axis.axvspan(min(gpu), max(gpu), color="C4", alpha=0.08, label="on a GPU" if axis is a else None)
+            axis.axvspan(first, last, color="C4", alpha=0.08, label="on a GPU" if axis is a and i == 0 else None)
+    if spans:
         a.legend(markerscale=8)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
