@@ -24,7 +24,7 @@ step "$PY" benchmarks/bench_accuracy.py
 step "$PY" benchmarks/bench_vi.py --defaults-only
 step "$PY" benchmarks/bench_realistic.py --vi --no-ablation --seeds 31002 --name cpu
 step "$PY" benchmarks/bench_realistic.py --vi --no-ablation --seeds 31000 --name cpu_31000
-step "$PY" benchmarks/bench_realistic.py --vi --no-ablation --sharp --name cpu_sharp
+step "$PY" benchmarks/bench_realistic.py --vi --no-ablation --sharp --seeds 31000 31001 31002 --name cpu_sharp
 step "$PY" benchmarks/sigma_ranking.py
 step "$PY" benchmarks/error_spectrum.py
 echo "== $(date -u +%H:%M:%S) done; now the card, README, curve and test bounds"
