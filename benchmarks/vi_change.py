@@ -1,0 +1,106 @@
+"""When does PDI-VI1 help? Reference-free readings of a fine-tuning run beside its gain over PDI.
+
+For each realistic held-out brain (seeds 31000-31009 by default, as ``bench_realistic.py``; the template's
+boundaries, or ``--sharp``) and, with ``--ich``, the shared ICH case (with its noise map): PDI and PDI-VI1 with
+their defaults, the demeaned NRMSE of both (the truth is used for these two columns only), and what a user could
+read without a truth: how far fine-tuning moved the map in units of PDI's own sigma (RMS of the change over RMS
+sigma; share of voxels moved by more than 2 sigma), how much of the field's misfit it removed (RMS of the
+demeaned residual b - D chi in the mask, VI over PDI), the field's cone-to-white noise ratio
+(``fieldstats``), the iterations run. Then, over the brains, Spearman's correlation of each reading with the
+gain (PDI-VI1 minus PDI, positive = fine-tuning made it worse): a reading that ranks the gain could decide
+when to fine-tune. Above it, the two methods' mean scores (as ``bench_realistic.py --vi``). Writes
+benchmarks/results/vi_change_<name>.md. About 2.5 min a brain on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_realistic import COLUMNS, SEEDS  # noqa: E402
+from benchmarks.common import ich_case, write_table  # noqa: E402
+from PDIQSMLib.evaluation import compare_methods, format_table  # noqa: E402
+from PDIQSMLib.fieldstats import field_stats  # noqa: E402
+from PDIQSMLib.pipeline import Settings  # noqa: E402
+from PDIQSMLib.simulation import REALISTIC, field_of, make_volume  # noqa: E402
+
+READINGS = ("moved_rms_sigma", "moved_over_2sigma", "misfit_ratio", "cone_white_ratio", "iterations")
+
+
+def residual_rms(field, chi, where, geometry) -> float:
+    """RMS of the demeaned residual b - D chi over ``where`` (chi's field computed over all of chi)."""
+    r = (np.asarray(field, np.float64) - field_of(chi, np.ones(chi.shape, bool), geometry))[where]
+    return float((r - r.mean()).std())
+
+
+def readings(field, mask, geometry, truth, noise_std=None, scores: dict | None = None) -> dict[str, float]:
+    """The row of one brain; ``scores`` gets each method's full score row appended (for the mean table)."""
+    methods = [("pdi", Settings(method="pdi", device="cpu")), ("vi1", Settings(method="pdi-vi1", device="cpu"))]
+    rows, res = compare_methods(field, mask, geometry, truth, methods, noise_std=noise_std)
+    for method, row in rows.items() if scores is not None else ():
+        scores.setdefault(method, []).append(row)
+    m = np.asarray(mask) > 0
+    pdi, vi = res["pdi"], res["vi1"]
+    change = (vi.mean - pdi.mean)[m].astype(np.float64)
+    sigma = pdi.std[m].astype(np.float64)
+    fs = field_stats(field, m, geometry)
+    # the misfit where the field is data: with a noise map, not where it is over 10 times its median (a bleed)
+    fit = m if noise_std is None else m & (noise_std <= 10 * np.median(noise_std[m]))
+    return {"pdi": rows["pdi"]["rmse_demeaned"], "vi1": rows["vi1"]["rmse_demeaned"],
+            "gain": rows["vi1"]["rmse_demeaned"] - rows["pdi"]["rmse_demeaned"],
+            "moved_rms_sigma": float(np.sqrt(np.mean(change**2) / np.mean(sigma**2))),
+            "moved_over_2sigma": float(np.mean(np.abs(change) > 2 * sigma)),
+            "misfit_ratio": residual_rms(field, vi.mean, fit, geometry) / residual_rms(field, pdi.mean, fit, geometry),
+            "cone_white_ratio": fs.cone_noise_ppm / fs.white_noise_ppm, "iterations": float(vi.info["iterations"]),
+            "seconds": rows["vi1"]["seconds"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
+    ap.add_argument("--sharp", action="store_true", help="one brain's tissue boundaries (as bench_realistic.py)")
+    ap.add_argument("--ich", action="store_true", help="the shared ICH case too (not in the correlations)")
+    ap.add_argument("--name", default="heldout10")
+    args = ap.parse_args()
+    config = replace(REALISTIC, anatomical_fraction=1.0, sharp_fraction=1.0 if args.sharp else 0.0)
+    rows: dict[str, dict[str, float]] = {}
+    scores: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        s = make_volume(np.random.default_rng(seed), config)
+        rows[str(seed)] = readings(s.field, s.mask, s.geometry, s.chi, scores=scores)
+        print(seed, {k: round(v, 4) for k, v in rows[str(seed)].items()}, flush=True)
+    brains = list(rows)
+    if args.ich:
+        chi, mask, noise, g, field = ich_case()
+        rows["ICH case"] = readings(field, mask, g, chi, noise_std=noise)
+        print("ICH", {k: round(v, 4) for k, v in rows["ICH case"].items()}, flush=True)
+    cols = ("pdi", "vi1", "gain") + READINGS + ("seconds",)
+    lines = ["| brain | PDI demeaned NRMSE % | PDI-VI1 % | gain (VI1 - PDI) | moved, RMS / RMS sigma | moved > 2 sigma "
+             "(share) | misfit VI1 / PDI | cone / white noise | iterations | VI1 s |", "|" + "---|" * (len(cols) + 1)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3g}" for c in cols) + " |")
+    gains = [rows[b]["gain"] for b in brains]
+    def rank(c):  # Spearman of a reading with the gain; "constant" when it never varied (iterations at the cap)
+        values = [rows[b][c] for b in brains]
+        if len(brains) < 3:
+            return ""
+        return "constant" if np.ptp(values) == 0 else f"{stats.spearmanr(values, gains)[0]:.2f}"
+    rho = [rank(c) for c in READINGS]
+    lines.append("| Spearman with the gain, over the brains | | | | " + " | ".join(rho) + " | |")
+    title = f"PDI-VI1 against PDI, and what could tell them apart ({'sharp boundaries, ' if args.sharp else ''}seeds " \
+            f"{', '.join(map(str, args.seeds))}{', ICH case' if args.ich else ''})"
+    labels = {"pdi": "pdi bundled", "vi1": "pdi-vi1 (default)"}
+    means = {labels[m]: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in scores.items()}
+    text = (f"Mean over the {len(brains)} brains (the ICH case apart):\n\n{format_table(means, COLUMNS)}\n\n"
+            + "\n".join(lines))
+    write_table(f"vi_change_{args.name}", title, text)
+
+
+if __name__ == "__main__":
+    main()
