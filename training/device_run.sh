@@ -13,6 +13,7 @@
 #     --platform manylinux2014_x86_64 -d .whl nibabel==5.4.2 nilearn==0.13.1
 # then the device tool's run with command "BUDGET=500 training/device_run.sh", carry [".whl"], timeout_s 590
 # (a 15-minute lease: ~1 min to start, one such call, then training/merge_device_run.py /work/.device/N here).
+# Since session 18 one call can hold both: "BUDGET=590 BENCH=0 LR=2e-4 SECOND_SECONDS=150 SECOND_LR=4e-5".
 # Session 9 used the whole lease in two calls: "BUDGET=600 BENCH=0 LR=2e-4" (timeout 600; 561 s), then at once,
 # on the still-warm machine, "KEEP=1 BUDGET=250 BENCH=0 LR=4e-5" (timeout 285; 211 s); merge each in order.
 set -u -o pipefail
@@ -45,14 +46,22 @@ fi
 # KEEP=1 on a machine still warm from the previous call: go on from that call's checkpoint
 if [ "${KEEP:-0}" = 1 ] && [ -f /tmp/device-ckpt.pt ]; then echo "going on from /tmp/device-ckpt.pt" | tee -a "$OUT/env.txt"
 else cp training/realistic-ckpt.pt /tmp/device-ckpt.pt; fi
-left=$((BUDGET - SECONDS - 60))  # the validation set is made before, the last validation after
-echo "training for $left s" | tee -a "$OUT/env.txt"
-timeout $((left + 120)) $PY -m PDIQSMLib.cli train --steps 1000000 --out /tmp/device-ckpt.pt --log "$OUT/device-log.jsonl" \
-  --batch-size "$BATCH" --lr "${LR:-3e-4}" --lr-final 1e-5 --beta 1 --ema 0.998 --workers "$WORKERS" --threads 2 \
-  --pool-size 48 --validate-every 2000 --validation-count 3 --flips --sharp-fraction "${SHARP:-0.5}" \
-  --max-seconds "$left" --device "$DEVICE" \
-  --progress none > "$OUT/train.log" 2>&1
-echo "train exit $?" | tee -a "$OUT/env.txt"
+# SECOND_SECONDS > 0: a second, low-lr cycle (SECOND_LR, default 4e-5) in the same call, resumed from the first's
+# checkpoint, for that many seconds of the budget (session 18 lost its planned second call: the machine went back idle
+# between calls; one call with both cycles cannot lose it)
+SECOND=${SECOND_SECONDS:-0}
+train() {  # $1 lr, $2 seconds; appends to the one log
+  echo "training for $2 s at lr $1" | tee -a "$OUT/env.txt"
+  timeout $(($2 + 120)) $PY -m PDIQSMLib.cli train --steps 1000000 --out /tmp/device-ckpt.pt --log "$OUT/device-log.jsonl" \
+    --batch-size "$BATCH" --lr "$1" --lr-final 1e-5 --beta 1 --ema 0.998 --workers "$WORKERS" --threads 2 \
+    --pool-size 48 --validate-every 2000 --validation-count 3 --flips --sharp-fraction "${SHARP:-0.5}" \
+    --max-seconds "$2" --device "$DEVICE" \
+    --progress none >> "$OUT/train.log" 2>&1
+  echo "train exit $?" | tee -a "$OUT/env.txt"
+}
+left=$((BUDGET - SECONDS - 60 - (SECOND > 0 ? SECOND + 60 : 0)))  # each run makes its validation set before, validates after
+train "${LR:-3e-4}" "$left"
+if [ "$SECOND" -gt 0 ]; then train "${SECOND_LR:-4e-5}" "$SECOND"; fi
 $PY - "$OUT" <<'PYEOF'
 import sys, torch
 state = torch.load("/tmp/device-ckpt.pt", map_location="cpu", weights_only=True)
