@@ -13,10 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import ICH_LEVEL, ICH_SEED, ich_case, write_table  # noqa: E402
+from benchmarks.common import ICH_LEVEL, ICH_SEED, ich_case, mean_rows, write_table  # noqa: E402
 from PDIQSMLib.evaluation import compare_methods, format_table  # noqa: E402
 from PDIQSMLib.simulation import simulated_brain  # noqa: E402
 from PDIQSMLib.weights import DEFAULT_WEIGHTS  # noqa: E402
@@ -46,8 +44,7 @@ def sim_table() -> str:
         rows, _ = compare_methods(s.field, s.mask, s.geometry, s.chi, methods())
         for m, r in rows.items():
             per_method.setdefault(m, []).append(r)
-    mean_rows = {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in per_method.items()}
-    return format_table(mean_rows, COLUMNS)
+    return format_table(mean_rows(per_method), COLUMNS)
 
 
 def main() -> None:

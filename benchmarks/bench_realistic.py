@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_table  # noqa: E402
+from benchmarks.common import mean_rows, write_table  # noqa: E402
 from PDIQSMLib import solvers  # noqa: E402
 from PDIQSMLib.defaults import PDI_REFLECTIONS  # noqa: E402
 from PDIQSMLib.evaluation import compare_methods, format_table  # noqa: E402
@@ -27,6 +27,12 @@ from PDIQSMLib.simulation import REALISTIC, make_volume  # noqa: E402
 
 SEEDS = tuple(range(31000, 31010))  # ten brains: three (until session 18) ranked models by noise
 COLUMNS = ("rmse", "rmse_demeaned", "hfen", "xsim", "within_2sigma", "spearman_sigma_error", "seconds")
+
+
+def realistic_config(sharp: bool = False):
+    """The simulator's realistic settings, anatomical brains only, with one brain's tissue boundaries (``sharp``) or
+    the template's."""
+    return replace(REALISTIC, anatomical_fraction=1.0, sharp_fraction=1.0 if sharp else 0.0)
 
 
 def vi_runs(ablation: bool = True, vi2: bool = True) -> list[tuple[str, Settings]]:
@@ -68,7 +74,7 @@ def main() -> None:
     parser.add_argument("--sharp", action="store_true", help="the same brains with one brain's tissue boundaries "
                         "instead of the template's averaged ones (anatomy.sharp_tissue); same seeds, same fields' terms")
     args = parser.parse_args()
-    config = replace(REALISTIC, anatomical_fraction=1.0, sharp_fraction=1.0 if args.sharp else 0.0)
+    config = realistic_config(args.sharp)
     per_method: dict[str, list[dict]] = {}
     for seed in args.seeds:
         s = make_volume(np.random.default_rng(seed), config)
@@ -77,9 +83,8 @@ def main() -> None:
         for m, r in rows.items():
             per_method.setdefault(m, []).append(r)
             print(seed, m, {k: round(v, 3) for k, v in r.items() if k in COLUMNS}, flush=True)
-    mean_rows = {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in per_method.items()}
     write_table(f"realistic_{'vi_' if args.vi else ''}{args.name}", f"Realistic simulated brains (MNI152 anatomy{', sharp tissue boundaries' if args.sharp else ''}, non-dipolar terms), mean of "
-                f"{len(args.seeds)} (seeds {', '.join(map(str, args.seeds))})", format_table(mean_rows, COLUMNS))
+                f"{len(args.seeds)} (seeds {', '.join(map(str, args.seeds))})", format_table(mean_rows(per_method), COLUMNS))
 
 
 if __name__ == "__main__":

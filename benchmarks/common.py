@@ -41,6 +41,11 @@ def ich_case(uniform_noise: bool = False):
     return chi, mask, noise, g, ich_field(chi, mask, noise, ICH_LEVEL, ICH_SEED, g)
 
 
+def mean_rows(per_method: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Each method's score rows (one per brain) averaged column by column, for ``format_table``."""
+    return {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in per_method.items()}
+
+
 def write_table(name: str, title: str, text: str) -> Path:
     """Print ``text`` and write it, with the machine, to benchmarks/results/<name>.md."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_realistic import COLUMNS, SEEDS  # noqa: E402
-from benchmarks.common import ich_case, write_table  # noqa: E402
+from benchmarks.bench_realistic import COLUMNS, SEEDS, realistic_config  # noqa: E402
+from benchmarks.common import ich_case, mean_rows, write_table  # noqa: E402
 from PDIQSMLib.evaluation import compare_methods, format_table  # noqa: E402
 from PDIQSMLib.fieldstats import field_stats  # noqa: E402
 from PDIQSMLib.pipeline import Settings  # noqa: E402
-from PDIQSMLib.simulation import REALISTIC, field_of, make_volume  # noqa: E402
+from PDIQSMLib.simulation import field_of, make_volume  # noqa: E402
 
 READINGS = ("moved_rms_sigma", "moved_over_2sigma", "misfit_ratio", "cone_white_ratio", "iterations")
 
@@ -39,11 +38,11 @@ def residual_rms(field, chi, where, geometry) -> float:
     return float((r - r.mean()).std())
 
 
-def readings(field, mask, geometry, truth, noise_std=None, scores: dict | None = None) -> dict[str, float]:
+def readings(field, mask, geometry, truth, scores: dict[str, list[dict]], noise_std=None) -> dict[str, float]:
     """The row of one brain; ``scores`` gets each method's full score row appended (for the mean table)."""
     methods = [("pdi", Settings(method="pdi", device="cpu")), ("vi1", Settings(method="pdi-vi1", device="cpu"))]
     rows, res = compare_methods(field, mask, geometry, truth, methods, noise_std=noise_std)
-    for method, row in rows.items() if scores is not None else ():
+    for method, row in rows.items():
         scores.setdefault(method, []).append(row)
     m = np.asarray(mask) > 0
     pdi, vi = res["pdi"], res["vi1"]
@@ -68,17 +67,17 @@ def main() -> None:
     ap.add_argument("--ich", action="store_true", help="the shared ICH case too (not in the correlations)")
     ap.add_argument("--name", default="heldout10")
     args = ap.parse_args()
-    config = replace(REALISTIC, anatomical_fraction=1.0, sharp_fraction=1.0 if args.sharp else 0.0)
+    config = realistic_config(args.sharp)
     rows: dict[str, dict[str, float]] = {}
     scores: dict[str, list[dict]] = {}
     for seed in args.seeds:
         s = make_volume(np.random.default_rng(seed), config)
-        rows[str(seed)] = readings(s.field, s.mask, s.geometry, s.chi, scores=scores)
+        rows[str(seed)] = readings(s.field, s.mask, s.geometry, s.chi, scores)
         print(seed, {k: round(v, 4) for k, v in rows[str(seed)].items()}, flush=True)
     brains = list(rows)
     if args.ich:
         chi, mask, noise, g, field = ich_case()
-        rows["ICH case"] = readings(field, mask, g, chi, noise_std=noise)
+        rows["ICH case"] = readings(field, mask, g, chi, {}, noise_std=noise)  # its scores stay out of the means
         print("ICH", {k: round(v, 4) for k, v in rows["ICH case"].items()}, flush=True)
     cols = ("pdi", "vi1", "gain") + READINGS + ("seconds",)
     lines = ["| brain | PDI demeaned NRMSE % | PDI-VI1 % | gain (VI1 - PDI) | moved, RMS / RMS sigma | moved > 2 sigma "
@@ -96,7 +95,7 @@ def main() -> None:
     title = f"PDI-VI1 against PDI, and what could tell them apart ({'sharp boundaries, ' if args.sharp else ''}seeds " \
             f"{', '.join(map(str, args.seeds))}{', ICH case' if args.ich else ''})"
     labels = {"pdi": "pdi bundled", "vi1": "pdi-vi1 (default)"}
-    means = {labels[m]: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in scores.items()}
+    means = {labels[m]: row for m, row in mean_rows(scores).items()}
     text = (f"Mean over the {len(brains)} brains (the ICH case apart):\n\n{format_table(means, COLUMNS)}\n\n"
             + "\n".join(lines))
     write_table(f"vi_change_{args.name}", title, text)

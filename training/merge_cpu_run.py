@@ -49,9 +49,9 @@ def main() -> None:
     extra = json.loads(args.extra)
     lines = [line for line in args.log.read_text().splitlines() if line.strip()]
     last = json.loads(lines[-1])["step"] if lines else 0
-    upto = int(torch.load(args.scratch_ckpt, map_location="cpu", weights_only=True)["step"])
-    records = new_records(args.scratch_log, last, upto)
     state = torch.load(args.scratch_ckpt, map_location="cpu", weights_only=True)
+    upto = int(state["step"])
+    records = new_records(args.scratch_log, last, upto)
     state["history"] = kept_history(state.get("history", []))
     tmp = args.ckpt.with_name(args.ckpt.name + ".tmp")
     torch.save(state, tmp)
