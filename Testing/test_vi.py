@@ -262,8 +262,10 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     assert abs(lesion_moment_error(adapted.mean, chi, mask, lesion)) < 0.2  # measured -0.11
     assert err(adapted.mean) < 0.5  # the spread, bounded: a lesion mean error above half its 1.2 ppm fails
     assert np.all(np.isfinite(adapted.std)) and np.all(adapted.std[mask] > 0)
-    # per-voxel variances (the default) are not part of the weights: the adapted sigma is the base's
-    assert np.allclose(adapted.std, base.std, rtol=1e-5, atol=1e-7)
+    # per-voxel variances (the default) are not part of the weights: the adapted sigma is the base's, pass by pass
+    # (PDI's default two passes mix in the spread of their means, which the tuned mean decoder changes)
+    one = lambda w: reconstruct(field, mask, g, Settings(method="pdi", weights=w, reflections=1)).std  # noqa: E731
+    assert np.allclose(one(str(out)), one(None), rtol=1e-5, atol=1e-7)
 
 
 def test_noise_level_estimate_on_noise_over_a_smooth_field_and_with_a_weight_map():
