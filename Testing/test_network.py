@@ -419,6 +419,32 @@ def test_bundled_model_beats_its_own_tikhonov_input_and_tkd_on_an_unseen_realist
     assert np.all(np.isfinite(std)) and np.all(std[s.mask] > 0)
 
 
+def test_error_scale_fit_recovers_a_known_heteroscedastic_model_and_clusters_are_counted_whole():
+    """benchmarks/sigma_model.fit is the maximum-likelihood log-linear sigma: errors drawn from N(0, sigma^2) with
+    log sigma = -3 + 0.8 x1 - 0.3 x2 give those coefficients back (to sampling error); and
+    benchmarks/vi_change.largest_cluster finds a 27-voxel block among isolated voxels, its share of all of them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.sigma_model import fit
+    from benchmarks.vi_change import largest_cluster
+
+    rng = np.random.default_rng(0)
+    x = np.column_stack([np.ones(200_000), rng.normal(size=200_000), rng.uniform(0, 3, 200_000)])
+    truth = np.array([-3.0, 0.8, -0.3])
+    beta = fit(x, rng.normal(size=200_000) * np.exp(x @ truth))
+    assert np.allclose(beta, truth, atol=0.01)
+    assert not np.allclose(fit(x, rng.normal(size=200_000) * np.exp(x @ truth) * np.exp(x[:, 1])), truth, atol=0.1)
+
+    moved = np.zeros((10, 10, 10), bool)
+    moved[1:4, 1:4, 1:4] = True
+    moved[8, 8, 8] = moved[6, 1, 1] = True  # two single voxels, not touching the block (26-neighbours)
+    cluster, share = largest_cluster(moved)
+    assert cluster.sum() == 27 and cluster[1:4, 1:4, 1:4].all() and share == pytest.approx(27 / 29)
+    assert largest_cluster(np.zeros((3, 3, 3), bool))[1] == 0.0
+
+
 def test_loss_plot_shades_each_gpu_run_apart_not_the_cpu_steps_between_them():
     """benchmarks/plot_training.py shades the steps trained on a GPU: two leases with CPU steps between them are two
     spans, not one from the first GPU step to the last (which hid the CPU steps from 27172 to 39100)."""

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ich_case, write_table  # noqa: E402
 from PDIQSMLib import solvers, vi  # noqa: E402
+from PDIQSMLib.defaults import PDI_REFLECTIONS  # noqa: E402
 from PDIQSMLib.evaluation import evaluate_arrays, format_table  # noqa: E402
 from PDIQSMLib.geometry import Geometry  # noqa: E402
 from PDIQSMLib.inference import predict  # noqa: E402
@@ -115,7 +116,8 @@ def main() -> None:
     bleed = (chi > 1.0) & mask
     net, _ = load_model(device=args.device)
     t0 = time.perf_counter()
-    mean, std = predict(net, field, mask, args.device, geometry=g, weight=data_weight(mask, noise))
+    mean, std = predict(net, field, mask, args.device, geometry=g, weight=data_weight(mask, noise),
+                        reflections=PDI_REFLECTIONS)  # as PDI runs by default
     rows = {"truth": {"mean_bleed": float(chi[bleed].mean())},
             "pdi": row(mean, std, chi, mask, bleed, round(time.perf_counter() - t0, 2))}
     t0 = time.perf_counter()

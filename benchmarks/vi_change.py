@@ -6,7 +6,11 @@ their defaults, the demeaned NRMSE of both (the truth is used for these two colu
 read without a truth: how far fine-tuning moved the map in units of PDI's own sigma (RMS of the change over RMS
 sigma; share of voxels moved by more than 2 sigma), how much of the field's misfit it removed (RMS of the
 demeaned residual b - D chi in the mask, VI over PDI), the field's cone-to-white noise ratio
-(``fieldstats``), the iterations run. Then, over the brains, Spearman's correlation of each reading with the
+(``fieldstats``), the iterations run, and how concentrated the movement is: the share of the voxels moved beyond
+2 sigma that lie in their largest connected cluster (26-neighbours; a lesion PDI missed should move as one
+compact cluster, non-dipolar field fitted into chi as scattered specks). Beside it, an exploration scored with the
+truth: PDI's map with fine-tuning's change kept only in that largest cluster (grown by 2 voxels), "VI1 in its
+cluster". Then, over the brains, Spearman's correlation of each reading with the
 gain (PDI-VI1 minus PDI, positive = fine-tuning made it worse): a reading that ranks the gain could decide
 when to fine-tune. Above it, the two methods' mean scores (as ``bench_realistic.py --vi``). Writes
 benchmarks/results/vi_change_<name>.md. About 2.5 min a brain on 2 cores.
@@ -19,23 +23,34 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+from scipy import ndimage, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_realistic import COLUMNS, SEEDS, realistic_config  # noqa: E402
 from benchmarks.common import ich_case, mean_rows, write_table  # noqa: E402
 from PDIQSMLib.evaluation import compare_methods, format_table  # noqa: E402
 from PDIQSMLib.fieldstats import field_stats  # noqa: E402
+from PDIQSMLib.metrics import nrmse_demeaned  # noqa: E402
 from PDIQSMLib.pipeline import Settings  # noqa: E402
 from PDIQSMLib.simulation import field_of, make_volume  # noqa: E402
 
-READINGS = ("moved_rms_sigma", "moved_over_2sigma", "misfit_ratio", "cone_white_ratio", "iterations")
+READINGS = ("moved_rms_sigma", "moved_over_2sigma", "largest_cluster_share", "misfit_ratio", "cone_white_ratio",
+            "iterations")
 
 
 def residual_rms(field, chi, where, geometry) -> float:
     """RMS of the demeaned residual b - D chi over ``where`` (chi's field computed over all of chi)."""
     r = (np.asarray(field, np.float64) - field_of(chi, np.ones(chi.shape, bool), geometry))[where]
     return float((r - r.mean()).std())
+
+
+def largest_cluster(moved: np.ndarray) -> tuple[np.ndarray, float]:
+    """The largest 26-connected cluster of ``moved`` (a boolean volume) and its share of the moved voxels."""
+    labels, n = ndimage.label(moved, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return np.zeros_like(moved), 0.0
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes)), float(sizes.max() / sizes.sum())
 
 
 def readings(field, mask, geometry, truth, scores: dict[str, list[dict]], noise_std=None) -> dict[str, float]:
@@ -48,11 +63,18 @@ def readings(field, mask, geometry, truth, scores: dict[str, list[dict]], noise_
     pdi, vi = res["pdi"], res["vi1"]
     change = (vi.mean - pdi.mean)[m].astype(np.float64)
     sigma = pdi.std[m].astype(np.float64)
+    moved = np.zeros(m.shape, bool)
+    moved[m] = np.abs(change) > 2 * sigma
+    cluster, share = largest_cluster(moved)
+    keep = ndimage.binary_dilation(cluster, np.ones((3, 3, 3), bool), iterations=2) & m
+    kept = np.where(keep, vi.mean, pdi.mean)
     fs = field_stats(field, m, geometry)
     # the misfit where the field is data: with a noise map, not where it is over 10 times its median (a bleed)
     fit = m if noise_std is None else m & (noise_std <= 10 * np.median(noise_std[m]))
     return {"pdi": rows["pdi"]["rmse_demeaned"], "vi1": rows["vi1"]["rmse_demeaned"],
             "gain": rows["vi1"]["rmse_demeaned"] - rows["pdi"]["rmse_demeaned"],
+            "kept": nrmse_demeaned(kept, truth, m),
+            "largest_cluster_share": share,
             "moved_rms_sigma": float(np.sqrt(np.mean(change**2) / np.mean(sigma**2))),
             "moved_over_2sigma": float(np.mean(np.abs(change) > 2 * sigma)),
             "misfit_ratio": residual_rms(field, vi.mean, fit, geometry) / residual_rms(field, pdi.mean, fit, geometry),
@@ -79,9 +101,10 @@ def main() -> None:
         chi, mask, noise, g, field = ich_case()
         rows["ICH case"] = readings(field, mask, g, chi, {}, noise_std=noise)  # its scores stay out of the means
         print("ICH", {k: round(v, 4) for k, v in rows["ICH case"].items()}, flush=True)
-    cols = ("pdi", "vi1", "gain") + READINGS + ("seconds",)
-    lines = ["| brain | PDI demeaned NRMSE % | PDI-VI1 % | gain (VI1 - PDI) | moved, RMS / RMS sigma | moved > 2 sigma "
-             "(share) | misfit VI1 / PDI | cone / white noise | iterations | VI1 s |", "|" + "---|" * (len(cols) + 1)]
+    cols = ("pdi", "vi1", "gain", "kept") + READINGS + ("seconds",)
+    lines = ["| brain | PDI demeaned NRMSE % | PDI-VI1 % | gain (VI1 - PDI) | VI1 in its cluster % | moved, RMS / RMS "
+             "sigma | moved > 2 sigma (share) | largest cluster's share of them | misfit VI1 / PDI | cone / white noise | "
+             "iterations | VI1 s |", "|" + "---|" * (len(cols) + 1)]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3g}" for c in cols) + " |")
     gains = [rows[b]["gain"] for b in brains]
@@ -91,7 +114,9 @@ def main() -> None:
             return ""
         return "constant" if np.ptp(values) == 0 else f"{stats.spearmanr(values, gains)[0]:.2f}"
     rho = [rank(c) for c in READINGS]
-    lines.append("| Spearman with the gain, over the brains | | | | " + " | ".join(rho) + " | |")
+    lines.append("| Spearman with the gain, over the brains | | | | | " + " | ".join(rho) + " | |")
+    lines.append("| mean over the brains | " + " | ".join(f"{np.mean([rows[b][c] for b in brains]):.3g}"
+                                                      for c in ("pdi", "vi1", "gain", "kept")) + " |" + " |" * 7)
     title = f"PDI-VI1 against PDI, and what could tell them apart ({'sharp boundaries, ' if args.sharp else ''}seeds " \
             f"{', '.join(map(str, args.seeds))}{', ICH case' if args.ich else ''})"
     labels = {"pdi": "pdi bundled", "vi1": "pdi-vi1 (default)"}
