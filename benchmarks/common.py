@@ -41,6 +41,16 @@ def ich_case(uniform_noise: bool = False):
     return chi, mask, noise, g, ich_field(chi, mask, noise, ICH_LEVEL, ICH_SEED, g)
 
 
+def masked_blur(x: np.ndarray, mask: np.ndarray, width: float) -> np.ndarray:
+    """Gaussian average (``width`` voxels) of ``x`` over ``mask`` only: x taken as zero outside, divided by the
+    blurred mask (so voxels near the edge average the mask's voxels, not the zeros beyond it)."""
+    from scipy import ndimage
+
+    m = np.asarray(mask) > 0
+    num = ndimage.gaussian_filter(np.where(m, x, 0.0).astype(np.float64), width)
+    return num / np.maximum(ndimage.gaussian_filter(m.astype(np.float64), width), 1e-6)
+
+
 def mean_rows(per_method: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     """Each method's score rows (one per brain) averaged column by column, for ``format_table``."""
     return {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in per_method.items()}

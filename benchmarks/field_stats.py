@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from scipy import ndimage  # noqa: E402
 
-from benchmarks.common import write_table  # noqa: E402
+from benchmarks.common import masked_blur, write_table  # noqa: E402
 from PDIQSMLib.fieldstats import field_stats  # noqa: E402
 from PDIQSMLib.simulation import REALISTIC, field_of, make_volume, simulated_brain  # noqa: E402
 
@@ -44,7 +44,7 @@ def where_non_dipolar(field: np.ndarray, chi: np.ndarray, mask: np.ndarray, geom
     m = np.asarray(mask) > 0
     rest = np.where(m, field - field_of(chi, m, geometry), 0.0).astype(np.float64)
     rest[m] -= rest[m].mean()
-    blur = ndimage.gaussian_filter(rest, 2.0) / np.maximum(ndimage.gaussian_filter(m.astype(np.float64), 2.0), 1e-6)
+    blur = masked_blur(rest, m, 2.0)
     depth = ndimage.distance_transform_edt(m)
     return {"std": float(rest[m].std()), "fine": float((rest - blur)[m].std()), "smooth": float(blur[m].std()),
             "edge": float(rest[m & (depth <= 5)].std()), "inner": float(rest[m & (depth > 5)].std())}

@@ -30,9 +30,9 @@ from scipy import ndimage, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_realistic import SEEDS, realistic_config  # noqa: E402
-from benchmarks.common import write_table  # noqa: E402
+from benchmarks.common import masked_blur, write_table  # noqa: E402
 from benchmarks.sigma_ranking import local_rms  # noqa: E402
-from PDIQSMLib.physics import DipoleOperator  # noqa: E402
+from PDIQSMLib.physics import simulate_field  # noqa: E402
 from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
 from PDIQSMLib.simulation import make_volume  # noqa: E402
 from PDIQSMLib.training import CALIBRATION_SEEDS  # noqa: E402
@@ -43,13 +43,10 @@ FEATURES = ("net", "misfit", "texture", "edge")
 def features(field, mask, mean, std, geometry) -> dict[str, np.ndarray]:
     """Each feature's log inside the mask (1-D arrays in the mask's voxel order)."""
     m = mask > 0
-    op = DipoleOperator(mean.shape, geometry, 2.0, torch.float64)
-    predicted = op.forward(torch.from_numpy(np.where(m, mean, 0.0).astype(np.float64))).numpy()
+    predicted = simulate_field(torch.from_numpy(np.where(m, mean, 0.0).astype(np.float64)), geometry, 2.0).numpy()
     residual = np.where(m, field - predicted, 0.0)
     residual[m] -= residual[m].mean()
-    w = ndimage.gaussian_filter(m.astype(np.float64), 2)
-    blur = ndimage.gaussian_filter(np.where(m, mean, 0.0).astype(np.float64), 2) / np.maximum(w, 1e-6)
-    detail = np.where(m, mean - blur, 0.0)
+    detail = np.where(m, mean - masked_blur(mean, m, 2), 0.0)
     edge = ndimage.distance_transform_edt(m, sampling=geometry.voxel_size)
     floor = 1e-5  # ppm: keeps the logs finite where a feature vanishes
     return {"net": np.log(np.maximum(std[m], floor)),

@@ -76,7 +76,7 @@ def readings(field, mask, geometry, truth, scores: dict[str, list[dict]], noise_
             "kept": nrmse_demeaned(kept, truth, m),
             "largest_cluster_share": share,
             "moved_rms_sigma": float(np.sqrt(np.mean(change**2) / np.mean(sigma**2))),
-            "moved_over_2sigma": float(np.mean(np.abs(change) > 2 * sigma)),
+            "moved_over_2sigma": float(moved[m].mean()),
             "misfit_ratio": residual_rms(field, vi.mean, fit, geometry) / residual_rms(field, pdi.mean, fit, geometry),
             "cone_white_ratio": fs.cone_noise_ppm / fs.white_noise_ppm, "iterations": float(vi.info["iterations"]),
             "seconds": rows["vi1"]["seconds"]}
