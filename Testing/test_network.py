@@ -445,6 +445,33 @@ def test_error_scale_fit_recovers_a_known_heteroscedastic_model_and_clusters_are
     assert largest_cluster(np.zeros((3, 3, 3), bool))[1] == 0.0
 
 
+def test_unexplained_field_keeps_only_the_non_dipolar_part_demeaned_in_the_region():
+    """benchmarks/common.unexplained, the residual the field tables and sigma_model read: a field made of a sphere's
+    dipole field, a constant offset and a linear ramp leaves the ramp alone, demeaned over the region, and nothing
+    outside it; with the sphere's field taken from a map half as strong, half the sphere's field is left as well."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.common import unexplained
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.simulation import field_of
+
+    shape, g = (32, 32, 32), Geometry((1.0, 1.0, 1.0))
+    z, y, x = np.meshgrid(*(np.arange(n) - n / 2 for n in shape), indexing="ij")
+    chi = np.where(x**2 + y**2 + z**2 < 36, 0.1, 0.0).astype(np.float32)
+    region = x**2 + y**2 + z**2 < 144
+    ramp = 1e-4 * x
+    field = field_of(chi, np.ones(shape, bool), g) + 0.02 + ramp
+    rest = unexplained(field, chi, region, g)
+    assert np.all(rest[~region] == 0)
+    want = ramp[region] - ramp[region].mean()
+    assert np.allclose(rest[region], want, atol=1e-6)  # float32 field of a 0.1 ppm sphere: ~1e-7 rounding
+    half = unexplained(field, 0.5 * chi, region, g)[region]
+    dipole = field_of(0.5 * chi, region, g)[region]
+    assert np.allclose(half, want + dipole - dipole.mean(), atol=1e-6)
+
+
 def test_loss_plot_shades_each_gpu_run_apart_not_the_cpu_steps_between_them():
     """benchmarks/plot_training.py shades the steps trained on a GPU: two leases with CPU steps between them are two
     spans, not one from the first GPU step to the last (which hid the CPU steps from 27172 to 39100)."""

@@ -51,6 +51,17 @@ def masked_blur(x: np.ndarray, mask: np.ndarray, width: float) -> np.ndarray:
     return num / np.maximum(ndimage.gaussian_filter(m.astype(np.float64), width), 1e-6)
 
 
+def unexplained(field: np.ndarray, chi: np.ndarray, region: np.ndarray, geometry) -> np.ndarray:
+    """The field's part that ``chi``'s dipole field does not explain, b - D chi (float64, ppm), demeaned over
+    ``region`` and zero outside it; chi's field is computed from all of chi (``simulation.field_of``)."""
+    from PDIQSMLib.simulation import field_of
+
+    r = np.asarray(region) > 0
+    rest = np.where(r, np.asarray(field, np.float64) - field_of(chi, r, geometry), 0.0)
+    rest[r] -= rest[r].mean()
+    return rest
+
+
 def mean_rows(per_method: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     """Each method's score rows (one per brain) averaged column by column, for ``format_table``."""
     return {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in per_method.items()}

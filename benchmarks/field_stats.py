@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from scipy import ndimage  # noqa: E402
 
-from benchmarks.common import masked_blur, write_table  # noqa: E402
+from benchmarks.common import masked_blur, unexplained, write_table  # noqa: E402
 from PDIQSMLib.fieldstats import field_stats  # noqa: E402
 from PDIQSMLib.simulation import REALISTIC, field_of, make_volume, simulated_brain  # noqa: E402
 
@@ -42,8 +42,7 @@ def where_non_dipolar(field: np.ndarray, chi: np.ndarray, mask: np.ndarray, geom
     mask): in all, above and below a Gaussian blur of 2 voxels (mask-normalised), within 5 voxels of the
     mask's edge and deeper."""
     m = np.asarray(mask) > 0
-    rest = np.where(m, field - field_of(chi, m, geometry), 0.0).astype(np.float64)
-    rest[m] -= rest[m].mean()
+    rest = unexplained(field, chi, m, geometry)
     blur = masked_blur(rest, m, 2.0)
     depth = ndimage.distance_transform_edt(m)
     return {"std": float(rest[m].std()), "fine": float((rest - blur)[m].std()), "smooth": float(blur[m].std()),

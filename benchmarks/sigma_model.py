@@ -25,14 +25,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import ndimage, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_realistic import SEEDS, realistic_config  # noqa: E402
-from benchmarks.common import masked_blur, write_table  # noqa: E402
+from benchmarks.common import masked_blur, unexplained, write_table  # noqa: E402
 from benchmarks.sigma_ranking import local_rms  # noqa: E402
-from PDIQSMLib.physics import simulate_field  # noqa: E402
 from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
 from PDIQSMLib.simulation import make_volume  # noqa: E402
 from PDIQSMLib.training import CALIBRATION_SEEDS  # noqa: E402
@@ -43,9 +41,7 @@ FEATURES = ("net", "misfit", "texture", "edge")
 def features(field, mask, mean, std, geometry) -> dict[str, np.ndarray]:
     """Each feature's log inside the mask (1-D arrays in the mask's voxel order)."""
     m = mask > 0
-    predicted = simulate_field(torch.from_numpy(np.where(m, mean, 0.0).astype(np.float64)), geometry, 2.0).numpy()
-    residual = np.where(m, field - predicted, 0.0)
-    residual[m] -= residual[m].mean()
+    residual = unexplained(field, np.where(m, mean, 0.0), m, geometry)
     detail = np.where(m, mean - masked_blur(mean, m, 2), 0.0)
     edge = ndimage.distance_transform_edt(m, sampling=geometry.voxel_size)
     floor = 1e-5  # ppm: keeps the logs finite where a feature vanishes

@@ -27,12 +27,12 @@ from scipy import ndimage, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_realistic import COLUMNS, SEEDS, realistic_config  # noqa: E402
-from benchmarks.common import ich_case, mean_rows, write_table  # noqa: E402
+from benchmarks.common import ich_case, mean_rows, unexplained, write_table  # noqa: E402
 from PDIQSMLib.evaluation import compare_methods, format_table  # noqa: E402
 from PDIQSMLib.fieldstats import field_stats  # noqa: E402
 from PDIQSMLib.metrics import nrmse_demeaned  # noqa: E402
 from PDIQSMLib.pipeline import Settings  # noqa: E402
-from PDIQSMLib.simulation import field_of, make_volume  # noqa: E402
+from PDIQSMLib.simulation import make_volume  # noqa: E402
 
 READINGS = ("moved_rms_sigma", "moved_over_2sigma", "largest_cluster_share", "misfit_ratio", "cone_white_ratio",
             "iterations")
@@ -40,8 +40,7 @@ READINGS = ("moved_rms_sigma", "moved_over_2sigma", "largest_cluster_share", "mi
 
 def residual_rms(field, chi, where, geometry) -> float:
     """RMS of the demeaned residual b - D chi over ``where`` (chi's field computed over all of chi)."""
-    r = (np.asarray(field, np.float64) - field_of(chi, np.ones(chi.shape, bool), geometry))[where]
-    return float((r - r.mean()).std())
+    return float(unexplained(field, chi, where, geometry)[where].std())
 
 
 def largest_cluster(moved: np.ndarray) -> tuple[np.ndarray, float]:
