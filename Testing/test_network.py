@@ -519,3 +519,36 @@ def test_a_background_runs_records_continue_the_log_and_its_checkpoint_replaces_
     done = subprocess.run(script, capture_output=True, text=True)
     assert done.returncode != 0 and "steps 6..8 needed, found 6..6" in done.stderr and log.read_text() == before
     assert torch.load(ckpt, weights_only=True)["step"] == 5
+
+
+def test_variance_only_finetuning_moves_sigma_and_leaves_the_mean_untouched():
+    """training/finetune_variance.crop_loss: Eq. 9's gradient reaches the log-variance decoder only, so an Adam step
+    changes the predicted log variance and leaves the mean map bit for bit as it was."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "training" / "finetune_variance.py"
+    spec = importlib.util.spec_from_file_location("finetune_variance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    torch.manual_seed(0)
+    net = PDINet(PRESETS["tiny-auto"])
+    for p in net.mean_decoder.head.parameters():  # a prior-channel net starts with a zero correction: make it act
+        torch.nn.init.normal_(p, std=0.1)
+    net.requires_grad_(False)
+    net.logvar_decoder.requires_grad_(True)
+    rng = np.random.default_rng(0)
+    crop = (rng.normal(0, 0.02, (16, 16, 16)), rng.normal(0, 0.05, (16, 16, 16)), np.ones((16, 16, 16)),
+            rng.normal(0, 0.05, (16, 16, 16)))
+    x = torch.from_numpy(np.stack([crop[0] * 10.0, crop[3] * 10.0]).astype(np.float32))[None]
+    with torch.no_grad():
+        mean0, logvar0 = net(x)
+    loss = module.crop_loss(net, crop, bf16=False)
+    loss.backward()
+    assert all(p.grad is None for n, p in net.named_parameters() if not n.startswith("logvar_decoder"))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.logvar_decoder.parameters())
+    torch.optim.Adam(net.logvar_decoder.parameters(), lr=1e-2).step()
+    with torch.no_grad():
+        mean1, logvar1 = net(x)
+    assert torch.equal(mean0, mean1) and not torch.allclose(logvar0, logvar1)
