@@ -5,9 +5,9 @@ input's (0.457 against 0.453 ppm): the network added almost nothing where it mat
 simulated bleeds, where the truth is known: the realistic brains with an inserted acute bleed of
 ``vi_change.with_bleed`` (seeds ``LESION_SEEDS``, its phase noise, a noise map 20 times the level inside it) and,
 with ``--ich``, the shared ICH case (bleed: chi above 1 ppm). Methods with their defaults, the noise map given:
-Tikhonov (automatic lambda: PDI's own input channel), MEDI (automatic lambda), PDI and, unless ``--no-vi``,
-PDI-VI1. Per brain and method: the bleed's mean chi as a share of the truth's, and the demeaned NRMSE over the
-brain. Writes benchmarks/results/bleed_recovery.md.
+Tikhonov (automatic lambda: PDI's own input channel), MEDI (automatic lambda), PDI, MEDI with PDI's edges
+(``--medi-edges pdi``) and, unless ``--no-vi``, PDI-VI1. Per brain and method: the bleed's mean chi as a share of
+the truth's, and the demeaned NRMSE over the brain. Writes benchmarks/results/<name>.md (``--name``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from PDIQSMLib.simulation import make_volume  # noqa: E402
 
 def methods(vi: bool) -> list[tuple[str, Settings]]:
     out = [("tikhonov auto (PDI's input)", Settings(method="tikhonov")), ("medi auto", Settings(method="medi")),
-           ("pdi", Settings(method="pdi", device="cpu"))]
+           ("pdi", Settings(method="pdi", device="cpu")),
+           ("medi, pdi's edges", Settings(method="medi", medi_edges="pdi", device="cpu"))]
     return out + ([("pdi-vi1", Settings(method="pdi-vi1", device="cpu"))] if vi else [])
 
 
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="*", default=list(LESION_SEEDS))
     ap.add_argument("--ich", action="store_true", help="the shared ICH case too")
     ap.add_argument("--no-vi", action="store_true", help="leave PDI-VI1 out (minutes a brain)")
+    ap.add_argument("--name", default="bleed_recovery", help="the table's name under benchmarks/results")
     args = ap.parse_args()
     rows = {}
     for seed in args.seeds:
@@ -68,7 +70,7 @@ def main() -> None:
     if seeds:
         mean = [f"{np.mean([rows[b][n][0] for b in seeds]):.2f}, {np.mean([rows[b][n][1] for b in seeds]):.1f}" for n in names]
         lines.append(f"| mean over the {len(seeds)} bleed brains | | " + " | ".join(mean) + " |")
-    write_table("bleed_recovery", "How much of a bleed each method recovers (mean chi in the bleed / the truth's)",
+    write_table(args.name, "How much of a bleed each method recovers (mean chi in the bleed / the truth's)",
                 "\n".join(lines))
 
 
