@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import ICH_LEVEL, ICH_SEED, ich_case, mean_rows, write_table  # noqa: E402
+from benchmarks.common import ICH_LEVEL, ICH_SEED, ich_bleed, ich_case, mean_rows, write_table  # noqa: E402
 from PDIQSMLib.evaluation import compare_methods, format_table  # noqa: E402
 from PDIQSMLib.simulation import simulated_brain  # noqa: E402
 from PDIQSMLib.weights import DEFAULT_WEIGHTS  # noqa: E402
@@ -30,7 +30,7 @@ def methods() -> list[str]:
 
 def ich_table() -> str:
     chi, mask, noise, g, field = ich_case()
-    bleed = (chi > 1.0) & mask
+    bleed = ich_bleed(chi, mask)
     rows, _ = compare_methods(field, mask, g, chi, methods(), noise_std=noise,
                               regions={"bleed": bleed, "brain": mask & ~bleed})
     rows = {"truth": {"mean_bleed": float(chi[bleed].mean())}, **rows}

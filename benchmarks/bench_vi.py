@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import ich_case, write_table  # noqa: E402
+from benchmarks.common import ich_bleed, ich_case, write_table  # noqa: E402
 from PDIQSMLib import solvers, vi  # noqa: E402
 from PDIQSMLib.defaults import PDI_REFLECTIONS  # noqa: E402
 from PDIQSMLib.evaluation import evaluate_arrays, format_table  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
                     help="noise of one level everywhere (W = 1: the bleed is measured); writes vi_uniform_<device>.md")
     args = ap.parse_args()
     chi, mask, noise, g, field = ich_case(args.uniform_noise)
-    bleed = (chi > 1.0) & mask
+    bleed = ich_bleed(chi, mask)
     net, _ = load_model(device=args.device)
     t0 = time.perf_counter()
     mean, std = predict(net, field, mask, args.device, geometry=g, weight=data_weight(mask, noise),

@@ -20,11 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_realistic import realistic_config  # noqa: E402
-from benchmarks.common import ich_case, write_table  # noqa: E402
-from benchmarks.vi_change import LESION_SEEDS, with_bleed  # noqa: E402
+from benchmarks.common import ich_bleed, ich_case, write_table  # noqa: E402
+from benchmarks.vi_change import LESION_SEEDS, bleed_brain  # noqa: E402
 from PDIQSMLib.evaluation import compare_methods  # noqa: E402
 from PDIQSMLib.pipeline import Settings  # noqa: E402
-from PDIQSMLib.simulation import make_volume  # noqa: E402
 
 
 def methods(vi: bool) -> list[tuple[str, Settings]]:
@@ -52,13 +51,12 @@ def main() -> None:
     args = ap.parse_args()
     rows = {}
     for seed in args.seeds:
-        s = make_volume(np.random.default_rng(seed), realistic_config())
-        chi, field, noise, bleed = with_bleed(s, np.random.default_rng(seed + 1))  # as vi_change.py --lesions
+        s, chi, field, noise, bleed = bleed_brain(seed, realistic_config())  # as vi_change.py --lesions
         rows[str(seed)] = brain_row(field, s.mask, s.geometry, chi, bleed, noise, not args.no_vi)
         print(seed, rows[str(seed)], flush=True)
     if args.ich:
         chi, mask, noise, g, field = ich_case()
-        rows["ICH case"] = brain_row(field, mask, g, chi, (chi > 1.0) & mask, noise, not args.no_vi)
+        rows["ICH case"] = brain_row(field, mask, g, chi, ich_bleed(chi, mask), noise, not args.no_vi)
         print("ICH", rows["ICH case"], flush=True)
     names = [n for n, _ in methods(not args.no_vi)]
     head = "| brain | bleed: truth's mean (ppm), volume (ml) | " + " | ".join(f"{n}: bleed / truth, NRMSE %" for n in names)

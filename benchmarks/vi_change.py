@@ -84,6 +84,13 @@ def with_bleed(sample, rng: np.random.Generator):
     return chi, field, noise, bleed
 
 
+def bleed_brain(seed: int, config):
+    """The realistic brain of ``seed`` (``config``) with the bleed of ``with_bleed`` drawn from seed + 1: (sample,
+    chi, field, noise map, bleed)."""
+    s = make_volume(np.random.default_rng(seed), config)
+    return (s, *with_bleed(s, np.random.default_rng(seed + 1)))
+
+
 def readings(field, mask, geometry, truth, scores: dict[str, list[dict]], noise_std=None) -> dict[str, float]:
     """The row of one brain; ``scores`` gets each method's full score row appended (for the mean table)."""
     methods = [("pdi", Settings(method="pdi", device="cpu")), ("vi1", Settings(method="pdi-vi1", device="cpu"))]
@@ -127,11 +134,11 @@ def main() -> None:
     scores: dict[str, list[dict]] = {}
     seeds = list(LESION_SEEDS) if args.lesions and args.seeds == list(SEEDS) else args.seeds
     for seed in seeds:
-        s = make_volume(np.random.default_rng(seed), config)
         if args.lesions:
-            chi, field, noise, _ = with_bleed(s, np.random.default_rng(seed + 1))
+            s, chi, field, noise, _ = bleed_brain(seed, config)
             rows[str(seed)] = readings(field, s.mask, s.geometry, chi, scores, noise_std=noise)
         else:
+            s = make_volume(np.random.default_rng(seed), config)
             rows[str(seed)] = readings(s.field, s.mask, s.geometry, s.chi, scores)
         print(seed, {k: round(v, 4) for k, v in rows[str(seed)].items()}, flush=True)
     brains = list(rows)

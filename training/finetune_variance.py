@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PDIQSMLib.inference import predict  # noqa: E402
+from PDIQSMLib.metrics import calibration  # noqa: E402
 from PDIQSMLib.network import CHI_SCALE, PRESETS, PDINet, fast_layout, gaussian_nll, use_bf16  # noqa: E402
 from PDIQSMLib.network_io import clamp_logvar, to_input  # noqa: E402
 from PDIQSMLib.simulation import REALISTIC, make_volume, random_patch  # noqa: E402
@@ -60,10 +60,11 @@ def score(net: PDINet, samples) -> dict:
     rho, cover, nll = [], [], []
     for s in samples:
         mean, std = predict(net, s.field, s.mask, geometry=s.geometry)
+        c = calibration(mean, std, s.chi, s.mask)
+        rho.append(c["spearman_sigma_error"])
+        cover.append(c["within_2sigma"])
         m = s.mask > 0
-        err, sd = np.abs(mean[m] - s.chi[m]).astype(np.float64), np.maximum(std[m], 1e-6).astype(np.float64)
-        rho.append(stats.spearmanr(sd, err).statistic)
-        cover.append(float(np.mean(err <= 2 * sd)))
+        err, sd = np.abs(mean[m] - s.chi[m]).astype(np.float64), std[m].astype(np.float64)  # sd >= MIN_STD_PPM
         nll.append(float(np.mean(0.5 * (err / sd) ** 2 + np.log(sd))))
     return {"spearman": round(float(np.mean(rho)), 4), "spearman_each": [round(float(r), 4) for r in rho],
             "coverage2": round(float(np.mean(cover)), 4), "nll": round(float(np.mean(nll)), 4)}
