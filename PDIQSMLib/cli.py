@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the anatomical brains given one brain's tissue boundaries instead of the MNI "
                         "template's averaged ones (anatomy.sharp_tissue; default 0, the bundled model's recipe); the "
                         "validation brains keep the template's, so that the learning curve stays comparable")
+    t.add_argument("--bleed-fraction", type=float, default=0.0,
+                   help="share of the anatomical brains given an acute bleed whose phase is noise, with its noise map "
+                        "(simulation.add_bleed; the network's inputs then built from that map as at inference; "
+                        "realistic simulator only; default 0, the bundled model's recipe); validation brains have none")
     t.add_argument("--validation-count", type=int, default=4, help="held-apart simulated brains for validation")
     t.add_argument("--ema", type=float, default=0.0,
                    help="keep a moving average of the weights with this decay (e.g. 0.998), validated and exported")
@@ -472,6 +476,10 @@ def cmd_train(args, progress: Progress) -> int:
 
     if not 0.0 <= args.sharp_fraction <= 1.0:
         raise InputError("--sharp-fraction", f"a share between 0 and 1, not {args.sharp_fraction:g}")
+    if not 0.0 <= args.bleed_fraction <= 1.0:
+        raise InputError("--bleed-fraction", f"a share between 0 and 1, not {args.bleed_fraction:g}")
+    if args.bleed_fraction > 0 and args.simulator != "realistic":
+        raise InputError("--bleed-fraction", "bleeds are put into the realistic simulator's anatomical brains only")
     base = REALISTIC if args.simulator == "realistic" else SimulationConfig()
     config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, validate_every=args.validate_every, pool_size=args.pool_size,
@@ -479,7 +487,7 @@ def cmd_train(args, progress: Progress) -> int:
                          workers=args.workers, precision=args.precision, max_seconds=args.max_seconds,
                          lr_final=args.lr_final, flips=args.flips,
                          simulation=replace(base, brain_fov_mm=tuple(args.brain_fov), brain_fraction=args.brain_fraction,
-                                            sharp_fraction=args.sharp_fraction))
+                                            sharp_fraction=args.sharp_fraction, bleed_fraction=args.bleed_fraction))
     log_path = args.log or args.out.with_name(args.out.name + ".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     step_fn = progress.task("train")

@@ -13,10 +13,11 @@ the table is benchmarks/results/field_stats.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from . import anatomy, fieldterms, phantoms
 from .geometry import Geometry
@@ -41,6 +42,7 @@ class SimulationConfig:
     correlated_width_vox: tuple[float, float] = (0.5, 1.5)
     mask_error_vox: float = 2.0  # mask edge moved by up to this (in 70 % of volumes)
     sharp_fraction: float = 0.0  # anatomical brains with one brain's tissue boundaries (anatomy.sharp_tissue)
+    bleed_fraction: float = 0.0  # realistic anatomical brains given an acute bleed and its noise map (add_bleed)
 
 
 # The realistic recipe: what the bundled model is trained on (TrainConfig's default).
@@ -57,6 +59,7 @@ class Sample:
     geometry: Geometry
     noise_ppm: float
     prior: np.ndarray | None = None  # the network's prior input channel, when its architecture has one
+    noise_map: np.ndarray | None = None  # the field's noise std (ppm) where it is not uniform (a bleed), else None
 
 
 def random_b0(rng: np.random.Generator, max_tilt_deg: float) -> tuple[float, float, float]:
@@ -114,7 +117,10 @@ def anatomical_volume(rng: np.random.Generator, config: SimulationConfig) -> Sam
     brain = anatomy.anatomical_brain(rng, vs, config.anatomical_max_shape, sharp=sharp)
     geometry = Geometry(vs, random_b0(rng, config.max_tilt_deg))
     if config.realistic:
-        return realistic_sample(brain.chi, brain.mask, geometry, rng, config, brain.wm)
+        sample = realistic_sample(brain.chi, brain.mask, geometry, rng, config, brain.wm)
+        if config.bleed_fraction > 0 and rng.random() < config.bleed_fraction:  # no draw at 0: seeds keep their brains
+            sample = add_bleed(sample, rng)[0]
+        return sample
     sigma = log_uniform(rng, config.noise_ppm)
     return Sample(brain.chi, brain.mask, add_noise(field_of(brain.chi, brain.mask, geometry), brain.mask, sigma, rng),
                   geometry, sigma)
@@ -153,6 +159,38 @@ def realistic_sample(chi: np.ndarray, mask: np.ndarray, geometry: Geometry, rng:
     field = np.where(given, dipole + extra, 0.0).astype(np.float32)
     truth = np.where(given, chi, 0.0).astype(np.float32)
     return Sample(truth, given, field, geometry, float(extra[given].std()))
+
+
+BLEED_NOISE_FACTOR = 20.0  # a bleed's field noise over the brain's (its signal is gone): W there is 0.05 x the median
+
+
+def add_bleed(sample: Sample, rng: np.random.Generator, min_depth_mm: float = 15.0) -> tuple[Sample, np.ndarray]:
+    """``sample`` (a realistic brain) with an acute bleed, and the bleed's mask: 2-5 overlapping spheres of 4-10 mm
+    radius around a point at least ``min_depth_mm`` inside the mask, 0.6-1.6 ppm above the tissue, its dipole field
+    added to the sample's field (the field is linear in chi: the brain's non-dipolar terms stay as they were). As in
+    a real bleed, whose signal decays before the echo, the phase inside it is noise: the noise map is
+    BLEED_NOISE_FACTOR times the brain's level there, and that much white noise is added. A mask with no point that
+    deep gets no bleed (the sample unchanged, an empty bleed)."""
+    from .phantoms import sphere
+
+    m = sample.mask > 0
+    vs = np.asarray(sample.geometry.voxel_size)
+    inner = np.argwhere(ndimage.distance_transform_edt(m, sampling=vs) >= min_depth_mm)
+    if len(inner) == 0:
+        return sample, np.zeros(m.shape, bool)
+    centre = inner[int(rng.integers(len(inner)))]
+    bleed = np.zeros(m.shape, bool)
+    for _ in range(int(rng.integers(2, 6))):
+        offset = rng.normal(0, 4.0, 3) / vs  # mm -> voxels
+        bleed |= sphere(m.shape, vs, float(rng.uniform(4.0, 10.0)), 1.0, centre + offset) > 0
+    bleed &= m
+    chi = np.where(bleed, sample.chi + float(rng.uniform(0.6, 1.6)), sample.chi).astype(np.float32)
+    level = float(sample.noise_ppm)
+    noise = np.where(bleed, BLEED_NOISE_FACTOR * level, level).astype(np.float32)
+    field = sample.field + field_of(chi - sample.chi, m, sample.geometry)
+    extra = rng.normal(0, level * np.sqrt(BLEED_NOISE_FACTOR**2 - 1), m.shape)
+    field = np.where(bleed, field + extra, field).astype(np.float32)
+    return replace(sample, chi=chi, field=field, noise_map=noise, prior=None), bleed
 
 
 def random_patch(sample: Sample, patch: tuple[int, int, int], rng: np.random.Generator,

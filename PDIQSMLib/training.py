@@ -24,9 +24,10 @@ import torch
 
 from .memory import reuse_freed_memory
 from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, fast_layout, gaussian_nll, use_bf16
-from .network_io import clamp_logvar, prior_map, to_input
+from .network_io import clamp_logvar, network_inputs, prior_map, to_input
 from .schedules import cosine
 from .simulation import REALISTIC, Sample, SimulationConfig, make_volume, random_patch
+from .weighting import data_weight
 
 
 @dataclass
@@ -53,9 +54,16 @@ class TrainConfig:
 
 
 def with_prior(sample: Sample, kind: str) -> Sample:
-    """``sample`` with its prior channel computed (unchanged when ``kind`` is 'none' or it has one)."""
+    """``sample`` with its prior channel computed (unchanged when ``kind`` is 'none' or it has one). A sample with a
+    noise map (a bleed, simulation.add_bleed) gets both channels as inference builds them from that map
+    (network_io.network_inputs: the W-weighted prior, and the field the reliable data predict where the map says the
+    field is noise), so that training sees what the network is fed."""
     if kind != "none" and sample.prior is None:
-        sample.prior = prior_map(sample.field, sample.mask, sample.geometry, kind)
+        if sample.noise_map is None:
+            sample.prior = prior_map(sample.field, sample.mask, sample.geometry, kind)
+        else:
+            weight = data_weight(sample.mask, sample.noise_map)
+            sample.field, sample.prior = network_inputs(kind, sample.field, sample.mask, sample.geometry, weight)
     return sample
 
 
@@ -358,7 +366,9 @@ def validation_set(seed: int = 10_000, count: int = 2, config: SimulationConfig 
 def validation_sets(count: int, config: SimulationConfig) -> tuple[list[Sample], list[Sample] | None]:
     """The validation brains for a training mix: with the template's tissue boundaries whatever the mix (so
     the curve stays comparable across runs), and when the mix sharpens some (``config.sharp_fraction`` > 0)
-    the same seeds sharpened too (a seed keeps its brain, grid and field terms: ``anatomy.anatomical_brain``)."""
+    the same seeds sharpened too (a seed keeps its brain, grid and field terms: ``anatomy.anatomical_brain``); never
+    with a bleed (``config.bleed_fraction``)."""
+    config = replace(config, bleed_fraction=0.0)  # and without bleeds, which only some mixes have
     plain = validation_set(count=count, config=replace(config, sharp_fraction=0.0))
     sharp = validation_set(count=count, config=replace(config, sharp_fraction=1.0)) if config.sharp_fraction > 0 else None
     return plain, sharp

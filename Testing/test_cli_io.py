@@ -318,3 +318,9 @@ def test_a_training_share_outside_zero_to_one_is_refused_before_anything_is_writ
                         "--sharp-fraction", "1.5"], capsys)
     assert code == 2 and "--sharp-fraction: a share between 0 and 1, not 1.5" in err
     assert not any(tmp_path.iterdir())
+    base = ["train", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "c.pt")]
+    code, _, err = run(base + ["--bleed-fraction", "-0.1"], capsys)
+    assert code == 2 and "--bleed-fraction: a share between 0 and 1, not -0.1" in err
+    code, _, err = run(base + ["--bleed-fraction", "0.5", "--simulator", "clean"], capsys)
+    assert code == 2 and "--bleed-fraction: bleeds are put into the realistic simulator's anatomical brains" in err
+    assert not any(tmp_path.iterdir())

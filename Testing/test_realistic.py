@@ -196,6 +196,69 @@ def test_a_sharp_brain_is_its_seeds_brain_with_a_stronger_dipole_field():
     assert std(sharp) > 1.05 * std(plain)
 
 
+def test_an_inserted_bleed_adds_its_own_dipole_field_and_marks_its_phase_as_noise():
+    """simulation.add_bleed: the bleed lies inside the mask, raises
+    chi there by one value in 0.6-1.6 ppm and nowhere else; outside the bleed the field changes by exactly the
+    bleed's dipole field; the noise map is 20 times the level inside it, the level elsewhere; same seed, same bleed."""
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.simulation import Sample, add_bleed, field_of
+
+    shape, g = (64, 64, 64), Geometry((1.0, 1.0, 1.0))
+    z, y, x = np.meshgrid(*(np.arange(n) - 31.5 for n in shape), indexing="ij")
+    mask = x**2 + y**2 + z**2 < 28**2
+    rng = np.random.default_rng(3)
+    chi = np.where(mask, rng.normal(0, 0.02, shape), 0).astype(np.float32)
+    field = field_of(chi, mask, g) + np.where(mask, rng.normal(0, 1e-3, shape), 0).astype(np.float32)
+    sample = Sample(chi=chi, mask=mask, field=field, geometry=g, noise_ppm=1e-3)
+    out, bleed = add_bleed(sample, np.random.default_rng(7))
+    new_chi, new_field, noise = out.chi, out.field, out.noise_map
+    assert bleed.sum() > 100 and not (bleed & ~mask).any()
+    raised = (new_chi - chi)[bleed]
+    assert 0.6 <= raised.min() and np.ptp(raised) < 1e-5 and raised.max() <= 1.6
+    assert np.array_equal(new_chi[~bleed], chi[~bleed])
+    dipole = field_of(new_chi - chi, mask, g)
+    outside = mask & ~bleed
+    assert np.allclose(new_field[outside] - field[outside], dipole[outside], atol=1e-6)
+    assert np.allclose(noise[bleed], 0.02) and np.allclose(noise[~bleed], 1e-3)
+    assert np.std((new_field - field - dipole)[bleed]) > 0.01  # the phase inside is noise
+    again = add_bleed(sample, np.random.default_rng(7))
+    assert np.array_equal(again[1], bleed) and np.array_equal(again[0].field, new_field)
+    assert np.array_equal(sample.field, field)  # the input sample is left as it was
+
+
+@needs_templates
+def test_a_bleed_in_the_training_mix_is_fed_as_at_inference_and_kept_out_of_validation():
+    """bleed_fraction 1: the seed's brain (same mask, grid, B0) with a bleed, and its noise map; with_prior builds the
+    network's channels from that map as inference does: in the bleed, whose field is noise, the field channel holds
+    the forward field of the weighted prior (smooth: no noise from voxel to voxel), elsewhere the field itself.
+    Validation brains never carry a bleed."""
+    from PDIQSMLib.network import PRESETS
+    from PDIQSMLib.network_io import unreliable_voxels
+    from PDIQSMLib.physics import DipoleOperator
+    from PDIQSMLib.training import validation_sets, with_prior
+    from PDIQSMLib.weighting import data_weight
+
+    config = replace(REALISTIC, anatomical_fraction=1.0, anatomical_max_shape=(64, 64, 40))
+    plain = make_volume(np.random.default_rng(5), config)
+    bled = make_volume(np.random.default_rng(5), replace(config, bleed_fraction=1.0))
+    assert plain.noise_map is None and bled.noise_map is not None
+    assert np.array_equal(plain.mask, bled.mask) and plain.geometry == bled.geometry
+    bleed = bled.chi - plain.chi > 0.5
+    assert bleed.sum() > 50 and np.array_equal(bled.chi[~bleed], plain.chi[~bleed])
+    raw = bled.field.copy()
+    kind = PRESETS["default"].prior
+    fed = with_prior(bled, kind)
+    bad = unreliable_voxels(fed.mask, data_weight(fed.mask, fed.noise_map))
+    assert np.array_equal(bad, bleed)
+    predicted = DipoleOperator(fed.mask.shape, fed.geometry, 1.5).forward(torch.from_numpy(fed.prior)).numpy()
+    assert np.allclose(fed.field[bad], predicted[bad], atol=1e-6)
+    pairs = bad[1:] & bad[:-1]  # neighbours along the first axis, both in the bleed: the raw field's noise shows
+    assert np.diff(fed.field, axis=0)[pairs].std() < 0.3 * np.diff(raw, axis=0)[pairs].std()
+    assert np.array_equal(fed.field[fed.mask & ~bad], raw[fed.mask & ~bad])
+    plain_set, sharp_set = validation_sets(1, replace(config, bleed_fraction=1.0, sharp_fraction=0.5))
+    assert all(s.noise_map is None for s in plain_set + sharp_set)
+
+
 @needs_templates
 def test_realistic_fields_span_the_real_cone_share():
     """Real 3 T local fields: 5.4 % and 8.5 % of their power in the cone; a dipole field plus white noise:

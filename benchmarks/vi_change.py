@@ -12,7 +12,7 @@ compact cluster, non-dipolar field fitted into chi as scattered specks). Beside 
 truth: PDI's map with fine-tuning's change kept only in that largest cluster (grown by 2 voxels), "VI1 in its
 cluster". Then, over the brains, Spearman's correlation of each reading with the
 gain (PDI-VI1 minus PDI, positive = fine-tuning made it worse): a reading that ranks the gain could decide
-when to fine-tune. ``--lesions``: brains with an inserted bleed instead (``with_bleed``, seeds ``LESION_SEEDS``),
+when to fine-tune. ``--lesions``: brains with an inserted bleed instead (``simulation.add_bleed``, seeds ``LESION_SEEDS``),
 the pathology PDI-VI is for. Above it, the two methods' mean scores (as ``bench_realistic.py --vi``). Writes
 benchmarks/results/vi_change_<name>.md. About 2.5 min a brain on 2 cores.
 """
@@ -33,7 +33,7 @@ from PDIQSMLib.evaluation import compare_methods, format_table  # noqa: E402
 from PDIQSMLib.fieldstats import field_stats  # noqa: E402
 from PDIQSMLib.metrics import nrmse_demeaned  # noqa: E402
 from PDIQSMLib.pipeline import Settings  # noqa: E402
-from PDIQSMLib.simulation import make_volume  # noqa: E402
+from PDIQSMLib.simulation import add_bleed, make_volume  # noqa: E402
 
 READINGS = ("moved_rms_sigma", "moved_over_2sigma", "largest_cluster_share", "misfit_ratio", "cone_white_ratio",
             "iterations")
@@ -56,39 +56,12 @@ def largest_cluster(moved: np.ndarray) -> tuple[np.ndarray, float]:
 LESION_SEEDS = tuple(range(80_000, 80_006))  # brains with an inserted bleed, apart from every other seed range
 
 
-def with_bleed(sample, rng: np.random.Generator):
-    """``sample`` (a realistic brain) with an acute bleed PDI never saw in training: 2-5 overlapping spheres of
-    4-10 mm radius around a point at least 15 mm inside the mask, 0.6-1.6 ppm above the tissue, its dipole field
-    added to the sample's field (the field is linear in chi, so the brain's non-dipolar terms stay as they were).
-    As in a real bleed, whose signal decays before the echo, the phase inside it is noise: a noise map 20 times the
-    brain's level there (extra white noise added), which PDI-VI reads as a data weight. Returns (chi, field, noise
-    map, bleed)."""
-    from PDIQSMLib.phantoms import sphere
-    from PDIQSMLib.simulation import field_of
-
-    m = sample.mask > 0
-    vs = np.asarray(sample.geometry.voxel_size)
-    depth = ndimage.distance_transform_edt(m, sampling=vs)
-    inner = np.argwhere(depth >= 15.0)
-    centre = inner[int(rng.integers(len(inner)))]
-    bleed = np.zeros(m.shape, bool)
-    for _ in range(int(rng.integers(2, 6))):
-        offset = rng.normal(0, 4.0, 3) / vs  # mm -> voxels
-        bleed |= sphere(m.shape, vs, float(rng.uniform(4.0, 10.0)), 1.0, centre + offset) > 0
-    bleed &= m
-    chi = np.where(bleed, sample.chi + float(rng.uniform(0.6, 1.6)), sample.chi).astype(np.float32)
-    level = float(sample.noise_ppm)
-    noise = np.where(bleed, 20.0 * level, level).astype(np.float32)
-    field = sample.field + field_of(chi - sample.chi, m, sample.geometry)
-    field = np.where(bleed, field + rng.normal(0, level * np.sqrt(20.0**2 - 1), m.shape), field).astype(np.float32)
-    return chi, field, noise, bleed
-
-
 def bleed_brain(seed: int, config):
-    """The realistic brain of ``seed`` (``config``) with the bleed of ``with_bleed`` drawn from seed + 1: (sample,
-    chi, field, noise map, bleed)."""
+    """The realistic brain of ``seed`` (``config``) with the bleed of ``simulation.add_bleed`` drawn from seed + 1:
+    (sample, chi, field, noise map, bleed)."""
     s = make_volume(np.random.default_rng(seed), config)
-    return (s, *with_bleed(s, np.random.default_rng(seed + 1)))
+    b, bleed = add_bleed(s, np.random.default_rng(seed + 1))
+    return s, b.chi, b.field, b.noise_map, bleed
 
 
 def readings(field, mask, geometry, truth, scores: dict[str, list[dict]], noise_std=None) -> dict[str, float]:
@@ -125,7 +98,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     ap.add_argument("--sharp", action="store_true", help="one brain's tissue boundaries (as bench_realistic.py)")
     ap.add_argument("--ich", action="store_true", help="the shared ICH case too (not in the correlations)")
-    ap.add_argument("--lesions", action="store_true", help="a bleed inserted in each brain (with_bleed, seeded by "
+    ap.add_argument("--lesions", action="store_true", help="a bleed inserted in each brain (add_bleed, seeded by "
                     "the brain's seed + 1); --seeds default to LESION_SEEDS")
     ap.add_argument("--name", default="heldout10")
     args = ap.parse_args()
