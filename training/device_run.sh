@@ -4,6 +4,7 @@
 #   2. training resumed from training/realistic-ckpt.pt for the rest of BUDGET seconds (--max-seconds),
 #      volumes simulated by WORKERS processes, batch 16, cosine learning rate, mirrored patches; since session 15
 #      half the anatomical brains with one brain's tissue boundaries (SHARP, --sharp-fraction; 0 for the old mix);
+#      since session 21 a share BLEED of them (--bleed-fraction, default 0: the bundled model's mix) with an acute bleed;
 #   3. the checkpoint, its log and the tables copied to $OUT (the checkpoint without its history, which the
 #      log holds, to stay under the tool's 16 MiB per file; training/merge_device_run.py puts them back).
 # Carried wheels (.whl: nibabel, nilearn for the MNI152 templates) are installed first when present.
@@ -55,6 +56,7 @@ train() {  # $1 lr, $2 seconds; appends to the one log
   timeout $(($2 + 120)) $PY -m PDIQSMLib.cli train --steps 1000000 --out /tmp/device-ckpt.pt --log "$OUT/device-log.jsonl" \
     --batch-size "$BATCH" --lr "$1" --lr-final 1e-5 --beta 1 --ema 0.998 --workers "$WORKERS" --threads 2 \
     --pool-size 48 --validate-every 2000 --validation-count 3 --flips --sharp-fraction "${SHARP:-0.5}" \
+    --bleed-fraction "${BLEED:-0}" \
     --max-seconds "$2" --device "$DEVICE" \
     --progress none >> "$OUT/train.log" 2>&1
   echo "train exit $?" | tee -a "$OUT/env.txt"
