@@ -8,7 +8,8 @@ from the third voxel axis by up to ``max_tilt_deg``; field = F^-1 D F chi with 1
 Then what a real local field carries beside ``D chi`` (``realistic``, see fieldterms.py): white-matter
 anisotropy, background-field residue, correlated and white noise, a mask off by a voxel or two. Their
 amplitudes are drawn so that the fields' cone power share spans the real range (3-10 %, fieldstats.py;
-the table is benchmarks/results/field_stats.md).
+the table is benchmarks/results/field_stats.md). Optionally (``bleed_fraction``, not in the bundled model's mix) an
+anatomical brain gets an acute bleed whose phase is noise, with the noise map that says so (``add_bleed``).
 """
 
 from __future__ import annotations
@@ -171,8 +172,6 @@ def add_bleed(sample: Sample, rng: np.random.Generator, min_depth_mm: float = 15
     a real bleed, whose signal decays before the echo, the phase inside it is noise: the noise map is
     BLEED_NOISE_FACTOR times the brain's level there, and that much white noise is added. A mask with no point that
     deep gets no bleed (the sample unchanged, an empty bleed)."""
-    from .phantoms import sphere
-
     m = sample.mask > 0
     vs = np.asarray(sample.geometry.voxel_size)
     inner = np.argwhere(ndimage.distance_transform_edt(m, sampling=vs) >= min_depth_mm)
@@ -182,7 +181,7 @@ def add_bleed(sample: Sample, rng: np.random.Generator, min_depth_mm: float = 15
     bleed = np.zeros(m.shape, bool)
     for _ in range(int(rng.integers(2, 6))):
         offset = rng.normal(0, 4.0, 3) / vs  # mm -> voxels
-        bleed |= sphere(m.shape, vs, float(rng.uniform(4.0, 10.0)), 1.0, centre + offset) > 0
+        bleed |= phantoms.sphere(m.shape, vs, float(rng.uniform(4.0, 10.0)), 1.0, centre + offset) > 0
     bleed &= m
     chi = np.where(bleed, sample.chi + float(rng.uniform(0.6, 1.6)), sample.chi).astype(np.float32)
     level = float(sample.noise_ppm)
