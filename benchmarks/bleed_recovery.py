@@ -27,7 +27,7 @@ from PDIQSMLib.evaluation import compare_methods  # noqa: E402
 from PDIQSMLib.pipeline import Settings  # noqa: E402
 
 
-def methods(vi: bool, weights: list[str] = (), only_pdi: bool = False) -> list[tuple[str, Settings]]:
+def methods(vi: bool, weights: tuple[str, ...] | list[str] = (), only_pdi: bool = False) -> list[tuple[str, Settings]]:
     """The methods scored; ``weights``: PDI with these weights files too; ``only_pdi``: the PDI rows alone."""
     out = [("tikhonov auto (PDI's input)", Settings(method="tikhonov")), ("medi auto", Settings(method="medi")),
            ("pdi", Settings(method="pdi", device="cpu")),
