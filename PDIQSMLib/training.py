@@ -24,7 +24,7 @@ import torch
 
 from .memory import reuse_freed_memory
 from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, fast_layout, gaussian_nll, use_bf16
-from .network_io import clamp_logvar, network_inputs, prior_map, to_input
+from .network_io import clamp_logvar, network_inputs, to_input
 from .schedules import cosine
 from .simulation import REALISTIC, Sample, SimulationConfig, make_volume, random_patch
 from .weighting import data_weight
@@ -54,16 +54,13 @@ class TrainConfig:
 
 
 def with_prior(sample: Sample, kind: str) -> Sample:
-    """``sample`` with its prior channel computed (unchanged when ``kind`` is 'none' or it has one). A sample with a
-    noise map (a bleed, simulation.add_bleed) gets both channels as inference builds them from that map
-    (network_io.network_inputs: the W-weighted prior, and the field the reliable data predict where the map says the
-    field is noise), so that training sees what the network is fed."""
+    """``sample`` with its prior channel computed (unchanged when ``kind`` is 'none' or it has one): both channels as
+    inference builds them (network_io.network_inputs), so that training sees what the network is fed. With a noise
+    map (a bleed, simulation.add_bleed) that is the W-weighted prior and the field the reliable data predict where
+    the map says the field is noise; without one, the field (already zero outside the mask) stays as it was."""
     if kind != "none" and sample.prior is None:
-        if sample.noise_map is None:
-            sample.prior = prior_map(sample.field, sample.mask, sample.geometry, kind)
-        else:
-            weight = data_weight(sample.mask, sample.noise_map)
-            sample.field, sample.prior = network_inputs(kind, sample.field, sample.mask, sample.geometry, weight)
+        weight = None if sample.noise_map is None else data_weight(sample.mask, sample.noise_map)
+        sample.field, sample.prior = network_inputs(kind, sample.field, sample.mask, sample.geometry, weight)
     return sample
 
 
