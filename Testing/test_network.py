@@ -521,6 +521,62 @@ def test_a_background_runs_records_continue_the_log_and_its_checkpoint_replaces_
     assert torch.load(ckpt, weights_only=True)["step"] == 5
 
 
+def test_an_average_of_two_checkpoints_lies_between_them_and_the_export_says_so(tmp_path):
+    """training/average_checkpoints.py: (1 - alpha) BASE + alpha OTHER for the raw weights and their moving average
+    alike, alpha 0 and 1 giving back the two exactly, the rest (step, optimizer) from OTHER; the record of the
+    average (OTHER's step, marked) ends the log and the history, and the exported manifest names the average;
+    another preset or an alpha outside 0..1 is refused."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "training" / "average_checkpoints.py"
+    spec = importlib.util.spec_from_file_location("average_checkpoints", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def checkpoint(seed: int, step: int) -> dict:
+        torch.manual_seed(seed)
+        net, ema = PDINet(PRESETS["tiny-auto"]), PDINet(PRESETS["tiny-auto"])
+        record = {"step": step, "loss": 0.1 * seed, "validation": {"rmse": 50.0 + seed}}
+        return {"preset": "tiny-auto", "config": json.dumps({"preset": "tiny-auto", "lr": 1e-4 * seed}),
+                "model": net.state_dict(), "ema": ema.state_dict(), "step": step, "history": [record],
+                "optimizer": {"seed": seed}}
+
+    base, other = checkpoint(1, 10), checkpoint(2, 14)
+    torch.save(base, tmp_path / "base.pt")
+    torch.save(other, tmp_path / "other.pt")
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"step": 14, "loss": 0.2}) + "\n")
+    script = [sys.executable, str(path), str(tmp_path / "base.pt"), str(tmp_path / "other.pt"), "--alpha", "0.3",
+              "--out", str(tmp_path / "base.pt"), "--log", str(log), "--validation-count", "0"]
+    done = subprocess.run(script, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = torch.load(tmp_path / "base.pt", weights_only=True)  # OUT over BASE: both were read first
+    for key in ("model", "ema"):
+        for name, b in base[key].items():
+            assert torch.allclose(out[key][name], 0.7 * b + 0.3 * other[key][name], atol=1e-6), (key, name)
+    assert sum(not torch.equal(base["ema"][n], other["ema"][n]) for n in base["ema"]) > len(base["ema"]) // 2
+    assert out["step"] == 14 and out["optimizer"] == {"seed": 2}
+    average = {"base": "base.pt", "base_step": 10, "other": "other.pt", "other_step": 14, "alpha": 0.3}
+    assert json.loads(out["config"]) == {"preset": "tiny-auto", "lr": 2e-4, "weight_average": average}
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[-1] == {"step": 14, "loss": 0.2, "weight_average": average} and len(records) == 2
+    assert out["history"] == other["history"] + [records[-1]]
+    export(tmp_path / "base.pt", tmp_path / "w.safetensors")
+    manifest = json.loads((tmp_path / "w.json").read_text())
+    assert manifest["train_config"]["weight_average"] == average and manifest["steps"] == 14
+
+    for alpha, ends in ((0.0, base), (1.0, other)):
+        state = module.averaged(base, other, alpha, "b", "o")
+        assert all(torch.equal(state["ema"][n], ends["ema"][n]) for n in base["ema"])
+    with pytest.raises(SystemExit, match="between 0 and 1"):
+        module.averaged(base, other, 1.5, "b", "o")
+    with pytest.raises(SystemExit, match="presets differ"):
+        module.averaged(base, {**other, "preset": "default"}, 0.5, "b", "o")
+
+
 def test_variance_only_finetuning_moves_sigma_and_leaves_the_mean_untouched():
     """training/finetune_variance.crop_loss: Eq. 9's gradient reaches the log-variance decoder only, so an Adam step
     changes the predicted log variance and leaves the mean map bit for bit as it was."""
