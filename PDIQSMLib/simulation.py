@@ -8,8 +8,9 @@ from the third voxel axis by up to ``max_tilt_deg``; field = F^-1 D F chi with 1
 Then what a real local field carries beside ``D chi`` (``realistic``, see fieldterms.py): white-matter
 anisotropy, background-field residue, correlated and white noise, a mask off by a voxel or two. Their
 amplitudes are drawn so that the fields' cone power share spans the real range (3-10 %, fieldstats.py;
-the table is benchmarks/results/field_stats.md). Optionally (``bleed_fraction``, not in the bundled model's mix) an
-anatomical brain gets an acute bleed whose phase is noise, with the noise map that says so (``add_bleed``).
+the table is benchmarks/results/field_stats.md). Optionally (``bleed_fraction``; the bundled weights average in a
+model trained at 0.5) an anatomical brain gets an acute bleed whose phase is noise, with the noise map that says so
+(``add_bleed``).
 """
 
 from __future__ import annotations

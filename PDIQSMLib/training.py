@@ -425,6 +425,13 @@ def kept_history(history: list[dict]) -> list[dict]:
     return [r for r in history if "validation" in r]
 
 
+def checkpoint_net(state: dict) -> PDINet:
+    """The network of a loaded training checkpoint: its weights' moving average when kept, else the last step's."""
+    net = PDINet(PRESETS[state["preset"]])
+    net.load_state_dict(state.get("ema") or state["model"])
+    return net
+
+
 def export(checkpoint: Path, out: Path, recalibrate: bool = True, calibrate: bool = False) -> Path:
     """Weights of a training checkpoint as safetensors + manifest (steps, config, last validation),
     with batch-norm statistics re-estimated on simulated brains unless ``recalibrate`` is False, and
@@ -432,8 +439,7 @@ def export(checkpoint: Path, out: Path, recalibrate: bool = True, calibrate: boo
     from .weights import save_weights
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    net = PDINet(PRESETS[state["preset"]])
-    net.load_state_dict(state.get("ema") or state["model"])  # the weights' moving average when kept
+    net = checkpoint_net(state)
     recalibrate = recalibrate and any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
     if recalibrate:
         recalibrate_batchnorm(net)

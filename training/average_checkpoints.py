@@ -63,13 +63,10 @@ def averaged(base: dict, other: dict, alpha: float, base_name: str, other_name: 
 
 def score(state: dict, count: int) -> dict:
     """The validation record of a checkpoint's weights (moving average when kept), as training writes it."""
-    from PDIQSMLib.network import PRESETS, PDINet
     from PDIQSMLib.simulation import REALISTIC
-    from PDIQSMLib.training import validate, validation_sets
+    from PDIQSMLib.training import checkpoint_net, validate, validation_sets
 
-    net = PDINet(PRESETS[state["preset"]])
-    net.load_state_dict(state.get("ema") or state["model"])
-    net.eval()
+    net = checkpoint_net(state).eval()
     sharp_fraction = json.loads(state["config"]).get("simulation", {}).get("sharp_fraction", 0.0)
     plain, sharp = validation_sets(count, replace(REALISTIC, sharp_fraction=sharp_fraction))
     record = {"validation": validate(net, plain)}

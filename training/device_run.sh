@@ -4,7 +4,8 @@
 #   2. training resumed from training/realistic-ckpt.pt for the rest of BUDGET seconds (--max-seconds),
 #      volumes simulated by WORKERS processes, batch 16, cosine learning rate, mirrored patches; since session 15
 #      half the anatomical brains with one brain's tissue boundaries (SHARP, --sharp-fraction; 0 for the old mix);
-#      since session 21 a share BLEED of them (--bleed-fraction, default 0: the bundled model's mix) with an acute bleed
+#      since session 21 a share BLEED of them (--bleed-fraction, default 0: the main line's mix; the bundled
+#      weights average in 0.3 of a model trained at 0.5) with an acute bleed
 #      (on the CPU, 0.5 helped bleeds by 5 points and cost brains without one half a point: bleed_recovery_bleedmix.md);
 #   3. the checkpoint, its log and the tables copied to $OUT (the checkpoint without its history, which the
 #      log holds, to stay under the tool's 16 MiB per file; training/merge_device_run.py puts them back).
