@@ -139,7 +139,12 @@ def test_the_model_card_and_region_calibration_name_the_shipped_weights():
     assert f"**{manifest['steps']} steps**" in card
     average = manifest["train_config"].get("weight_average")  # training/average_checkpoints.py
     if average:  # the card must say the weights are an average, and of what
-        assert "**weight average**" in card and f"{average['alpha']:g} x the {average['other_step']}-step" in card
+        assert "**weight average**" in card
+    averages = [average] if average else []
+    while averages:  # the average and each average in it (base_average / other_average)
+        a = averages.pop()
+        assert f"{a['alpha']:g} x the {a['other_step']}-step" in card, a
+        averages += [a[k] for k in ("base_average", "other_average") if k in a]
     assert regions["weights_sha256"] == digest
 
 
@@ -572,6 +577,10 @@ def test_an_average_of_two_checkpoints_lies_between_them_and_the_export_says_so(
     export(tmp_path / "base.pt", tmp_path / "w.safetensors")
     manifest = json.loads((tmp_path / "w.json").read_text())
     assert manifest["train_config"]["weight_average"] == average and manifest["steps"] == 14
+
+    again = module.averaged(out, other, 0.5, "base.pt", "other.pt")  # an average of an average keeps both recipes
+    assert json.loads(again["config"])["weight_average"] == {"base": "base.pt", "base_step": 14, "other": "other.pt",
+                                                             "other_step": 14, "alpha": 0.5, "base_average": average}
 
     for alpha, ends in ((0.0, base), (1.0, other)):
         state = module.averaged(base, other, alpha, "b", "o")

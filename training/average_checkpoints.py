@@ -42,7 +42,8 @@ def mixed(base: dict, other: dict, alpha: float) -> dict:
 
 def averaged(base: dict, other: dict, alpha: float, base_name: str, other_name: str) -> dict:
     """The checkpoint ``other`` with its weights (and their moving average when both keep one) averaged with
-    ``base``'s; its config gains ``weight_average`` (the two checkpoints, their steps, alpha)."""
+    ``base``'s; its config gains ``weight_average`` (the two checkpoints, their steps, alpha, and the recipe of
+    either that was itself an average as ``base_average`` / ``other_average``)."""
     if not 0.0 <= alpha <= 1.0:
         raise SystemExit(f"--alpha: a share between 0 and 1, not {alpha:g}")
     if base["preset"] != other["preset"]:
@@ -56,6 +57,10 @@ def averaged(base: dict, other: dict, alpha: float, base_name: str, other_name: 
     config = json.loads(other["config"])
     config["weight_average"] = {"base": base_name, "base_step": int(base["step"]), "other": other_name,
                                 "other_step": int(other["step"]), "alpha": alpha}
+    for name, state_of in (("base", base), ("other", other)):  # an input that is itself an average keeps its recipe
+        inner = json.loads(state_of["config"]).get("weight_average")
+        if inner:
+            config["weight_average"][f"{name}_average"] = inner
     state["config"] = json.dumps(config)
     state["history"] = kept_history(other.get("history", []))
     return state
