@@ -182,13 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of brains among the simulated volumes that are not anatomical, the rest random shapes (default 0.7)")
     t.add_argument("--sharp-fraction", type=float, default=0.0,
                    help="share of the anatomical brains given one brain's tissue boundaries instead of the MNI "
-                        "template's averaged ones (anatomy.sharp_tissue; default 0, the bundled model's recipe); the "
+                        "template's averaged ones (anatomy.sharp_tissue; default 0; the bundled model's steps since 32000 used 0.5); the "
                         "validation brains keep the template's, so that the learning curve stays comparable")
     t.add_argument("--bleed-fraction", type=float, default=0.0,
                    help="share of the anatomical brains given an acute bleed whose phase is noise, with its noise map "
                         "(simulation.add_bleed; the network's inputs then built from that map as at inference; "
-                        "realistic simulator only; default 0, the bundled model's recipe); validation brains have none")
-    t.add_argument("--validation-count", type=int, default=4, help="held-apart simulated brains for validation")
+                        "realistic simulator only; default 0; the bundled model's last CPU steps used 0.15); validation brains have none")
+    t.add_argument("--validation-count", type=int, default=3,
+                   help="held-apart simulated brains for validation (seeds 10000-; the bundled line's records use 3)")
     t.add_argument("--ema", type=float, default=0.0,
                    help="keep a moving average of the weights with this decay (e.g. 0.998), validated and exported")
     t.add_argument("--simulator", choices=("realistic", "clean"), default="realistic",

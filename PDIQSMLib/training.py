@@ -199,10 +199,12 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
     rng = np.random.default_rng(config.seed + rank)
     step, history = 0, []
     ema_state = None
+    origin = None  # what a resumed checkpoint's weights were made of, when not by this loop alone
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         if state["preset"] != config.preset:
             raise ValueError(f"{checkpoint}: checkpoint is preset {state['preset']!r}, not {config.preset!r}")
+        origin = started_from(json.loads(state["config"]), int(state["step"]))
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         for group in opt.param_groups:
@@ -227,7 +229,8 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
 
     def save() -> None:
         extra = {"ema": ema.state_dict()} if ema is not None else {}
-        save_atomic({"preset": config.preset, "config": json.dumps(asdict(config)), "model": net.state_dict(),
+        saved_config = {**asdict(config), **({"started_from": origin} if origin else {})}
+        save_atomic({"preset": config.preset, "config": json.dumps(saved_config), "model": net.state_dict(),
                      "optimizer": opt.state_dict(), "step": step, "history": history,
                      "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(), **extra},
                     checkpoint)
@@ -293,6 +296,18 @@ def _out_of_time(start: float, max_seconds: float, world: int, device: str) -> b
         dist.broadcast(flag, src=0)
         late = bool(flag.item())
     return late
+
+
+def started_from(previous: dict, step: int) -> dict | None:
+    """The lineage a run resumed from a checkpoint with config ``previous`` (at ``step``) must keep: the weight
+    average it continued (``training/average_checkpoints.py``), recorded as {"step", "weight_average"} so that the
+    exported manifest, and the model card after it, still say that the weights began as an average; a lineage
+    recorded earlier is kept as it is. None for a checkpoint this loop made from scratch."""
+    if "started_from" in previous:
+        return previous["started_from"]
+    if "weight_average" in previous:
+        return {"step": step, "weight_average": previous["weight_average"]}
+    return None
 
 
 def warm_start(net: PDINet, source: Path) -> list[str]:

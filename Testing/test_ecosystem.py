@@ -35,8 +35,8 @@ def brain(tmp_path_factory):
 
 
 # NRMSE (%) printed by QSM-CI on this clean phantom (seed 5: dipole field plus white noise), measured with
-# the realistic bundled weights (session 22's weight average): PDI 45.7 with its default two passes, PDI-VI1
-# (5 iterations, K = 2) 39.5 (44441 steps: 44.8, 39.3; 27171 steps: 45.7,
+# the realistic bundled weights (51183 steps): PDI 46.0 with its default two passes, PDI-VI1 (5 iterations, K = 2)
+# 39.2 (session 22's weight average: 45.7, 39.5; 44441 steps: 44.8, 39.3; 27171 steps: 45.7,
 # 46.5; the first model: 37.8, 37.6, its prior's fixed lambda suited such fields); MEDI with the automatic lambda
 # 22.9. Bounds add a margin.
 NRMSE_BOUND = {"medi": 32.0, "pdi": 50.0, "pdi-vi1": 50.0}

@@ -30,6 +30,16 @@ def gpu_spans(records: list[dict]) -> list[tuple[int, int]]:
     return [(first, last) for first, last in spans]
 
 
+def comparable_validations(records: list[dict]) -> list[tuple[int, dict]]:
+    """(step, validation) of the records scored on the log's usual brains. A record that says how many brains it was
+    scored on (``validation_count``) and differs from the most common count is left out: a run launched with another
+    --validation-count adds brains, and its means are not on the line's scale (its re-scored records are)."""
+    val = [(r["step"], r["validation"], r.get("validation_count")) for r in records if "validation" in r]
+    counts = [len(v.get("rmse_each", [])) for _, v, _ in val]
+    usual = max(set(counts), key=counts.count) if counts else 0
+    return [(s, v) for s, v, n in val if n is None or n == usual]
+
+
 def main(log_path: str, out_path: str, references: list[tuple[float, str]] = ()) -> None:
     by_step = {}
     for line in open(log_path):
@@ -54,7 +64,7 @@ def main(log_path: str, out_path: str, references: list[tuple[float, str]] = ())
     a.set_xlabel("step")
     a.set_ylabel("training loss (scaled units)")
     a.legend(markerscale=8)
-    val = [(r["step"], r["validation"]) for r in records if "validation" in r]
+    val = comparable_validations(records)
     if val:
         counts = {len(v.get("rmse_each", [])) for _, v in val}
         if len(counts) == 1 and min(counts) > 0:  # the same brains in every check: their mean
@@ -70,7 +80,9 @@ def main(log_path: str, out_path: str, references: list[tuple[float, str]] = ())
             four = [(s, v["rmse"]) for s, v in val if len(v.get("rmse_each", [])) >= 4]
             if four:
                 b.plot(*zip(*four), "^-", ms=3, color="C2", label="validation RMSE %, brains 1-4")
-        sharp = [(r["step"], r["validation_sharp"]["rmse_demeaned"]) for r in records if "validation_sharp" in r]
+        kept = {s for s, _ in val}
+        sharp = [(r["step"], r["validation_sharp"]["rmse_demeaned"]) for r in records
+                 if "validation_sharp" in r and r["step"] in kept]
         if sharp:  # runs whose mix sharpens some brains also score the validation brains sharpened
             b.plot(*zip(*sharp), "v", ms=4, color="C3", label="demeaned, the same brains sharpened")
         for value, label in references:
