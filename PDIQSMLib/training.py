@@ -303,11 +303,14 @@ def started_from(previous: dict, step: int) -> dict | None:
     average it continued (``training/average_checkpoints.py``), recorded as {"step", "weight_average"} so that the
     exported manifest, and the model card after it, still say that the weights began as an average; a lineage
     recorded earlier is kept as it is. None for a checkpoint this loop made from scratch."""
-    if "started_from" in previous:
-        return previous["started_from"]
-    if "weight_average" in previous:
+    if "weight_average" in previous:  # the checkpoint is an average itself: the newest origin
         return {"step": step, "weight_average": previous["weight_average"]}
-    return None
+    return previous.get("started_from")
+
+
+def weight_average_of(config: dict) -> dict | None:
+    """The weight average a checkpoint's (or manifest's) config says its weights are, or were trained on from."""
+    return config.get("weight_average") or config.get("started_from", {}).get("weight_average")
 
 
 def warm_start(net: PDINet, source: Path) -> list[str]:

@@ -11,7 +11,7 @@ from PDIQSMLib.defaults import PDI_REFLECTIONS
 from PDIQSMLib.errors import InputError
 from PDIQSMLib.inference import pad_to_stride, predict
 from PDIQSMLib.network import PRESETS, PDINet, UNetConfig, gaussian_nll
-from PDIQSMLib.training import TrainConfig, batch_loss, export, train
+from PDIQSMLib.training import TrainConfig, batch_loss, export, train, weight_average_of
 from PDIQSMLib.weights import load_model, save_weights
 
 
@@ -149,9 +149,8 @@ def test_the_model_card_and_region_calibration_name_the_shipped_weights():
     assert manifest["sha256"] == digest
     assert re.findall(r"sha256 ([0-9a-f]{64})", card) == [digest]
     assert f"**{manifest['steps']} steps**" in card
-    average = manifest["train_config"].get("weight_average")  # training/average_checkpoints.py
-    # or trained on from one (training.started_from): the card must name the average too
-    average = average or manifest["train_config"].get("started_from", {}).get("weight_average")
+    # training/average_checkpoints.py, or trained on from an average (training.started_from): the card names it
+    average = weight_average_of(manifest["train_config"])
     if average:  # the card must say the weights are an average, and of what
         assert "**weight average**" in card
     averages = [average] if average else []
@@ -615,6 +614,11 @@ def test_an_average_of_two_checkpoints_lies_between_them_and_the_export_says_so(
     again = module.averaged(out, other, 0.5, "base.pt", "other.pt")  # an average of an average keeps both recipes
     assert json.loads(again["config"])["weight_average"] == {"base": "base.pt", "base_step": 14, "other": "other.pt",
                                                              "other_step": 14, "alpha": 0.5, "base_average": average}
+    # an input trained on from an average (training.started_from) names it too, and its stale origin is dropped
+    resumed = {**other, "config": json.dumps({"preset": "tiny-auto", "started_from": {"step": 10, "weight_average": average}})}
+    config = json.loads(module.averaged(base, resumed, 0.5, "base.pt", "resumed.pt")["config"])
+    assert config["weight_average"]["other_average"] == average and "started_from" not in config
+    assert weight_average_of(config) == config["weight_average"] and weight_average_of({"preset": "x"}) is None
 
     for alpha, ends in ((0.0, base), (1.0, other)):
         state = module.averaged(base, other, alpha, "b", "o")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from PDIQSMLib.training import kept_history, save_atomic
+from PDIQSMLib.training import kept_history, save_atomic, weight_average_of
 
 
 def mixed(base: dict, other: dict, alpha: float) -> dict:
@@ -55,10 +55,11 @@ def averaged(base: dict, other: dict, alpha: float, base_name: str, other_name: 
     elif base.get("ema") or other.get("ema"):
         raise SystemExit("one checkpoint keeps a moving average of its weights and the other does not")
     config = json.loads(other["config"])
+    config.pop("started_from", None)  # OTHER's own origin: kept below as other_average
     config["weight_average"] = {"base": base_name, "base_step": int(base["step"]), "other": other_name,
                                 "other_step": int(other["step"]), "alpha": alpha}
-    for name, state_of in (("base", base), ("other", other)):  # an input that is itself an average keeps its recipe
-        inner = json.loads(state_of["config"]).get("weight_average")
+    for name, state_of in (("base", base), ("other", other)):  # an input that is, or began as, an average
+        inner = weight_average_of(json.loads(state_of["config"]))
         if inner:
             config["weight_average"][f"{name}_average"] = inner
     state["config"] = json.dumps(config)
