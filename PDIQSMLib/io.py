@@ -86,6 +86,24 @@ def check_same_grid(ref: Volume, other: Volume, role: str) -> None:
         raise InputError(str(other.path), f"{role} affine differs from {ref.path}'s (mismatched geometry)")
 
 
+def finite_in_mask(vol: Volume, mask: np.ndarray, role: str) -> int:
+    """Refuse NaN or Inf inside ``mask``, naming ``vol``'s file; set those outside it to 0 and return how many.
+
+    Many phase pipelines write NaN (or Inf) outside the brain of a local field or a magnitude; the mask decides
+    what is read, so these are harmless and are zeroed in memory (the file is never touched). Inside the mask no
+    value can be made up, so the run stops there."""
+    bad = ~np.isfinite(vol.data)
+    if not bad.any():
+        return 0
+    inside = int(np.count_nonzero(bad & np.asarray(mask, bool)))
+    outside = int(np.count_nonzero(bad)) - inside
+    if inside:
+        more = f" (and {outside} outside it, which would be ignored)" if outside else ""
+        raise InputError(str(vol.path), f"{role} contains {inside} NaN or Inf voxels inside the mask{more}")
+    vol.data[bad] = 0.0
+    return outside
+
+
 def load_mask(path, ref: Volume) -> np.ndarray:
     """A boolean mask on ``ref``'s grid; empty masks are rejected."""
     from .plausibility import mask_warnings, warn

@@ -20,7 +20,7 @@ from .defaults import MEDI_EDGES, METHODS
 from .outputs import OutputSet
 from .errors import InputError
 from .geometry import Geometry, geometry_from_affine, normalise_b0_dir
-from .io import Params, Volume, check_same_grid, load_mask, load_volume, nifti_stem, read_params
+from .io import Params, Volume, check_same_grid, finite_in_mask, load_mask, load_volume, nifti_stem, read_params
 from .progress import Progress
 from .plausibility import field_warnings, warn
 from .units import ppm_per_unit, to_ppm
@@ -394,14 +394,16 @@ class Inputs:
     noise_std: np.ndarray | None
     b0: float | None
     te: float | None
+    nonfinite_outside_mask: dict = field(default_factory=dict)  # role: NaN/Inf voxels outside the mask, set to 0
 
 
 def load_inputs(field_path, mask_path, magnitude_path=None, noise_path=None, units: str = "ppm",
                 b0: float | None = None, te: float | None = None, b0_dir=None, params_path=None,
                 volume_index: int | None = None) -> Inputs:
     """Read a field and its mask (and magnitude, noise std, params.json), check grids, convert units."""
-    field = load_volume(field_path, "field", volume_index)
+    field = load_volume(field_path, "field", volume_index, finite=False)
     mask = load_mask(mask_path, field)
+    ignored = {"field": finite_in_mask(field, mask, "field")}
     params = read_params(params_path) if params_path else None
     if params:
         b0 = b0 if b0 is not None else params.b0
@@ -413,10 +415,12 @@ def load_inputs(field_path, mask_path, magnitude_path=None, noise_path=None, uni
     extras = {}
     for role, path in (("magnitude", magnitude_path), ("noise std", noise_path)):
         if path is not None:
-            vol = load_volume(path, role)
+            vol = load_volume(path, role, finite=False)
             check_same_grid(field, vol, role)
+            ignored[role] = finite_in_mask(vol, mask, role)
             extras[role] = vol.data
-    return Inputs(field, field_ppm, mask, geometry, extras.get("magnitude"), extras.get("noise std"), b0, te)
+    return Inputs(field, field_ppm, mask, geometry, extras.get("magnitude"), extras.get("noise std"), b0, te,
+                  {role: n for role, n in ignored.items() if n})
 
 
 def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnitude_path=None, noise_path=None,
@@ -469,6 +473,7 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
             "inputs": {k: (str(v) if v is not None else None) for k, v in
                        zip(("field", "mask", "magnitude", "noise_std", "params"), inputs)},
             "units": units, "b0_tesla": b0, "te_seconds": te,
+            **({"nonfinite_outside_mask": inputs_.nonfinite_outside_mask} if inputs_.nonfinite_outside_mask else {}),
             "geometry": asdict(geometry), "settings": settings.applicable(), "result": result.info,
             "outputs": [str(p) for p in written], "seconds_total": round(time.perf_counter() - t0, 3),
         }

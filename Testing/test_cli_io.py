@@ -82,9 +82,10 @@ def bad_case(small_case, tmp_path, kind):
     args = recon_args(small_case, tmp_path / "out")
     if kind == "nan":
         data = data.copy()
-        data[3, 3, 3] = np.nan
+        data[16, 16, 12] = np.nan  # the sphere's centre: inside the mask
+        data[0, 0, 0] = np.inf  # outside it: ignored, but counted in the message
         args[1] = str(write_nifti(tmp_path / "nan.nii.gz", data, aff))
-        return args, "NaN"
+        return args, "field contains 1 NaN or Inf voxels inside the mask (and 1 outside it"
     if kind == "empty mask":
         args[3] = str(write_nifti(tmp_path / "empty.nii.gz", np.zeros_like(data), aff))
         return args, "empty"
@@ -162,6 +163,35 @@ def test_error_names_the_file(small_case, capsys, tmp_path):
     args, _ = bad_case(small_case, tmp_path, "nan")
     _, _, err = run(args, capsys)
     assert "nan.nii.gz" in err
+
+
+def test_nan_and_inf_outside_the_mask_are_ignored_and_recorded(small_case, capsys, tmp_path):
+    """Phase pipelines often write NaN outside the brain (field, magnitude): the mask decides what is read, so
+    the run gives the map of the same field with zeros there, leaves the input file as it was, and says in its
+    record how many voxels were set to 0."""
+    field = nib.load(str(small_case["field"]))
+    mask = nib.load(str(small_case["mask"])).get_fdata() > 0
+    data = field.get_fdata()
+    holed = np.where(mask, data, np.nan)
+    holed[0, 0, :3] = [np.inf, -np.inf, np.nan]
+    nan_field = write_nifti(tmp_path / "nanfield.nii.gz", holed, field.affine)
+    magnitude = write_nifti(tmp_path / "mag.nii.gz", np.where(mask, 1.0 + data * 50, np.nan), field.affine)
+    before = nan_field.read_bytes()
+    outside = int((~mask).sum())
+    runs = {}
+    for name, path in (("zeros", small_case["field"]), ("nan", nan_field)):
+        args = recon_args(small_case, tmp_path / name, "--magnitude", str(magnitude), "--iterations", "20")
+        args[args.index("tkd")] = "medi"  # reads the magnitude's edges too
+        args[1] = str(path)
+        assert run(args, capsys)[0] == 0
+        stem = Path(path).name.split(".")[0]
+        runs[name] = (nib.load(str(tmp_path / name / f"{stem}_medi_chi-mean.nii.gz")).get_fdata(),
+                      json.loads((tmp_path / name / f"{stem}_medi_run.json").read_text()))
+    assert np.all(np.isfinite(runs["nan"][0]))
+    assert np.array_equal(runs["nan"][0], runs["zeros"][0])  # the small case's field is already 0 outside the mask
+    assert runs["nan"][1]["nonfinite_outside_mask"] == {"field": outside, "magnitude": outside}
+    assert runs["zeros"][1]["nonfinite_outside_mask"] == {"magnitude": outside}
+    assert nan_field.read_bytes() == before
 
 
 def test_debug_shows_traceback(small_case, capsys, tmp_path):

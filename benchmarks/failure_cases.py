@@ -85,7 +85,7 @@ def recon(*extra, method="tkd", field="field.nii.gz", mask="mask.nii.gz", out="o
 
 
 CASES = [
-    ("NaN in the field", recon(field="nan.nii.gz"), {}),
+    ("NaN in the field, inside the mask (outside it NaN is set to 0)", recon(field="nan.nii.gz"), {}),
     ("empty mask", recon(mask="empty.nii.gz"), {}),
     ("mask of another shape", recon(mask="small_mask.nii.gz"), {}),
     ("mask on another affine", recon(mask="moved_mask.nii.gz"), {}),
