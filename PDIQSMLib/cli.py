@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mask", type=Path, help="brain mask (NIfTI, > 0 inside), same grid as the field (required for a file)")
     r.add_argument("--magnitude", type=Path, help="magnitude image: edges are spared by MEDI's TV (gradient mask)")
     r.add_argument("--noise-std", type=Path, help="field noise standard deviation map: data weight W = mask / N_std")
+    r.add_argument("--noisy-regions", choices=("auto", "off"), default="auto",
+                   help="without --noise-std, for MEDI and PDI: auto (default) finds where the field itself is noise "
+                        "(an acute bleed's signal void: local roughness over 10 times the brain's and like noise, not "
+                        "a steep dipole field) and down-weights it as a noise map would (run.json counts the voxels; "
+                        "on a healthy simulated brain it finds none); off trusts every mask voxel")
     r.add_argument("--medi-edges", choices=defaults.MEDI_EDGES, default="magnitude",
                    help="MEDI's edge mask: from --magnitude (default; without one, TV everywhere) or from PDI's map of "
                         "the same field (pdi: its 0.7 N strongest gradient components are spared, lambda 8x; ten realistic "
@@ -357,7 +362,7 @@ def reconstruct_settings(args) -> Settings:
     return Settings(method=args.method, lam=args.lam, iterations=args.iterations, pad=args.pad,
                     threshold=args.threshold, device=args.device, medi_edges=args.medi_edges,
                     weights=str(args.weights) if args.weights else None, seed=args.seed,
-                    reflections=args.reflections, **_vi_settings(args))
+                    reflections=args.reflections, noisy_regions=args.noisy_regions, **_vi_settings(args))
 
 
 def cmd_reconstruct(args, progress: Progress) -> int:

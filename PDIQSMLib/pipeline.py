@@ -24,7 +24,7 @@ from .io import Params, Volume, check_same_grid, finite_in_mask, load_mask, load
 from .progress import Progress
 from .plausibility import field_warnings, warn
 from .units import ppm_per_unit, to_ppm
-from .weighting import data_weight, gradient_mask
+from .weighting import data_weight, gradient_mask, noisy_regions
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Settings:
     vi_precision: str = "auto"  # PDI-VI's network passes: auto (bf16 where timed faster on a CPU), bf16, fp32
     medi_edges: str = "magnitude"  # MEDI's edge mask M: from --magnitude (none given: TV everywhere) or 'pdi' (PDI's map)
     vi_edges: str = "auto"  # PDI-VI1's edge mask M: auto (the magnitude if given, else PDI's map), magnitude, pdi
+    noisy_regions: str = "auto"  # no noise map given: auto finds where the field is noise (weighting.noisy_regions); off
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -71,6 +72,8 @@ class Settings:
             raise InputError("--vi-tol", f"must be >= 0, got {self.vi_tol}")
         if self.medi_edges not in MEDI_EDGES:
             raise InputError("--medi-edges", f"expected one of {', '.join(MEDI_EDGES)}, got {self.medi_edges!r}")
+        if self.noisy_regions not in ("auto", "off"):
+            raise InputError("--noisy-regions", f"expected auto or off, got {self.noisy_regions!r}")
         if self.vi_edges not in defaults.VI_EDGES:
             raise InputError("--vi-edges", f"expected one of {', '.join(defaults.VI_EDGES)}, got {self.vi_edges!r}")
 
@@ -83,6 +86,8 @@ class Settings:
                             "vi_variance", "noise_level", "vi_tol", "vi_precision", "vi_edges"),
                 "pdi-vi2": ("samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
                             "vi_variance", "noise_level", "vi_tol", "vi_precision")}[self.method]
+        if self.method not in ("tkd", "tikhonov"):  # the methods that read a noise map
+            used += ("noisy_regions",)
         if self.method == "medi":
             used += ("medi_edges",) + (("device", "weights") if self.medi_edges == "pdi" else ())
         if self.vi_estimator == "exact":  # K is read only when samples are drawn
@@ -132,6 +137,13 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
     if tile is not None:
         info["tile"] = tile
         progress.status(f"{settings.method}: the volume does not fit in memory at once; running in tiles of {tile}")
+    if noise_std is None and settings.noisy_regions == "auto" and settings.method not in ("tkd", "tikhonov"):
+        found = noisy_regions(field_ppm, m)
+        if found is not None:
+            noise_std = found
+            info["noisy_regions"] = {"voxels": int((found > 1).sum()), "read_off": "the field (no noise map given)"}
+            progress.status(f"{info['noisy_regions']['voxels']} voxels whose field is noise (a bleed?) are down-weighted "
+                            "as a noise map would; --noisy-regions off trusts them")
     if settings.method == "tkd":
         chi = solvers.tkd(b, mt, geometry, settings.threshold, settings.pad or solvers.CLOSED_FORM_PAD)
     elif settings.method == "tikhonov":

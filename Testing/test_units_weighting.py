@@ -122,3 +122,71 @@ def test_progress_of_a_resumed_loop_counts_only_its_own_steps():
     notes = [x for x in out.getvalue().splitlines() if x.startswith("STATUS")]
     # 10 s a step, 6399 then 6398 steps left: 1066 min each time; a pace of 2601 steps in 10 s would say 0 min
     assert notes == ["STATUS train: about 1066 min left"] * 2
+
+
+def _noisy_bleed_case(level=1e-3, ratio=30.0, seed=0):
+    """A 64^3 brain (sphere, radius 28) with a 1.2 ppm bleed (sphere, radius 7, off centre) and a vein-like strong
+    source, both with partial volume at their edges (a 0.75-voxel blur): the noiseless dipole field, white noise of
+    ``level`` ppm, and inside the bleed noise ``ratio`` times it."""
+    from scipy import ndimage
+
+    from PDIQSMLib import phantoms
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.simulation import field_of
+
+    shape, vs = (64, 64, 64), (1.0, 1.0, 1.0)
+    g = Geometry(vs)
+    mask = phantoms.sphere(shape, vs, 28.0, 1.0) > 0
+    bleed = phantoms.sphere(shape, vs, 7.0, 1.0, (40.0, 30.0, 32.0)) > 0
+    chi = np.where(bleed, 1.2, 0.0) + phantoms.sphere(shape, vs, 3.0, -0.6, (20.0, 36.0, 30.0))
+    chi = np.where(mask, ndimage.gaussian_filter(chi, 0.75), 0.0).astype(np.float32)
+    clean = field_of(chi, mask, g, pad=2.0)
+    rng = np.random.default_rng(seed)
+    noise = np.where(bleed, ratio * level, level)
+    return clean, clean + np.where(mask, rng.normal(0.0, 1.0, shape) * noise, 0.0), mask, bleed, chi, g
+
+
+def test_noisy_regions_find_a_bleed_whose_field_is_noise_and_nothing_in_clean_fields():
+    """weighting.noisy_regions: the strong dipole fields of a clean field (a 1.2 ppm bleed, a -0.6 ppm source) are not
+    noise (None, also with white noise alone); where the field is 30 times the brain's white noise, the region is
+    found: most of the bleed's core (its voxels more than two inside its surface), nothing more than a voxel beyond
+    it, relative noise over 10 there (so W < 0.1 x median: network_io.unreliable_voxels), 1 elsewhere."""
+    from scipy import ndimage
+
+    from PDIQSMLib.network_io import unreliable_voxels
+    from PDIQSMLib.weighting import noisy_regions
+
+    clean, noisy, mask, bleed, _, _ = _noisy_bleed_case()
+    assert noisy_regions(clean, mask) is None
+    white = clean + np.where(mask, np.random.default_rng(1).normal(0.0, 1e-3, mask.shape), 0.0)
+    assert noisy_regions(white, mask) is None
+    found = noisy_regions(noisy, mask)
+    assert found is not None and found.shape == mask.shape
+    hot = found > 1
+    core = ndimage.binary_erosion(bleed, iterations=2)
+    assert hot[core].mean() > 0.85 and hot[bleed].mean() > 0.35  # measured 0.90 and 0.40: the erosion spares the rim
+    assert not (hot & ~ndimage.binary_dilation(bleed)).any()
+    assert found[hot].min() > 10 and np.all(found[~hot] == 1)
+    assert np.array_equal(unreliable_voxels(mask, data_weight(mask, found)), hot)
+
+
+def test_pdi_reads_the_noisy_regions_off_the_field_when_no_noise_map_is_given():
+    """The phantom's bleed with noise 100 times the brain's, no noise map: PDI (bundled model) with the default
+    --noisy-regions auto is as accurate outside the bleed as with the true noise map, and far better than trusting
+    every voxel (measured: brain outside the bleed 58.0 % auto, 56.9 true map, 70.2 off); the run says what it
+    found; a given noise map is used as it is (nothing read off the field)."""
+    from PDIQSMLib.pipeline import Settings, reconstruct
+
+    _, noisy, mask, bleed, chi, g = _noisy_bleed_case(ratio=100.0)
+    outside = mask & ~bleed
+
+    def error(noise_std=None, **kw):
+        r = reconstruct(noisy, mask, g, Settings(method="pdi", device="cpu", **kw), noise_std=noise_std)
+        e = (r.mean - chi)[outside]
+        return 100 * float(np.sqrt(np.mean(e**2) / np.mean(chi[outside] ** 2))), r.info
+
+    off, info_off = error(noisy_regions="off")
+    auto, info = error()
+    true, info_true = error(np.where(bleed, 100.0, 1.0))
+    assert info["noisy_regions"]["voxels"] > 500 and "noisy_regions" not in info_off | info_true
+    assert auto < true + 3 and auto < off - 8
