@@ -96,15 +96,25 @@ def noisy_regions(field: np.ndarray, mask: np.ndarray, erode: int = 1) -> np.nda
         r = ndimage.correlate1d(r, [1.0, -2.0, 1.0], axis=axis, mode="constant")
     r = np.abs(r) / (0.6745 * np.sqrt(216.0))
     s0 = max(float(np.median(r[inner])), NOISY_FLOOR_PPM)
-    rough = ndimage.median_filter(np.where(inner, r, s0), size=NOISY_WINDOW, mode="nearest")
-    candidates = m & (rough > NOISY_RATIO * s0)
-    if not candidates.any():
-        return None
-    spread = ndimage.median_filter(np.abs(f - ndimage.median_filter(f, size=NOISY_WINDOW, mode="nearest")),
-                                   size=NOISY_WINDOW, mode="nearest") / 0.6745
-    noisy = candidates & (rough > NOISY_COHERENCE * spread)
-    if erode > 0:
-        noisy = ndimage.binary_erosion(noisy, cube, iterations=erode)
-    if not noisy.any():
-        return None
-    return np.where(noisy, rough / s0, 1.0).astype(np.float32)
+    r = np.where(inner, r, s0)
+    # The medians are slow on a whole brain (2.7 s at 160^3 on one core); a window whose median is over NOISY_RATIO s0
+    # has half its values over that, so its mean is over half of it: the medians run only in a box around each group of
+    # such windows (a voxel's result reads its own group's voxels and those within two nested medians and the erosion).
+    screen = m & (ndimage.uniform_filter(r, size=NOISY_WINDOW, mode="nearest") > 0.5 * NOISY_RATIO * s0)
+    out = np.ones(m.shape, np.float32)
+    groups, _ = ndimage.label(screen, np.ones((3, 3, 3), bool))
+    reach = 2 * NOISY_WINDOW + erode
+    for label, found in enumerate(ndimage.find_objects(groups), start=1):
+        box = tuple(slice(max(s.start - reach, 0), s.stop + reach) for s in found)
+        rough = ndimage.median_filter(r[box], size=NOISY_WINDOW, mode="nearest")
+        candidates = (groups[box] == label) & (rough > NOISY_RATIO * s0)
+        if not candidates.any():
+            continue
+        fb = f[box]
+        spread = ndimage.median_filter(np.abs(fb - ndimage.median_filter(fb, size=NOISY_WINDOW, mode="nearest")),
+                                       size=NOISY_WINDOW, mode="nearest") / 0.6745
+        noisy = candidates & (rough > NOISY_COHERENCE * spread)
+        if erode > 0:
+            noisy = ndimage.binary_erosion(noisy, cube, iterations=erode)
+        out[box][noisy] = (rough / s0)[noisy]
+    return out if (out > 1).any() else None
