@@ -95,6 +95,7 @@ class PDIQSMParameterNode:
     lambdaAuto: bool = True
     lam: Annotated[float, WithinRange(0.0, 1.0)] = defaults.MEDI_LAMBDA
     edges: Annotated[str, Choice(list(PANEL_EDGES))] = label_of(PANEL_EDGES, "auto")  # MEDI's and PDI-VI1's TV edges
+    noisyRegionsAuto: bool = True  # no noise std: MEDI and PDI find where the field is noise (--noisy-regions auto)
     samples: Annotated[float, WithinRange(0, 50)] = defaults.PANEL_VI_SAMPLES  # 0: exact expectation
     iterations: Annotated[int, WithinRange(1, 2000)] = defaults.VI_ITERATIONS
     device: Annotated[str, Choice(list(PANEL_DEVICES))] = label_of(PANEL_DEVICES, defaults.DEVICE)

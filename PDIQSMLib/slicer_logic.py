@@ -106,6 +106,7 @@ class Request:
     reference: str = "whole-brain"  # what region means are relative to: whole-brain, none or a segment's name
     output_table: object | None = None  # vtkMRMLTableNode to fill; None: a new one named after the field
     edges: str = "auto"  # where MEDI's and PDI-VI1's TV spares edges: auto, magnitude or pdi (PANEL_EDGES)
+    noisy_regions: str = "auto"  # without a noise std: auto (where the field is noise, weighed as a map would) or off
 
 
 # The panel's choices (labels shown) and the command's values.
@@ -132,6 +133,14 @@ def edge_args(method: str, edges: str) -> list[str]:
     if edges not in PANEL_EDGES.values():
         raise ValueError(f"unknown edge source {edges!r}; expected one of {', '.join(PANEL_EDGES.values())}")
     return [EDGE_FLAGS[method], edges] if method in EDGE_FLAGS and edges != "auto" else []
+
+
+def noisy_region_args(method: str, noisy_regions: str) -> list[str]:
+    """The panel's noisy-regions switch as command-line options: nothing for 'auto' (the command's default) and for
+    the methods that read no noise map (TKD, Tikhonov)."""
+    if noisy_regions not in ("auto", "off"):
+        raise ValueError(f"unknown noisy-regions setting {noisy_regions!r}; expected auto or off")
+    return ["--noisy-regions", "off"] if noisy_regions == "off" and method not in ("tkd", "tikhonov") else []
 
 
 def label_of(choices: dict[str, str], value: str) -> str:
@@ -167,7 +176,7 @@ def request_from_panel(p) -> Request:
         output_mean=p.outputMean, output_std=p.outputStd,
         mask_segment=(p.maskSegment or "").strip() or None, regions=p.regionsSegmentation,
         reference=(p.referenceRegion or "").strip() or "whole-brain", output_table=p.outputTable,
-        edges=PANEL_EDGES[p.edges],
+        edges=PANEL_EDGES[p.edges], noisy_regions="auto" if p.noisyRegionsAuto else "off",
     )
 
 
@@ -445,7 +454,7 @@ class Logic:
         args = [python_executable(), "-m", "PDIQSMLib.cli", "reconstruct", str(paths["field"]), "--mask",
                 str(paths["mask"]), "--method", request.method, "--units", request.units, "--device", request.device,
                 "--out-dir", str(work / "out"), "--progress", "lines", *vi_sampling_args(request.samples),
-                *edge_args(request.method, request.edges)]
+                *edge_args(request.method, request.edges), *noisy_region_args(request.method, request.noisy_regions)]
         optional = {"--magnitude": paths.get("magnitude"), "--noise-std": paths.get("noise"), "--b0": request.b0,
                     "--te": request.te, "--lambda": request.lam, "--iterations": request.iterations,
                     "--weights": request.weights}

@@ -23,7 +23,8 @@ import pytest
 from PDIQSMLib import defaults
 from PDIQSMLib.cli import build_parser, reconstruct_settings
 from PDIQSMLib.slicer_logic import (PANEL_DEVICES, PANEL_EDGES, PANEL_METHODS, PANEL_UNITS, Request, decode_output,
-                                    edge_args, label_of, process_outcome, request_from_panel, vi_sampling_args)
+                                    edge_args, label_of, noisy_region_args, process_outcome, request_from_panel,
+                                    vi_sampling_args)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "PDIQSM" / "PDIQSM.py"
@@ -177,7 +178,8 @@ class Panel:
 def command_settings(request: Request):
     """The Settings the command line builds from the arguments the panel's request becomes."""
     args = ["reconstruct", "f.nii.gz", "--mask", "m.nii.gz", "--method", request.method, "--device", request.device,
-            "--out-dir", "o", *vi_sampling_args(request.samples), *edge_args(request.method, request.edges)]
+            "--out-dir", "o", *vi_sampling_args(request.samples), *edge_args(request.method, request.edges),
+            *noisy_region_args(request.method, request.noisy_regions)]
     for flag, value in (("--lambda", request.lam), ("--iterations", request.iterations), ("--weights", request.weights)):
         if value is not None:
             args += [flag, str(value)]
@@ -209,6 +211,18 @@ def test_the_panels_sample_count_chooses_the_estimator():
     assert Panel().samples == 0 and exact.vi_estimator == "exact"
     drawn = command_settings(request_from_panel(Panel(method="PDI-VI1", samples=7)))
     assert drawn.vi_estimator == "mc" and drawn.samples == 7
+
+
+def test_the_panels_noisy_regions_switch_reaches_the_methods_that_read_a_noise_map():
+    """Checked (the default) the command's --noisy-regions auto; unchecked, off for MEDI and PDI(-VI), which read a
+    noise map, and nothing for TKD and Tikhonov, which do not."""
+    assert Panel().noisyRegionsAuto is True
+    for method in defaults.METHODS:
+        settings = command_settings(request_from_panel(Panel(method=label_of(PANEL_METHODS, method),
+                                                             noisyRegionsAuto=False)))
+        assert settings.noisy_regions == ("auto" if method in ("tkd", "tikhonov") else "off"), method
+        default = command_settings(request_from_panel(Panel(method=label_of(PANEL_METHODS, method))))
+        assert default.noisy_regions == "auto"
 
 
 def test_the_panels_edge_source_reaches_the_methods_whose_tv_spares_edges():
