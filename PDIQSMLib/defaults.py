@@ -5,6 +5,7 @@ data give the same map in Slicer and on the command line."""
 METHOD = "pdi"
 METHODS = ("pdi", "pdi-vi1", "pdi-vi2", "medi", "tikhonov", "tkd")
 LAMBDA_METHODS = ("medi", "tikhonov", "pdi-vi1")  # methods whose --lambda means something
+WITHOUT_NOISE_MAP = ("tkd", "tikhonov")  # the methods that read no noise map (W): --noise-std, --noisy-regions
 TKD_THRESHOLD = 0.2
 TIKHONOV_LAMBDA = 5e-3  # the fixed value (simulator's best); the default is automatic (solvers.auto_lambda)
 MEDI_LAMBDA = 1e-3  # likewise

@@ -86,7 +86,7 @@ class Settings:
                             "vi_variance", "noise_level", "vi_tol", "vi_precision", "vi_edges"),
                 "pdi-vi2": ("samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
                             "vi_variance", "noise_level", "vi_tol", "vi_precision")}[self.method]
-        if self.method not in ("tkd", "tikhonov"):  # the methods that read a noise map
+        if self.method not in defaults.WITHOUT_NOISE_MAP:
             used += ("noisy_regions",)
         if self.method == "medi":
             used += ("medi_edges",) + (("device", "weights") if self.medi_edges == "pdi" else ())
@@ -137,7 +137,7 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
     if tile is not None:
         info["tile"] = tile
         progress.status(f"{settings.method}: the volume does not fit in memory at once; running in tiles of {tile}")
-    if noise_std is None and settings.noisy_regions == "auto" and settings.method not in ("tkd", "tikhonov"):
+    if noise_std is None and settings.noisy_regions == "auto" and settings.method not in defaults.WITHOUT_NOISE_MAP:
         found = noisy_regions(field_ppm, m)
         if found is not None:
             noise_std = found

@@ -140,7 +140,7 @@ def noisy_region_args(method: str, noisy_regions: str) -> list[str]:
     the methods that read no noise map (TKD, Tikhonov)."""
     if noisy_regions not in ("auto", "off"):
         raise ValueError(f"unknown noisy-regions setting {noisy_regions!r}; expected auto or off")
-    return ["--noisy-regions", "off"] if noisy_regions == "off" and method not in ("tkd", "tikhonov") else []
+    return ["--noisy-regions", "off"] if noisy_regions == "off" and method not in defaults.WITHOUT_NOISE_MAP else []
 
 
 def label_of(choices: dict[str, str], value: str) -> str:

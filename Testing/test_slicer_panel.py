@@ -220,7 +220,7 @@ def test_the_panels_noisy_regions_switch_reaches_the_methods_that_read_a_noise_m
     for method in defaults.METHODS:
         settings = command_settings(request_from_panel(Panel(method=label_of(PANEL_METHODS, method),
                                                              noisyRegionsAuto=False)))
-        assert settings.noisy_regions == ("auto" if method in ("tkd", "tikhonov") else "off"), method
+        assert settings.noisy_regions == ("auto" if method in defaults.WITHOUT_NOISE_MAP else "off"), method
         default = command_settings(request_from_panel(Panel(method=label_of(PANEL_METHODS, method))))
         assert default.noisy_regions == "auto"
 
