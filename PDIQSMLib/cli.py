@@ -37,6 +37,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
+NOISY_REGIONS_HELP = ("without a noise std map, for MEDI and PDI(-VI): auto (default) finds where the field itself is "
+                      "noise (an acute bleed's signal void: local roughness over 10 times the brain's and like noise, "
+                      "not a steep dipole field) and down-weights it as a noise map would (run.json counts the voxels; "
+                      "on 16 healthy simulated brains it marked 2 voxels in one, none in the rest); off trusts every "
+                      "mask voxel")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdiqsm", description=(
         "Quantitative susceptibility mapping from a local field map: Probabilistic Dipole Inversion "
@@ -55,12 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mask", type=Path, help="brain mask (NIfTI, > 0 inside), same grid as the field (required for a file)")
     r.add_argument("--magnitude", type=Path, help="magnitude image: edges are spared by MEDI's TV (gradient mask)")
     r.add_argument("--noise-std", type=Path, help="field noise standard deviation map: data weight W = mask / N_std")
-    r.add_argument("--noisy-regions", choices=("auto", "off"), default="auto",
-                   help="without --noise-std, for MEDI and PDI: auto (default) finds where the field itself is noise "
-                        "(an acute bleed's signal void: local roughness over 10 times the brain's and like noise, not "
-                        "a steep dipole field) and down-weights it as a noise map would (run.json counts the voxels; "
-                        "on 16 healthy simulated brains it marked 2 voxels in one, none in the rest); off trusts "
-                        "every mask voxel")
+    r.add_argument("--noisy-regions", choices=("auto", "off"), default="auto", help=NOISY_REGIONS_HELP)
     r.add_argument("--medi-edges", choices=defaults.MEDI_EDGES, default="magnitude",
                    help="MEDI's edge mask: from --magnitude (default; without one, TV everywhere) or from PDI's map of "
                         "the same field (pdi: its 0.7 N strongest gradient components are spared, lambda 8x; ten realistic "
@@ -224,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--masks", type=Path, nargs="+", required=True, help="one brain mask per field, in order")
     f.add_argument("--noise-std", type=Path, nargs="+", help="one field noise std map per field (data weight W)")
     f.add_argument("--magnitudes", type=Path, nargs="+", help="one magnitude image per field (TV edge mask M)")
+    f.add_argument("--noisy-regions", choices=("auto", "off"), default="auto", help=NOISY_REGIONS_HELP)
     f.add_argument("--out", type=Path, required=True, help="adapted weights, NAME.safetensors (NAME.json beside it)")
     f.add_argument("--validation-field", type=Path, help="a field kept apart: the weights with its lowest loss are kept")
     f.add_argument("--validation-mask", type=Path, help="the validation field's mask")
@@ -517,7 +520,8 @@ def cmd_finetune(args, progress: Progress) -> int:
     if (args.validation_field is None) != (args.validation_mask is None):
         raise InputError("--validation-field", "give --validation-field and --validation-mask together")
     settings = Settings(method=args.method, lam=args.lam, iterations=args.iterations, device=args.device,
-                        weights=str(args.weights) if args.weights else None, seed=args.seed, **_vi_settings(args))
+                        weights=str(args.weights) if args.weights else None, seed=args.seed,
+                        noisy_regions=args.noisy_regions, **_vi_settings(args))
     validation = (args.validation_field, args.validation_mask) if args.validation_field else None
     finetune_files(args.fields, args.masks, args.out, settings, args.noise_std, args.magnitudes, validation,
                    progress, units=args.units, b0=args.b0, te=args.te, b0_dir=args.b0_dir)

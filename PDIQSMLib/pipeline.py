@@ -346,8 +346,12 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
         inp = load_inputs(field_path, mask_path, magnitude_path, noise_path, **load_kwargs)
         check_finite(inp.field_ppm, inp.mask, f"{field_path}: field")
         progress.status(f"field {i}: {inp.field.data.shape}, voxel {inp.geometry.voxel_size} mm")
-        return vi_volume(net, inp.field_ppm, inp.mask, inp.geometry, inp.magnitude, inp.noise_std, device,
-                         vi_edges(settings))
+        noise = inp.noise_std
+        if noise is None and settings.noisy_regions == "auto":
+            noise = noisy_regions(inp.field_ppm, inp.mask)
+            if noise is not None:
+                progress.status(f"field {i}: {int((noise > 1).sum())} voxels whose field is noise are down-weighted")
+        return vi_volume(net, inp.field_ppm, inp.mask, inp.geometry, inp.magnitude, noise, device, vi_edges(settings))
 
     volumes = [prepared(i + 1, f, m, (noise_paths or [None] * len(field_paths))[i],
                         (magnitude_paths or [None] * len(field_paths))[i])

@@ -190,3 +190,40 @@ def test_pdi_reads_the_noisy_regions_off_the_field_when_no_noise_map_is_given():
     true, info_true = error(np.where(bleed, 100.0, 1.0))
     assert info["noisy_regions"]["voxels"] > 500 and "noisy_regions" not in info_off | info_true
     assert auto < true + 3 and auto < off - 8
+
+
+def test_finetuning_a_set_reads_the_noisy_regions_too(tmp_path, monkeypatch):
+    """pdiqsm finetune: a field given without its noise std map gets the noisy regions read off it (auto, the
+    default), as reconstruct does; with off, or with a map given, no map is made up."""
+    from conftest import write_nifti
+
+    from PDIQSMLib import pipeline
+    from PDIQSMLib.weighting import noisy_regions
+
+    _, noisy, mask, _, _, _ = _noisy_bleed_case(ratio=100.0)
+    field = write_nifti(tmp_path / "f.nii.gz", noisy, np.eye(4))
+    mask_path = write_nifti(tmp_path / "m.nii.gz", mask.astype(np.float32), np.eye(4))
+    given = write_nifti(tmp_path / "n.nii.gz", np.ones(mask.shape, np.float32), np.eye(4))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(net, field_ppm, mask_, geometry, magnitude, noise, *args, **kwargs):
+        seen.append(noise)
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "vi_volume", record)
+    for regions, noise_paths in (("auto", None), ("off", None), ("auto", [given])):
+        with pytest.raises(Stop):
+            pipeline.finetune_files([field], [mask_path], tmp_path / "w.safetensors",
+                                    pipeline.Settings(method="pdi-vi1", noisy_regions=regions, device="cpu"), noise_paths)
+    expected = noisy_regions(nib_data(field), mask)
+    assert np.array_equal(seen[0], expected) and (expected > 1).sum() > 500
+    assert seen[1] is None and np.all(seen[2] == 1)
+
+
+def nib_data(path):
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
