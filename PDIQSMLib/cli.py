@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mask", type=Path, help="brain mask (NIfTI, > 0 inside), same grid as the field (required for a file)")
     r.add_argument("--magnitude", type=Path, help="magnitude image: edges are spared by MEDI's TV (gradient mask)")
     r.add_argument("--noise-std", type=Path, help="field noise standard deviation map: data weight W = mask / N_std")
-    r.add_argument("--noisy-regions", choices=("auto", "off"), default="auto", help=NOISY_REGIONS_HELP)
+    r.add_argument("--noisy-regions", choices=defaults.NOISY_REGIONS, default="auto", help=NOISY_REGIONS_HELP)
     r.add_argument("--medi-edges", choices=defaults.MEDI_EDGES, default="magnitude",
                    help="MEDI's edge mask: from --magnitude (default; without one, TV everywhere) or from PDI's map of "
                         "the same field (pdi: its 0.7 N strongest gradient components are spared, lambda 8x; ten realistic "
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--masks", type=Path, nargs="+", required=True, help="one brain mask per field, in order")
     f.add_argument("--noise-std", type=Path, nargs="+", help="one field noise std map per field (data weight W)")
     f.add_argument("--magnitudes", type=Path, nargs="+", help="one magnitude image per field (TV edge mask M)")
-    f.add_argument("--noisy-regions", choices=("auto", "off"), default="auto", help=NOISY_REGIONS_HELP)
+    f.add_argument("--noisy-regions", choices=defaults.NOISY_REGIONS, default="auto", help=NOISY_REGIONS_HELP)
     f.add_argument("--out", type=Path, required=True, help="adapted weights, NAME.safetensors (NAME.json beside it)")
     f.add_argument("--validation-field", type=Path, help="a field kept apart: the weights with its lowest loss are kept")
     f.add_argument("--validation-mask", type=Path, help="the validation field's mask")

@@ -31,3 +31,4 @@ TE_SECONDS = 0.02
 MEDI_EDGES = ("magnitude", "pdi")  # where MEDI's edge mask M comes from (pipeline.Settings.medi_edges)
 # where PDI-VI1's TV edge mask M comes from: 'auto' is the magnitude when one is given, else PDI's own map
 VI_EDGES = ("auto", "magnitude", "pdi")
+NOISY_REGIONS = ("auto", "off")  # without a noise map: noise found in the field (weighting.noisy_regions), or none

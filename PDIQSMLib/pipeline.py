@@ -72,8 +72,9 @@ class Settings:
             raise InputError("--vi-tol", f"must be >= 0, got {self.vi_tol}")
         if self.medi_edges not in MEDI_EDGES:
             raise InputError("--medi-edges", f"expected one of {', '.join(MEDI_EDGES)}, got {self.medi_edges!r}")
-        if self.noisy_regions not in ("auto", "off"):
-            raise InputError("--noisy-regions", f"expected auto or off, got {self.noisy_regions!r}")
+        if self.noisy_regions not in defaults.NOISY_REGIONS:
+            raise InputError("--noisy-regions",
+                             f"expected {' or '.join(defaults.NOISY_REGIONS)}, got {self.noisy_regions!r}")
         if self.vi_edges not in defaults.VI_EDGES:
             raise InputError("--vi-edges", f"expected one of {', '.join(defaults.VI_EDGES)}, got {self.vi_edges!r}")
 
@@ -137,13 +138,12 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
     if tile is not None:
         info["tile"] = tile
         progress.status(f"{settings.method}: the volume does not fit in memory at once; running in tiles of {tile}")
-    if noise_std is None and settings.noisy_regions == "auto" and settings.method not in defaults.WITHOUT_NOISE_MAP:
-        found = noisy_regions(field_ppm, m)
-        if found is not None:
-            noise_std = found
-            info["noisy_regions"] = {"voxels": int((found > 1).sum()), "read_off": "the field (no noise map given)"}
-            progress.status(f"{info['noisy_regions']['voxels']} voxels whose field is noise (a bleed?) are down-weighted "
-                            "as a noise map would; --noisy-regions off trusts them")
+    if settings.method not in defaults.WITHOUT_NOISE_MAP:
+        noise_std, found = noise_map(field_ppm, m, noise_std, settings)
+        if found:
+            info["noisy_regions"] = {"voxels": found, "read_off": "the field (no noise map given)"}
+            progress.status(f"{found} voxels whose field is noise (a bleed?) are down-weighted as a noise map would; "
+                            "--noisy-regions off trusts them")
     if settings.method == "tkd":
         chi = solvers.tkd(b, mt, geometry, settings.threshold, settings.pad or solvers.CLOSED_FORM_PAD)
     elif settings.method == "tikhonov":
@@ -221,6 +221,16 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     mean, std = result.predict(volume)
     info.update(vi_summary(config, result))
     return torch.from_numpy(mean), std
+
+
+def noise_map(field_ppm: np.ndarray, mask: np.ndarray, noise_std: np.ndarray | None,
+              settings: Settings) -> tuple[np.ndarray | None, int]:
+    """(the noise std map a run weighs its field by, the voxels of it read off the field): the given map; without one,
+    with --noisy-regions auto, the field's own noisy regions (``weighting.noisy_regions``), or None if it has none."""
+    if noise_std is not None or settings.noisy_regions != "auto":
+        return noise_std, 0
+    found = noisy_regions(field_ppm, mask)
+    return found, 0 if found is None else int((found > 1).sum())
 
 
 def check_finite(field_ppm: np.ndarray, mask: np.ndarray, name: str) -> None:
@@ -344,13 +354,10 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
 
     def prepared(i: int, field_path, mask_path, noise_path=None, magnitude_path=None):
         inp = load_inputs(field_path, mask_path, magnitude_path, noise_path, **load_kwargs)
-        check_finite(inp.field_ppm, inp.mask, f"{field_path}: field")
         progress.status(f"field {i}: {inp.field.data.shape}, voxel {inp.geometry.voxel_size} mm")
-        noise = inp.noise_std
-        if noise is None and settings.noisy_regions == "auto":
-            noise = noisy_regions(inp.field_ppm, inp.mask)
-            if noise is not None:
-                progress.status(f"field {i}: {int((noise > 1).sum())} voxels whose field is noise are down-weighted")
+        noise, found = noise_map(inp.field_ppm, inp.mask, inp.noise_std, settings)
+        if found:
+            progress.status(f"field {i}: {found} voxels whose field is noise are down-weighted")
         return vi_volume(net, inp.field_ppm, inp.mask, inp.geometry, inp.magnitude, noise, device, vi_edges(settings))
 
     volumes = [prepared(i + 1, f, m, (noise_paths or [None] * len(field_paths))[i],

@@ -138,8 +138,9 @@ def edge_args(method: str, edges: str) -> list[str]:
 def noisy_region_args(method: str, noisy_regions: str) -> list[str]:
     """The panel's noisy-regions switch as command-line options: nothing for 'auto' (the command's default) and for
     the methods that read no noise map (TKD, Tikhonov)."""
-    if noisy_regions not in ("auto", "off"):
-        raise ValueError(f"unknown noisy-regions setting {noisy_regions!r}; expected auto or off")
+    if noisy_regions not in defaults.NOISY_REGIONS:
+        raise ValueError(f"unknown noisy-regions setting {noisy_regions!r}; "
+                         f"expected {' or '.join(defaults.NOISY_REGIONS)}")
     return ["--noisy-regions", "off"] if noisy_regions == "off" and method not in defaults.WITHOUT_NOISE_MAP else []
 
 
