@@ -224,6 +224,13 @@ def test_an_inserted_bleed_adds_its_own_dipole_field_and_marks_its_phase_as_nois
     again = add_bleed(sample, np.random.default_rng(7))
     assert np.array_equal(again[1], bleed) and np.array_equal(again[0].field, new_field)
     assert np.array_equal(sample.field, field)  # the input sample is left as it was
+    # another noise factor: the same bleed, its noise map and added noise scaled (the draws do not depend on it)
+    louder, same = add_bleed(sample, np.random.default_rng(7), noise_factor=200.0)
+    assert np.array_equal(same, bleed) and np.allclose(louder.noise_map[bleed], 0.2)
+    added = lambda s: (s.field - field - dipole)[bleed]  # noqa: E731
+    assert np.allclose(added(louder), added(out) * np.sqrt(200.0**2 - 1) / np.sqrt(20.0**2 - 1), rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="noise factor"):
+        add_bleed(sample, np.random.default_rng(7), noise_factor=0.5)
 
 
 @needs_templates

@@ -16,6 +16,7 @@ Per case: demeaned NRMSE (%) over the brain and the bleed's mean chi as a share 
 the bleed and outside it. No timings.
 
     python benchmarks/noisy_regions.py [--calibration 81000 ...] [--test 80000 ... 0] [--name noisy_regions]
+    python benchmarks/noisy_regions.py --loud 60 200 --name noisy_regions_loud   (bleeds 60 and 200 times the brain's)
     (seed 0: the ICH case)
 """
 
@@ -32,18 +33,48 @@ from benchmarks.bench_realistic import SEEDS, realistic_config  # noqa: E402
 from benchmarks.common import ich_bleed, ich_case, write_table  # noqa: E402
 from benchmarks.vi_change import LESION_SEEDS, bleed_brain  # noqa: E402
 from PDIQSMLib import simulation  # noqa: E402
+from PDIQSMLib.simulation import BLEED_NOISE_FACTOR  # noqa: E402
 from PDIQSMLib.evaluation import evaluate_arrays  # noqa: E402
 from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
 from PDIQSMLib.weighting import noisy_regions  # noqa: E402
 
 
-def case(seed: int):
-    """(name, truth, mask, geometry, field, true noise map, bleed)."""
+def case(seed: int, noise_factor: float = BLEED_NOISE_FACTOR):
+    """(name, truth, mask, geometry, field, true noise map, bleed); the bleed's noise ``noise_factor`` times the
+    brain's (seed 0: the ICH case, its own noise map)."""
     if seed == 0:
         chi, mask, noise, g, field = ich_case()
         return "ICH case", chi, mask > 0, g, field, noise, ich_bleed(chi, mask)
-    s, chi, field, noise, bleed = bleed_brain(seed, realistic_config())
+    s, chi, field, noise, bleed = bleed_brain(seed, realistic_config(), noise_factor)
     return f"bleed brain {seed}", chi, s.mask > 0, s.geometry, field, noise, bleed
+
+
+def loud(calibration, test, factors, name: str) -> None:
+    """Bleeds whose noise is 20-200 times the brain's (the physics: a void's phase is uniform, about 1.8 SNR times the
+    brain's noise; the ICH case's map: 800): the region without and with its rim check (``weighting.rim_check``, which
+    acts only around a region over NOISY_RIM_GATE times the brain's level). A case where both mark the same voxels
+    gives the same maps: run once."""
+    lines = ["| case | noise factor | region's median ratio | marked, no rim check | marked (default) "
+             "| PDI no rim check | PDI (default) | PDI true map | MEDI no rim check | MEDI (default) | MEDI true map |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for role, seeds in (("calibration", calibration), ("test", test)):
+        for seed in seeds:
+            for factor in (factors if seed else [0]):
+                label, chi, m, g, field, noise, bleed = case(seed, factor or BLEED_NOISE_FACTOR)
+                before, after = noisy_regions(field, m, rim=False), noisy_regions(field, m)
+                same = (before is None and after is None) or (
+                    before is not None and after is not None and np.array_equal(before, after))
+                cells = [f"{np.median(before[before > 1]):.0f}" if before is not None else "-",
+                         marked(before, m, bleed), marked(after, m, bleed)]
+                for method in ("pdi", "medi"):
+                    old = score(method, field, m, g, chi, bleed, before) if before is not None else "(none)"
+                    new = old if same else score(method, field, m, g, chi, bleed, after)
+                    cells += [old, new, score(method, field, m, g, chi, bleed, noise)]
+                lines.append(f"| {label} ({role}) | {factor or 800:g} | " + " | ".join(cells) + " |")
+                print(lines[-1], flush=True)
+    write_table(name, "Loud bleeds without their noise map: the noisy region's rim check",
+                "Demeaned NRMSE (%) over the brain, the bleed's mean chi over the truth's in brackets; marked: voxels "
+                "of the bleed / outside it.\n\n" + "\n".join(lines))
 
 
 def score(method, field, mask, g, truth, bleed, noise_std=None, auto=False) -> str:
@@ -65,7 +96,13 @@ def main() -> None:
     ap.add_argument("--healthy", type=int, nargs="*", default=list(SEEDS))
     ap.add_argument("--iso", type=int, nargs="*", default=list(range(34000, 34006)))
     ap.add_argument("--name", default="noisy_regions")
+    ap.add_argument("--loud", type=float, nargs="*", default=None,
+                    help="noise factors: run only the loud-bleed table (calibration 81000 81002 81004 by default)")
     args = ap.parse_args()
+    if args.loud is not None:
+        calibration = args.calibration if args.calibration != list(range(81000, 81006)) else [81000, 81002, 81004]
+        loud(calibration, args.test, args.loud or [60.0, 200.0], args.name)
+        return
     parts = ["Demeaned NRMSE (%) over the brain, with the bleed's mean chi over the truth's in brackets; marked: voxels "
              "of the bleed / outside it that the field's noisy regions hold."]
     lines = ["| calibration brain | marked (erode 0) | marked (erode 1, default) | PDI off | erode 0 | erode 1 (default) "

@@ -33,7 +33,7 @@ from PDIQSMLib.evaluation import compare_methods, format_table  # noqa: E402
 from PDIQSMLib.fieldstats import field_stats  # noqa: E402
 from PDIQSMLib.metrics import nrmse_demeaned  # noqa: E402
 from PDIQSMLib.pipeline import Settings  # noqa: E402
-from PDIQSMLib.simulation import add_bleed, make_volume  # noqa: E402
+from PDIQSMLib.simulation import BLEED_NOISE_FACTOR, add_bleed, make_volume  # noqa: E402
 
 READINGS = ("moved_rms_sigma", "moved_over_2sigma", "largest_cluster_share", "misfit_ratio", "cone_white_ratio",
             "iterations")
@@ -56,11 +56,11 @@ def largest_cluster(moved: np.ndarray) -> tuple[np.ndarray, float]:
 LESION_SEEDS = tuple(range(80_000, 80_006))  # brains with an inserted bleed, apart from every other seed range
 
 
-def bleed_brain(seed: int, config):
-    """The realistic brain of ``seed`` (``config``) with the bleed of ``simulation.add_bleed`` drawn from seed + 1:
-    (sample, chi, field, noise map, bleed)."""
+def bleed_brain(seed: int, config, noise_factor: float = BLEED_NOISE_FACTOR):
+    """The realistic brain of ``seed`` (``config``) with the bleed of ``simulation.add_bleed`` drawn from seed + 1
+    (its noise ``noise_factor`` times the brain's): (sample, chi, field, noise map, bleed)."""
     s = make_volume(np.random.default_rng(seed), config)
-    b, bleed = add_bleed(s, np.random.default_rng(seed + 1))
+    b, bleed = add_bleed(s, np.random.default_rng(seed + 1), noise_factor=noise_factor)
     return s, b.chi, b.field, b.noise_map, bleed
 
 
