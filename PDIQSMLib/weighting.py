@@ -94,7 +94,7 @@ def noisy_regions(field: np.ndarray, mask: np.ndarray, erode: int = 1, rim: bool
     hundreds of times the brain's (a void's phase is uniform: about 1.8 SNR times the brain's noise, 35-180 at an SNR
     of 20-100; the shared ICH case's map 800) a few dozen of them ruin PDI and MEDI (a realistic bleed brain at 200
     times: PDI 88 % demeaned NRMSE, 51 with the check, 41 with the true map; MEDI 90, 39, 29). Below the gate the check
-    costs more than it gains (its marks on the steep field outside a bleed; at 20-60 times 5-12 points on the
+    costs more than it gains (its marks on the steep field outside a bleed; at 20-60 times 10-15 points of PDI on the
     calibration brains), so it is not made. The gate and the check's levels were chosen on bleed brains 81000, 81002
     and 81004 at 20, 60 and 200 times (benchmarks/results/noisy_regions_loud.md)."""
     m = np.asarray(mask) > 0
