@@ -162,24 +162,28 @@ def rim_check(field: np.ndarray, mask: np.ndarray, region: np.ndarray, core: np.
         sl[axis] = slice(pad + k, pad + k + f.shape[axis])
         return a[tuple(sl)]
 
+    # per axis direction, what does not change from round to round: the departure from the straight line through
+    # the next two voxels, and the bend one voxel further out where those three voxels are trusted from the start (the
+    # bend is read only off the field known clean: a noisy voxel that passed, its draw small, must not lend the voxels
+    # inside it a bend that excuses their noise)
     cp = np.pad(clear, pad)
+    lines = []
+    for axis in range(3):
+        for step in (1, -1):
+            f1, f2, f3 = (ahead(fp, axis, k * step) for k in (1, 2, 3))
+            line_clear = ahead(cp, axis, step) & ahead(cp, axis, 2 * step) & ahead(cp, axis, 3 * step)
+            lines.append((axis, step, np.abs(f - 2 * f1 + f2), np.where(line_clear, np.abs(f1 - 2 * f2 + f3), 0.0)))
     while rim.any():
         tp = np.pad(trusted, pad)
         least = np.full(f.shape, np.inf)
         bend = np.zeros(f.shape)
         seen = np.zeros(f.shape, bool)
-        for axis in range(3):
-            for step in (1, -1):
-                ok = rim & ahead(tp, axis, step) & ahead(tp, axis, 2 * step) & ahead(tp, axis, 3 * step)
-                f1, f2, f3 = (ahead(fp, axis, k * step) for k in (1, 2, 3))
-                departure = np.abs(f - 2 * f1 + f2)
-                take = ok & (departure < least)
-                least[take] = departure[take]
-                # the bend is read only off the field known clean from the start: a noisy voxel that passed (its
-                # draw small) must not lend the voxels inside it a bend that excuses their noise
-                line_clear = ahead(cp, axis, step) & ahead(cp, axis, 2 * step) & ahead(cp, axis, 3 * step)
-                bend[take] = np.where(line_clear, np.abs(f1 - 2 * f2 + f3), 0.0)[take]
-                seen |= ok
+        for axis, step, departure, line_bend in lines:
+            ok = rim & ahead(tp, axis, step) & ahead(tp, axis, 2 * step) & ahead(tp, axis, 3 * step)
+            take = ok & (departure < least)
+            least[take] = departure[take]
+            bend[take] = line_bend[take]
+            seen |= ok
         if not seen.any():
             break
         bad = seen & (least > threshold) & (least > curvature * bend)

@@ -91,7 +91,8 @@ def marked(found, mask, bleed) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calibration", type=int, nargs="*", default=list(range(81000, 81006)))
+    ap.add_argument("--calibration", type=int, nargs="*", default=None,
+                    help="calibration bleed brains (default 81000-81005; with --loud 81000 81002 81004)")
     ap.add_argument("--test", type=int, nargs="*", default=list(LESION_SEEDS) + [0])
     ap.add_argument("--healthy", type=int, nargs="*", default=list(SEEDS))
     ap.add_argument("--iso", type=int, nargs="*", default=list(range(34000, 34006)))
@@ -100,9 +101,11 @@ def main() -> None:
                     help="noise factors: run only the loud-bleed table (calibration 81000 81002 81004 by default)")
     args = ap.parse_args()
     if args.loud is not None:
-        calibration = args.calibration if args.calibration != list(range(81000, 81006)) else [81000, 81002, 81004]
+        calibration = [81000, 81002, 81004] if args.calibration is None else args.calibration
         loud(calibration, args.test, args.loud or [60.0, 200.0], args.name)
         return
+    if args.calibration is None:
+        args.calibration = list(range(81000, 81006))
     parts = ["Demeaned NRMSE (%) over the brain, with the bleed's mean chi over the truth's in brackets; marked: voxels "
              "of the bleed / outside it that the field's noisy regions hold."]
     lines = ["| calibration brain | marked (erode 0) | marked (erode 1, default) | PDI off | erode 0 | erode 1 (default) "
