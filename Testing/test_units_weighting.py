@@ -233,7 +233,8 @@ def test_the_rim_check_trusts_a_straight_or_bending_continuation_and_marks_depar
     """weighting.rim_check on a cube region (8-15 on each axis, its core 9-14) of a 24^3 volume: a steep linear field
     (0.05 ppm a voxel) continues straight, so no rim voxel is marked (only the core); a quadratic field bends by 0.02-
     0.04 ppm a voxel, far over the threshold: the rim's outer layer, whose lines out are clean, is spared by the bend
-    allowance and marked without it; spikes of 0.5 ppm on the rim are marked; nothing outside the rim ever is."""
+    allowance and marked without it, and lends its bend inward only where it bent by a few thresholds at most; spikes
+    of 0.5 ppm on the rim are marked; nothing outside the rim ever is."""
     from scipy import ndimage
 
     from PDIQSMLib.weighting import rim_check
@@ -252,6 +253,13 @@ def test_the_rim_check_trusts_a_straight_or_bending_continuation_and_marks_depar
     spared = rim_check(quadratic, mask, region, core, 1e-3, 4.0)
     assert not spared[outer].any() and not (spared & ~rim & ~core).any()
     assert rim_check(quadratic, mask, region, core, 1e-3, 0.0)[outer].all()
+    # the outer layer departs by 0.02-0.04 ppm, far over 3 times the threshold: it lends no bend to the layer inside
+    # it, which is marked (a noisy voxel let through must not excuse the ones behind it); a gentle bend of 2-2.8e-3
+    # ppm (2-2.8 times the threshold) is lent on, and the whole rim is spared
+    assert spared[region & ~core].all()
+    gentle = 0.0014 * (x - 12) ** 2 - 0.00125 * (y - 12) ** 2 + 0.001 * (z - 12) ** 2
+    assert np.array_equal(rim_check(gentle, mask, region, core, 1e-3, 4.0), core)
+    assert rim_check(gentle, mask, region, core, 1e-3, 4.0, firm_level=1.0)[region & ~core].all()
     spikes = np.zeros(shape, bool)
     for v in ((7, 10, 10), (16, 12, 9), (11, 7, 14), (13, 12, 16)):
         spikes[v] = True
@@ -262,10 +270,11 @@ def test_the_rim_check_trusts_a_straight_or_bending_continuation_and_marks_depar
 
 def test_a_loud_regions_rim_is_checked_voxel_by_voxel():
     """The phantom's bleed with noise 300 times the brain's: the median window misses its rim (measured: 0.80 of the
-    bleed found); the rim check (a region over NOISY_RIM_GATE times the brain's level) finds nearly all of it (0.99),
-    marking nothing over two voxels from the bleed and nothing under NOISY_RIM_LEVEL; PDI and MEDI outside the bleed
-    come close to their accuracy with the true noise map (measured, % RMSE: PDI 61.5 with the check, 75.0 without,
-    56.9 true map; MEDI 42.7, 65.1, 38.0). At 30 times the brain's noise the region is not checked (as before)."""
+    bleed found); the rim check (a region over NOISY_RIM_GATE times the brain's level) finds most of the rest (0.94;
+    0.99 when only the field outside the rim lent its bend, which also marked 339 voxels outside the bleed against 194
+    now), marking nothing over two voxels from the bleed and nothing under NOISY_RIM_LEVEL; PDI and MEDI outside the
+    bleed come close to their accuracy with the true noise map (measured, % RMSE: PDI 54.8 with the check, 75.0
+    without, 56.9 true map; MEDI 40.2, 65.1, 38.0). At 30 times the brain's noise the region is not checked."""
     from scipy import ndimage
 
     from PDIQSMLib import weighting
@@ -277,7 +286,7 @@ def test_a_loud_regions_rim_is_checked_voxel_by_voxel():
     without = weighting.noisy_regions(noisy, mask, rim=False) > 1
     found = weighting.noisy_regions(noisy, mask)
     hot = found > 1
-    assert without[bleed].mean() < 0.85 and hot[bleed].mean() > 0.95 and (hot & without).sum() == without.sum()
+    assert without[bleed].mean() < 0.85 and hot[bleed].mean() > 0.9 and (hot & without).sum() == without.sum()
     assert not (hot & ~ndimage.binary_dilation(bleed, iterations=2)).any()
     assert found[hot & ~without].min() >= weighting.NOISY_RIM_LEVEL
     outside = mask & ~bleed
