@@ -188,13 +188,13 @@ def rim_check(field: np.ndarray, mask: np.ndarray, region: np.ndarray, core: np.
             ok = rim & line(tp, axis, step)
             take = ok & (departure < least)
             least[take] = departure[take]
-            bend[take] = np.where(line(fpad, axis, step), line_bend, 0.0)[take]
+            bend[take] = np.where(line(fpad, axis, step)[take], line_bend[take], 0.0)
             seen |= ok
         if not seen.any():
             break
         bad = seen & (least > threshold) & (least > curvature * bend)
         trusted |= seen & ~bad
-        firm |= seen & (least <= firm_level * threshold)
+        firm |= seen & ~bad & (least <= firm_level * threshold)
         noisy |= bad
         rim &= ~seen
     return noisy | rim
