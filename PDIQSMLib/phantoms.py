@@ -38,6 +38,36 @@ def sphere(shape, voxel_size, radius_mm: float, chi: float, center=None) -> np.n
     return np.where(x**2 + y**2 + z**2 <= radius_mm**2, chi, 0.0).astype(np.float32)
 
 
+def spheres_fraction(shape, voxel_size, centres, radii_mm, sub: int = 4) -> np.ndarray:
+    """The share of each voxel inside the union of spheres (centres in voxels, radii in mm), float32 in [0, 1].
+
+    A voxel wholly inside or outside every sphere is 1 or 0; one within half its diagonal of a surface is sampled at
+    ``sub``^3 points. The partial volume an image has at an object's edge: a sphere voxelised all-or-nothing has a
+    staircase surface whose field carries a voxel-scale texture several voxels out (a 1.6 ppm bleed at 0.76 x 0.76 x
+    1.8 mm: its second differences 4.6 times the brain's noise three voxels out, 1.2 with partial volume), which a
+    smooth real object's field does not."""
+    vs = np.asarray(voxel_size, float)
+    half = 0.5 * float(np.linalg.norm(vs))
+    inside = np.zeros(shape, bool)
+    near = np.zeros(shape, bool)
+    for centre, radius in zip(centres, radii_mm):
+        x, y, z = grid_mm(shape, vs, centre)
+        r = np.sqrt(x**2 + y**2 + z**2)
+        inside |= r <= radius - half
+        near |= np.abs(r - radius) < half
+    out = inside.astype(np.float32)
+    idx = np.argwhere(near & ~inside).astype(float)
+    if len(idx):
+        steps = (np.arange(sub) + 0.5) / sub - 0.5
+        offsets = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3)
+        hits = np.zeros((len(idx), len(offsets)), bool)
+        for centre, radius in zip(centres, radii_mm):
+            d = (idx[:, None, :] + offsets[None] - np.asarray(centre, float)) * vs
+            hits |= (d**2).sum(-1) <= radius**2
+        out[tuple(idx.astype(int).T)] = hits.mean(1)
+    return out
+
+
 def cylinder(shape, voxel_size, radius_mm: float, chi: float, axis=(1.0, 0.0, 0.0), center=None) -> np.ndarray:
     """An infinite (edge-to-edge) cylinder of susceptibility ``chi`` along unit vector ``axis`` (voxel axes)."""
     x, y, z = grid_mm(shape, voxel_size, center)

@@ -173,31 +173,37 @@ def add_bleed(sample: Sample, rng: np.random.Generator, min_depth_mm: float = 15
               noise_factor: float = BLEED_NOISE_FACTOR) -> tuple[Sample, np.ndarray]:
     """``sample`` (a realistic brain) with an acute bleed, and the bleed's mask: 2-5 overlapping spheres of 4-10 mm
     radius around a point at least ``min_depth_mm`` inside the mask, 0.6-1.6 ppm above the tissue, its dipole field
-    added to the sample's field (the field is linear in chi: the brain's non-dipolar terms stay as they were). As in
-    a real bleed, whose signal decays before the echo, the phase inside it is noise: the noise map is
-    ``noise_factor`` times the brain's level there, and that much white noise is added (the draws do not depend on the
-    factor: the same seed gives the same bleed and noise pattern at every level). A mask with no point that
-    deep gets no bleed (the sample unchanged, an empty bleed)."""
+    added to the sample's field (the field is linear in chi: the brain's non-dipolar terms stay as they were). Its edge
+    has the partial volume of an image (``phantoms.spheres_fraction``): chi rises by the bleed's share of each voxel,
+    and the mask returned holds the voxels at least half bleed. As in a real bleed, whose signal decays before the
+    echo, the phase inside it is noise: a voxel with a share f of bleed keeps 1 - f of its signal, so its noise is the
+    brain's level over 1 - f, at most ``noise_factor`` times it (the whole bleed's level: a void's phase is uniform);
+    the noise map says so and that much white noise is added (the draws do not depend on the factor: the same seed
+    gives the same bleed and noise pattern at every level). A mask with no point that deep gets no bleed (the sample
+    unchanged, an empty bleed)."""
     m = sample.mask > 0
     vs = np.asarray(sample.geometry.voxel_size)
     inner = np.argwhere(ndimage.distance_transform_edt(m, sampling=vs) >= min_depth_mm)
     if len(inner) == 0:
         return sample, np.zeros(m.shape, bool)
-    centre = inner[int(rng.integers(len(inner)))]
-    bleed = np.zeros(m.shape, bool)
-    for _ in range(int(rng.integers(2, 6))):
-        offset = rng.normal(0, 4.0, 3) / vs  # mm -> voxels
-        bleed |= phantoms.sphere(m.shape, vs, float(rng.uniform(4.0, 10.0)), 1.0, centre + offset) > 0
-    bleed &= m
-    chi = np.where(bleed, sample.chi + float(rng.uniform(0.6, 1.6)), sample.chi).astype(np.float32)
-    level = float(sample.noise_ppm)
     if noise_factor < 1:
         raise ValueError(f"a bleed's noise factor must be >= 1, got {noise_factor}")
-    noise = np.where(bleed, noise_factor * level, level).astype(np.float32)
-    field = sample.field + field_of(chi - sample.chi, m, sample.geometry)
-    extra = rng.normal(0, level * np.sqrt(noise_factor**2 - 1), m.shape)
-    field = np.where(bleed, field + extra, field).astype(np.float32)
-    return replace(sample, chi=chi, field=field, noise_map=noise, prior=None), bleed
+    centre = inner[int(rng.integers(len(inner)))]
+    centres, radii = [], []
+    for _ in range(int(rng.integers(2, 6))):
+        centres.append(centre + rng.normal(0, 4.0, 3) / vs)  # mm -> voxels
+        radii.append(float(rng.uniform(4.0, 10.0)))
+    share = np.where(m, phantoms.spheres_fraction(m.shape, vs, centres, radii), 0.0).astype(np.float32)
+    raised = float(rng.uniform(0.6, 1.6)) * share
+    chi = (sample.chi + raised).astype(np.float32)
+    level = float(sample.noise_ppm)
+    kept = 1.0 - share.astype(np.float64)  # the share of the voxel's signal left
+    relative = np.where(kept * noise_factor > 1.0, 1.0 / np.maximum(kept, 1e-12), noise_factor)
+    noise = (level * relative).astype(np.float32)
+    field = sample.field + field_of(raised, m, sample.geometry)
+    extra = rng.standard_normal(m.shape) * (level * np.sqrt(relative**2 - 1.0))
+    field = np.where(share > 0, field + extra, field).astype(np.float32)
+    return replace(sample, chi=chi, field=field, noise_map=noise, prior=None), share >= 0.5
 
 
 def random_patch(sample: Sample, patch: tuple[int, int, int], rng: np.random.Generator,

@@ -197,9 +197,11 @@ def test_a_sharp_brain_is_its_seeds_brain_with_a_stronger_dipole_field():
 
 
 def test_an_inserted_bleed_adds_its_own_dipole_field_and_marks_its_phase_as_noise():
-    """simulation.add_bleed: the bleed lies inside the mask, raises
-    chi there by one value in 0.6-1.6 ppm and nowhere else; outside the bleed the field changes by exactly the
-    bleed's dipole field; the noise map is 20 times the level inside it, the level elsewhere; same seed, same bleed."""
+    """simulation.add_bleed: the bleed lies inside the mask and raises chi by one value in 0.6-1.6 ppm times each
+    voxel's share of bleed (1 inside, partial volume at the edge, 0 elsewhere; the mask returned: a share of at least
+    half); where chi is unchanged the field changes by exactly the bleed's dipole field; the noise map is the level
+    over the voxel's signal left (1 - share), at most 20 times the level (the whole bleed), the level elsewhere, and
+    the added noise has that spread; same seed, same bleed."""
     from PDIQSMLib.geometry import Geometry
     from PDIQSMLib.simulation import Sample, add_bleed, field_of
 
@@ -212,32 +214,74 @@ def test_an_inserted_bleed_adds_its_own_dipole_field_and_marks_its_phase_as_nois
     sample = Sample(chi=chi, mask=mask, field=field, geometry=g, noise_ppm=1e-3)
     out, bleed = add_bleed(sample, np.random.default_rng(7))
     new_chi, new_field, noise = out.chi, out.field, out.noise_map
-    assert bleed.sum() > 100 and not (bleed & ~mask).any()
-    raised = (new_chi - chi)[bleed]
-    assert 0.6 <= raised.min() and np.ptp(raised) < 1e-5 and raised.max() <= 1.6
-    assert np.array_equal(new_chi[~bleed], chi[~bleed])
-    dipole = field_of(new_chi - chi, mask, g)
-    outside = mask & ~bleed
-    assert np.allclose(new_field[outside] - field[outside], dipole[outside], atol=1e-6)
-    assert np.allclose(noise[bleed], 0.02) and np.allclose(noise[~bleed], 1e-3)
-    assert np.std((new_field - field - dipole)[bleed]) > 0.01  # the phase inside is noise
+    raised = new_chi - chi
+    top = float(raised.max())
+    share = raised / top
+    assert 0.6 <= top <= 1.6 and share.min() > -1e-6 and not (raised != 0)[~mask].any()
+    assert np.array_equal(bleed, share >= 0.5 - 1e-6) and bleed.sum() > 100
+    edge = (share > 0.01) & (share < 0.99)
+    assert edge.sum() > 0.2 * bleed.sum()  # a partial-volume edge, not a staircase
+    whole = share > 1 - 1e-6
+    dipole = field_of(raised, mask, g)
+    clear = mask & (raised == 0)
+    assert np.allclose(new_field[clear] - field[clear], dipole[clear], atol=1e-6)
+    assert np.allclose(noise[whole], 0.02) and np.allclose(noise[clear], 1e-3)
+    expected = np.minimum(1e-3 / np.maximum(1.0 - share, 1e-9), 0.02)
+    assert np.allclose(noise[edge], expected[edge], rtol=1e-4)
+    added = (new_field - field - dipole)[whole]
+    assert abs(np.std(added) / (1e-3 * np.sqrt(20.0**2 - 1)) - 1) < 0.05  # the phase inside is noise of that spread
     again = add_bleed(sample, np.random.default_rng(7))
     assert np.array_equal(again[1], bleed) and np.array_equal(again[0].field, new_field)
     assert np.array_equal(sample.field, field)  # the input sample is left as it was
     # another noise factor: the same bleed, its noise map and added noise scaled (the draws do not depend on it)
     louder, same = add_bleed(sample, np.random.default_rng(7), noise_factor=200.0)
-    assert np.array_equal(same, bleed) and np.allclose(louder.noise_map[bleed], 0.2)
-    added = lambda s: (s.field - field - dipole)[bleed]  # noqa: E731
-    assert np.allclose(added(louder), added(out) * np.sqrt(200.0**2 - 1) / np.sqrt(20.0**2 - 1), rtol=1e-3, atol=1e-6)
+    assert np.array_equal(same, bleed) and np.allclose(louder.noise_map[whole], 0.2)
+    extra = lambda s: (s.field - field - dipole)[whole]  # noqa: E731
+    assert np.allclose(extra(louder), extra(out) * np.sqrt(200.0**2 - 1) / np.sqrt(20.0**2 - 1), rtol=1e-3, atol=1e-6)
     with pytest.raises(ValueError, match="noise factor"):
         add_bleed(sample, np.random.default_rng(7), noise_factor=0.5)
+
+
+def test_a_partial_volume_sphere_has_the_continuous_spheres_volume_and_field():
+    """phantoms.spheres_fraction: a sphere off the voxel grid keeps its volume within 0.5 %, and its field by the
+    forward model matches the analytic field of the continuous sphere 2-4 voxels outside far better than an
+    all-or-nothing voxelisation's (measured, rms error over rms field: 1 mm isotropic 0.007 against 0.031;
+    0.8 x 0.8 x 2 mm 0.013 against 0.027); the union of two spheres is each voxel's share of either."""
+    from PDIQSMLib import phantoms
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.simulation import field_of
+
+    for vs, shape, bound in (((1.0, 1.0, 1.0), (64, 64, 64), 0.3), ((0.8, 0.8, 2.0), (64, 64, 48), 0.6)):
+        c = (np.asarray(shape) - 1) / 2 + np.array([0.3, -0.2, 0.1])
+        radius = 6.3
+        pv = phantoms.spheres_fraction(shape, vs, [c], [radius])
+        sharp = phantoms.sphere(shape, vs, radius, 1.0, c)
+        assert 0.0 <= pv.min() and pv.max() <= 1.0
+        assert abs(pv.sum() * np.prod(vs) / (4 / 3 * np.pi * radius**3) - 1) < 0.005
+        exact = phantoms.sphere_field(shape, vs, radius, 1.0, (0, 0, 1), c)
+        x, y, z = phantoms.grid_mm(shape, vs, c)
+        r = np.sqrt(x**2 + y**2 + z**2)
+        shell = (r > radius + 2 * max(vs)) & (r < radius + 4 * max(vs))
+        ones = np.ones(shape, bool)
+
+        def error(obj):
+            e = field_of(obj, ones, Geometry(vs), pad=3.0)[shell] - exact[shell]
+            return float(np.sqrt(np.mean(e**2) / np.mean(exact[shell] ** 2)))
+
+        assert error(pv) < bound * error(sharp)
+    both = phantoms.spheres_fraction((32, 32, 32), (1.0, 1.0, 1.0), [(12.2, 16, 16), (19.7, 16, 16)], [5.0, 5.0])
+    a = phantoms.spheres_fraction((32, 32, 32), (1.0, 1.0, 1.0), [(12.2, 16, 16)], [5.0])
+    b = phantoms.spheres_fraction((32, 32, 32), (1.0, 1.0, 1.0), [(19.7, 16, 16)], [5.0])
+    assert np.all(both >= np.maximum(a, b) - 1e-6) and np.all(both <= np.minimum(a + b, 1.0) + 1e-6)
+    assert (both > np.maximum(a, b) + 0.05).any()  # where the two overlap within a voxel
 
 
 @needs_templates
 def test_a_bleed_in_the_training_mix_is_fed_as_at_inference_and_kept_out_of_validation():
     """bleed_fraction 1: the seed's brain (same mask, grid, B0) with a bleed, and its noise map; with_prior builds the
-    network's channels from that map as inference does: in the bleed, whose field is noise, the field channel holds
-    the forward field of the weighted prior (smooth: no noise from voxel to voxel), elsewhere the field itself.
+    network's channels from that map as inference does: in the bleed (and the edge voxels nearly all bleed), whose
+    field is noise, the field channel holds the forward field of the weighted prior (smooth: no noise from voxel to
+    voxel), elsewhere the field itself.
     Validation brains never carry a bleed."""
     from PDIQSMLib.network import PRESETS
     from PDIQSMLib.network_io import unreliable_voxels
@@ -250,13 +294,14 @@ def test_a_bleed_in_the_training_mix_is_fed_as_at_inference_and_kept_out_of_vali
     bled = make_volume(np.random.default_rng(5), replace(config, bleed_fraction=1.0))
     assert plain.noise_map is None and bled.noise_map is not None
     assert np.array_equal(plain.mask, bled.mask) and plain.geometry == bled.geometry
-    bleed = bled.chi - plain.chi > 0.5
-    assert bleed.sum() > 50 and np.array_equal(bled.chi[~bleed], plain.chi[~bleed])
+    raised = bled.chi - plain.chi
+    touched, whole = raised > 0, raised > raised.max() - 1e-6  # the bleed's voxels, partly and wholly
+    assert raised.min() > -1e-6 and whole.sum() > 50 and 0.5 <= raised.max() <= 1.6
     raw = bled.field.copy()
     kind = PRESETS["default"].prior
     fed = with_prior(bled, kind)
     bad = unreliable_voxels(fed.mask, data_weight(fed.mask, fed.noise_map))
-    assert np.array_equal(bad, bleed)
+    assert not (whole & ~bad).any() and not (bad & ~touched).any()  # the bleed, and at its edge the nearly void
     predicted = DipoleOperator(fed.mask.shape, fed.geometry, 1.5).forward(torch.from_numpy(fed.prior)).numpy()
     assert np.allclose(fed.field[bad], predicted[bad], atol=1e-6)
     pairs = bad[1:] & bad[:-1]  # neighbours along the first axis, both in the bleed: the raw field's noise shows
