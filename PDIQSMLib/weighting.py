@@ -65,7 +65,6 @@ NOISY_RATIO = 10.0  # local roughness over the brain's: the factor at which netw
 NOISY_COHERENCE = 0.2  # and at least this share of the field's local spread: noise, not a steep dipole field
 NOISY_FLOOR_PPM = 2e-4  # the brain's level is taken at least this: no measured field is quieter (issue 12: 7e-4 at
 # 3 T), and a noiseless simulated field's voxel-scale texture around a sharp source is not noise
-NOISY_RIM_GATE = 150.0  # the rim is checked only around a region this much noisier than the brain (median ratio)
 NOISY_RIM_LEVEL = 30.0  # a rim voxel is noise where its field departs from the trusted field's straight continuation
 NOISY_RIM_CURVATURE = 4.0  # by over this many times the brain's level and this many times that field's own bend
 NOISY_RIM_FIRM = 3.0  # a rim voxel found clean lends its field's bend to the voxels inside it where its own departure
@@ -91,16 +90,18 @@ def noisy_regions(field: np.ndarray, mask: np.ndarray, erode: int = 1, rim: bool
     brains of seeds 81000+, benchmarks/results/noisy_regions.md). The noisy voxels get their roughness over s0 as their
     relative noise (so W = 1 / that, normalised, is under a tenth of the brain's there), every other voxel 1.
 
-    A region over ``NOISY_RIM_GATE`` times the brain's level (its median) has its rim checked voxel by voxel
-    (``rim_check``, with ``rim``): the window and the erosion leave a rim of voxels unmarked, and where the noise is
-    hundreds of times the brain's (a void's phase is uniform: about 1.8 SNR times the brain's noise, 35-180 at an SNR
-    of 20-100; the shared ICH case's map 800) a few dozen of them ruin PDI and MEDI (a realistic bleed brain at 200
-    times: PDI 88 % demeaned NRMSE, 44 with the check, 41 with the true map; MEDI 90, 40, 29). Below the gate the check
-    costs more than it gains (its marks on the steep field outside a bleed; at 20-60 times 3-7 points of PDI on
-    calibration brains 81000, 81002 and 81004, though 7.8 better on 81001 at 60), so it is not made. The gate and
-    the check's levels were chosen on bleed brains 81000, 81002 and 81004 at 20, 60 and 200 times, its firm level
-    (``NOISY_RIM_FIRM``) on the same at 200 and 400 times and on 81001, 81003 and 81005 at 60 and 200
-    (benchmarks/results/noisy_regions_loud.md)."""
+    Every region has its rim checked voxel by voxel (``rim_check``, with ``rim``): the window and the erosion leave a
+    rim of voxels unmarked, and where the noise is hundreds of times the brain's (a void's phase is uniform: about 1.8
+    SNR times the brain's noise, 35-180 at an SNR of 20-100; the shared ICH case's map 800) a few dozen of them ruin PDI
+    and MEDI (a realistic bleed brain at 200 times: PDI 80 % demeaned NRMSE, 43 with the check, 40 with the true map;
+    MEDI 88, 35, 29). Until session 28 the check was made only around a region over 150 times the brain's level: on
+    bleeds voxelised all-or-nothing, whose field outside carried a staircase texture, it marked that field and cost
+    PDI 3-7 points at 20-60 times. On bleeds with partial volume (``simulation.add_bleed``) checking every region is
+    level for PDI and better for MEDI (calibration brains 81000-81005 at 20 and 60 times: PDI 33.9 -> 33.6 %, MEDI
+    33.0 -> 29.7; MEDI better on 10 of the 12, PDI on 5 and worse on 5). The check's levels were chosen on bleed
+    brains 81000, 81002 and 81004 at 20, 60 and 200 times, its firm level (``NOISY_RIM_FIRM``) on the same at 200 and
+    400 times and on 81001, 81003 and 81005 at 60 and 200 (benchmarks/results/noisy_regions_loud.md), then on
+    all-or-nothing bleeds."""
     m = np.asarray(mask) > 0
     cube = np.ones((3, 3, 3), bool)
     inner = ndimage.binary_erosion(m, cube)
@@ -132,7 +133,7 @@ def noisy_regions(field: np.ndarray, mask: np.ndarray, erode: int = 1, rim: bool
         region = candidates & (rough > NOISY_COHERENCE * spread)
         noisy = ndimage.binary_erosion(region, cube, iterations=erode) if erode > 0 else region
         ratio = rough / s0
-        if rim and noisy.any() and np.median(ratio[noisy]) > NOISY_RIM_GATE:
+        if rim and noisy.any():
             core = noisy
             noisy = rim_check(fb, m[box] & (out[box] <= 1), region, core, NOISY_RIM_LEVEL * s0, NOISY_RIM_CURVATURE)
             # a rim voxel's field departs by over NOISY_RIM_LEVEL s0: its relative noise is at least that (its local

@@ -268,35 +268,35 @@ def test_the_rim_check_trusts_a_straight_or_bending_continuation_and_marks_depar
     assert (found & rim & ~spikes).sum() <= 4  # voxels whose every straight line out runs through a spike
 
 
-def test_a_loud_regions_rim_is_checked_voxel_by_voxel():
-    """The phantom's bleed with noise 300 times the brain's: the median window misses its rim (measured: 0.80 of the
-    bleed found); the rim check (a region over NOISY_RIM_GATE times the brain's level) finds most of the rest (0.94;
-    0.99 when only the field outside the rim lent its bend, which also marked 339 voxels outside the bleed against 194
-    now), marking nothing over two voxels from the bleed and nothing under NOISY_RIM_LEVEL; PDI and MEDI outside the
-    bleed come close to their accuracy with the true noise map (measured, % RMSE: PDI 54.8 with the check, 75.0
-    without, 56.9 true map; MEDI 40.2, 65.1, 38.0). At 30 times the brain's noise the region is not checked."""
+def test_a_noisy_regions_rim_is_checked_voxel_by_voxel():
+    """The phantom's bleed with noise 30 and 300 times the brain's: the median window misses its rim (measured: 0.40
+    and 0.80 of the bleed found); the rim check finds more of it (0.60 and 0.94), marking nothing over two voxels
+    from the bleed and nothing under NOISY_RIM_LEVEL, and keeps every voxel the region held; PDI and MEDI outside the
+    bleed gain and come close to their accuracy with the true noise map (measured, % RMSE, checked / without / true
+    map: at 30x PDI 50.3 / 55.6 / 56.9, MEDI 37.9 / 40.4 / 38.1; at 300x PDI 54.8 / 75.0 / 56.9, MEDI 40.2 / 65.1 /
+    38.0)."""
     from scipy import ndimage
 
     from PDIQSMLib import weighting
     from PDIQSMLib.pipeline import Settings, reconstruct
 
-    _, quiet, mask, bleed, _, _ = _noisy_bleed_case(ratio=30.0)
-    assert np.array_equal(weighting.noisy_regions(quiet, mask), weighting.noisy_regions(quiet, mask, rim=False))
-    _, noisy, mask, bleed, chi, g = _noisy_bleed_case(ratio=300.0)
-    without = weighting.noisy_regions(noisy, mask, rim=False) > 1
-    found = weighting.noisy_regions(noisy, mask)
-    hot = found > 1
-    assert without[bleed].mean() < 0.85 and hot[bleed].mean() > 0.9 and (hot & without).sum() == without.sum()
-    assert not (hot & ~ndimage.binary_dilation(bleed, iterations=2)).any()
-    assert found[hot & ~without].min() >= weighting.NOISY_RIM_LEVEL
-    outside = mask & ~bleed
+    for ratio, share, gain in ((30.0, 0.5, 1.0), (300.0, 0.9, 8.0)):
+        _, noisy, mask, bleed, chi, g = _noisy_bleed_case(ratio=ratio)
+        without = weighting.noisy_regions(noisy, mask, rim=False) > 1
+        found = weighting.noisy_regions(noisy, mask)
+        hot = found > 1
+        assert without[bleed].mean() < share - 0.05 and hot[bleed].mean() > share
+        assert (hot & without).sum() == without.sum()
+        assert not (hot & ~ndimage.binary_dilation(bleed, iterations=2)).any()
+        assert found[hot & ~without].min() >= weighting.NOISY_RIM_LEVEL
+        outside = mask & ~bleed
 
-    def error(method, noise_std=None):
-        settings = Settings(method=method, device="cpu")
-        e = (reconstruct(noisy, mask, g, settings, noise_std=noise_std).mean - chi)[outside]
-        return 100 * float(np.sqrt(np.mean(e**2) / np.mean(chi[outside] ** 2)))
+        def error(method, noise_std=None):
+            settings = Settings(method=method, device="cpu")
+            e = (reconstruct(noisy, mask, g, settings, noise_std=noise_std).mean - chi)[outside]
+            return 100 * float(np.sqrt(np.mean(e**2) / np.mean(chi[outside] ** 2)))
 
-    true = np.where(bleed, 300.0, 1.0)
-    for method in ("pdi", "medi"):
-        checked = error(method, found)
-        assert checked < error(method, np.where(without, found, 1.0)) - 8 and checked < error(method, true) + 8
+        true = np.where(bleed, ratio, 1.0)
+        for method in ("pdi", "medi"):
+            checked = error(method, found)
+            assert checked < error(method, np.where(without, found, 1.0)) - gain and checked < error(method, true) + 8

@@ -5,8 +5,9 @@ bleed is noise tens to hundreds of times the brain's. ``weighting.noisy_regions`
 default without ``--noise-std``) finds such regions in the field itself. Three sets, each method with its defaults:
 
 - calibration, realistic bleed brains of seeds 81000+ (``vi_change.bleed_brain``: a realistic brain, an acute bleed
-  with noise 20 times the field's level inside; apart from every other seed range): PDI with the region eroded by
-  0, 1 or 2 voxels (the choice of ``erode``), trusting every voxel ('off') and with the true noise map;
+  with partial volume at its edge, noise 20 times the field's level inside; apart from every other seed range): PDI
+  with the region eroded by 0, 1 or 2 voxels (the choice of ``erode``; the rim check made), trusting every voxel
+  ('off') and with the true noise map;
 - test, the six bleed brains of the other benchmarks (80000-80005) and the shared ICH case (noise map 800 times the
   brain's in the bleed, a noisy halo): PDI and MEDI off, auto and with the true map;
 - healthy brains, the ten held-out realistic brains (31000-31009) and the six whole brains at 1.06 mm of
@@ -51,9 +52,8 @@ def case(seed: int, noise_factor: float = BLEED_NOISE_FACTOR):
 
 def loud(calibration, test, factors, name: str) -> None:
     """Bleeds whose noise is 20-200 times the brain's (the physics: a void's phase is uniform, about 1.8 SNR times the
-    brain's noise; the ICH case's map: 800): the region without and with its rim check (``weighting.rim_check``, which
-    acts only around a region over NOISY_RIM_GATE times the brain's level). A case where both mark the same voxels
-    gives the same maps: run once."""
+    brain's noise; the ICH case's map: 800): the region without and with its rim check (``weighting.rim_check``). A
+    case where both mark the same voxels gives the same maps: run once."""
     lines = ["| case | noise factor | region's median ratio | marked, no rim check | marked (default) "
              "| PDI no rim check | PDI (default) | PDI true map | MEDI no rim check | MEDI (default) | MEDI true map |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
