@@ -218,7 +218,10 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     at the former 1e-3; 19088 steps: 42.4 ->
     48.9 %; 10641 steps: 47.7 -> 47.8 %; the 2200-step model, which overestimated the lesion by 73 %: 58.3 -> 55.4 %), and they
     spread the lesion over its rim, as the README says: with a network this good, fine-tuning a set of clean
-    fields mostly fits their noise. The RMSE bound only guards against a collapse."""
+    fields mostly fits their noise. The RMSE bound only guards against a collapse. The noisy-region finder is off
+    throughout: these fields have no noisy region, and it reads the field in and around an all-or-nothing 1.2 ppm
+    lesion as noise (since session 28 the rim check runs around every region: 122-146 voxels marked in these three
+    brains, 57-64 before, so the misfit over the whole mask no longer measures what was fitted: x0.75)."""
     from conftest import write_nifti
 
     from PDIQSMLib.cli import main
@@ -235,11 +238,11 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     base_sha = sha256(DEFAULT_WEIGHTS)
     out = tmp_path / "adapted.safetensors"
     args = ["finetune", str(files["a"][0]), str(files["b"][0]), "--masks", str(files["a"][1]), str(files["b"][1]),
-            "--out", str(out), "--iterations", "30", "--samples", "2", "--progress", "none"]
+            "--out", str(out), "--iterations", "30", "--samples", "2", "--progress", "none", "--noisy-regions", "off"]
 
     # mismatched lists and an output that would replace the bundled weights: clear errors, nothing written
     assert main(args[:5] + args[6:]) == 2  # one mask for two fields
-    assert main(args[:-8] + ["--out", str(DEFAULT_WEIGHTS)] + args[-6:]) == 2
+    assert main(args[:-10] + ["--out", str(DEFAULT_WEIGHTS)] + args[-8:]) == 2
     assert not out.exists() and sha256(DEFAULT_WEIGHTS) == base_sha
 
     assert main(args) == 0
@@ -252,8 +255,8 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
 
     # on the unseen brain: the adapted weights fit the data better, but raise the RMSE and spread the lesion
     chi, mask, field, lesion, g = cases["c"]
-    base = reconstruct(field, mask, g, Settings(method="pdi"))
-    adapted = reconstruct(field, mask, g, Settings(method="pdi", weights=str(out)))
+    base = reconstruct(field, mask, g, Settings(method="pdi", noisy_regions="off"))
+    adapted = reconstruct(field, mask, g, Settings(method="pdi", weights=str(out), noisy_regions="off"))
     err = lambda m: abs(float(m[lesion].mean()) - 1.2)  # noqa: E731
     op = DipoleOperator(field.shape, g, 2.0)
     misfit = lambda m: float(((op.forward(torch.from_numpy(m)).numpy() - field)[mask] ** 2).sum())  # noqa: E731
@@ -274,7 +277,8 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     assert np.all(np.isfinite(adapted.std)) and np.all(adapted.std[mask] > 0)
     # per-voxel variances (the default) are not part of the weights: the adapted sigma is the base's, pass by pass
     # (PDI's default two passes mix in the spread of their means, which the tuned mean decoder changes)
-    one = lambda w: reconstruct(field, mask, g, Settings(method="pdi", weights=w, reflections=1)).std  # noqa: E731
+    one = lambda w: reconstruct(field, mask, g, Settings(method="pdi", weights=w, reflections=1,  # noqa: E731
+                                                        noisy_regions="off")).std
     assert np.allclose(one(str(out)), one(None), rtol=1e-5, atol=1e-7)
 
 
