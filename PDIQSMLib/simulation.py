@@ -198,11 +198,10 @@ def add_bleed(sample: Sample, rng: np.random.Generator, min_depth_mm: float = 15
     chi = (sample.chi + raised).astype(np.float32)
     level = float(sample.noise_ppm)
     kept = 1.0 - share.astype(np.float64)  # the share of the voxel's signal left
-    relative = np.where(kept * noise_factor > 1.0, 1.0 / np.maximum(kept, 1e-12), noise_factor)
+    relative = np.minimum(1.0 / np.maximum(kept, 1e-12), noise_factor)  # 1 where no bleed: nothing added there
     noise = (level * relative).astype(np.float32)
-    field = sample.field + field_of(raised, m, sample.geometry)
     extra = rng.standard_normal(m.shape) * (level * np.sqrt(relative**2 - 1.0))
-    field = np.where(share > 0, field + extra, field).astype(np.float32)
+    field = (sample.field + field_of(raised, m, sample.geometry) + extra).astype(np.float32)
     return replace(sample, chi=chi, field=field, noise_map=noise, prior=None), share >= 0.5
 
 
