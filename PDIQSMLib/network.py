@@ -112,9 +112,21 @@ def upsampler(kind: str, deep: int, shallow: int) -> nn.Module:
     if kind == "transpose":
         return nn.ConvTranspose3d(deep, shallow, 2, stride=2)
     if kind == "resize":
-        return nn.Sequential(nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
-                             nn.Conv3d(deep, shallow, 1))
+        return ResizeUp(nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False), nn.Conv3d(deep, shallow, 1))
     raise ValueError(f"unknown upsampling {kind!r}; expected one of {', '.join(UPSAMPLING)}")
+
+
+class ResizeUp(nn.Sequential):
+    """Trilinear x2 upsampling, then a 1x1x1 convolution (the modules in that order, as the weights were saved),
+    computed in the other order: the convolution is a per-voxel affine map across channels and each upsampled voxel
+    an average of its neighbours with weights summing to 1, so the two commute (up to float rounding), and the
+    convolution then runs on an eighth of the voxels and the upsampling on half the channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        upsample, conv = self
+        y = conv(x)
+        with torch.autocast(y.device.type, enabled=False):  # bf16 stays bf16 (autocast would upsample in fp32)
+            return upsample(y)
 
 
 class Decoder(nn.Module):
@@ -131,7 +143,10 @@ class Decoder(nn.Module):
         self.head = nn.Conv3d(filters[0], 1, 1)
 
     def forward(self, bottom: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        return self.tail(self.trunk(bottom, skips))
+        x = bottom
+        for up, conv, skip in zip(self.ups, self.convs, reversed(skips)):
+            x = level(conv, up(x), skip)
+        return self.head(x)
 
     def trunk(self, bottom: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         """Everything before the last level's convolutions: the concatenated input of that level."""
@@ -145,6 +160,21 @@ class Decoder(nn.Module):
     def tail(self, x: torch.Tensor) -> torch.Tensor:
         """The last level's convolutions and the 1x1x1 head."""
         return self.head(self.convs[-1](x))
+
+
+def level(conv: nn.Sequential, up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``conv(cat([up, skip]))``. Where the skip needs no gradient and ``up`` does (PDI-VI's decoders tuned on cached
+    encoder features), the first convolution is split by input channels into one over ``up`` and one over the skip
+    (convolution is linear in its input channels), so the backward pass computes no gradient for the skip: the top
+    level's first convolution, forward and backward, took 0.75 s in place of 1.32 (bf16, 160^3, 2 AMD EPYC cores)."""
+    first = conv[0]
+    if not (torch.is_grad_enabled() and up.requires_grad and not skip.requires_grad):
+        return conv(torch.cat([up, skip], dim=1))
+    c = up.shape[1]
+    pad = first.padding
+    y = nn.functional.conv3d(up, first.weight[:, :c], None, padding=pad) + \
+        nn.functional.conv3d(skip, first.weight[:, c:], first.bias, padding=pad)
+    return conv[1:](y)
 
 
 class PDINet(nn.Module):

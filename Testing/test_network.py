@@ -161,6 +161,46 @@ def test_the_model_card_and_region_calibration_name_the_shipped_weights():
     assert regions["weights_sha256"] == digest
 
 
+def test_resize_upsampling_commutes_with_its_1x1_convolution():
+    """ResizeUp computes conv(upsample(x)) as upsample(conv(x)): equal, since the convolution is affine per voxel
+    and trilinear weights sum to 1 (also at the clamped border), for odd and even sizes; the weights keep
+    the key names of the saved order (upsampling first)."""
+    from PDIQSMLib.network import ResizeUp, upsampler
+
+    torch.manual_seed(0)
+    up = upsampler("resize", 6, 3)
+    assert isinstance(up, ResizeUp) and set(up.state_dict()) == {"1.weight", "1.bias"}
+    for shape in [(5, 4, 3), (8, 8, 8)]:
+        x = torch.randn(2, 6, *shape, dtype=torch.float64)
+        up = up.double()
+        saved_order = up[1](up[0](x))
+        assert torch.allclose(up(x), saved_order, atol=1e-12, rtol=0)
+        assert up(x).shape[-3:] == tuple(2 * n for n in shape)
+
+
+def test_a_decoder_level_split_by_input_channels_equals_the_concatenation():
+    """With a skip that needs no gradient (cached encoder features) the level's first convolution runs as two,
+    over the upsampled input and over the skip: the same output, and the same gradients for the input and the
+    weights, as the convolution of the concatenation."""
+    from PDIQSMLib.network import double_conv, level
+
+    torch.manual_seed(1)
+    conv = double_conv(8, 4, "none").double()
+    up = torch.randn(1, 4, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(1, 4, 6, 5, 7, dtype=torch.float64)
+    grads = []
+    for split in (True, False):
+        conv.zero_grad()
+        up.grad = None
+        out = level(conv, up, skip) if split else conv(torch.cat([up, skip], dim=1))
+        (out * torch.linspace(-1, 2, out.numel(), dtype=torch.float64).reshape(out.shape)).sum().backward()
+        grads.append((out.detach(), up.grad.clone(), [p.grad.clone() for p in conv.parameters()]))
+    (o1, g1, p1), (o2, g2, p2) = grads
+    assert torch.allclose(o1, o2, atol=1e-12) and torch.allclose(g1, g2, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(p1, p2))
+    assert torch.is_nonzero(o1.abs().sum()) and g1.abs().sum() > 0
+
+
 def test_prediction_is_deterministic():
     net = PDINet(PRESETS["tiny"]).eval()
     field = np.random.default_rng(1).normal(0, 0.02, (16, 16, 8)).astype(np.float32)

@@ -330,6 +330,9 @@ def test_exact_expectation_equals_the_monte_carlo_average():
     mean = torch.from_numpy((0.05 * rng.standard_normal(v.field.shape)).astype(np.float32))
     logvar = torch.from_numpy(np.log(rng.uniform(0.01, 0.06, v.field.shape) ** 2).astype(np.float32))
     exact = expected_kl(mean, logvar, v, lam=0.3, noise_level=0.05)
+    misfit = ((v.weight * (v.op.forward(mean * v.mask) - v.field)) ** 2).sum()  # what settle_variances passes in
+    given = expected_kl(mean, logvar, v, lam=0.3, noise_level=0.05, misfit=misfit)
+    assert all(math.isclose(float(given[k]), float(exact[k]), rel_tol=1e-6) for k in exact)
     gen = torch.Generator().manual_seed(0)
     draws = [kl_loss(mean, logvar, v, lam=0.3, samples=50, noise_level=0.05, generator=gen) for _ in range(40)]
     for term in ("entropy", "fidelity", "tv"):
@@ -340,6 +343,30 @@ def test_exact_expectation_equals_the_monte_carlo_average():
     tiny = torch.full_like(logvar, -60.0)
     sharp = expected_kl(mean, tiny, v, lam=0.3, noise_level=0.05)
     assert math.isclose(float(sharp["tv"]), float(kl_loss(mean, tiny, v, 0.3, 1, 0.05)["tv"]), rel_tol=1e-4)
+
+
+def test_expected_abs_has_the_derivatives_of_its_closed_form():
+    """ExpectedAbs (the TV term's E|N(a, v)|, summed with weights) against finite differences of itself in
+    float64 (gradcheck), its value against the folded-normal mean written out, and its limits: v -> 0 gives
+    |a| with d/da = sign(a), a = 0 gives sqrt(2v/pi)."""
+    from PDIQSMLib.vi import ExpectedAbs
+
+    gen = torch.Generator().manual_seed(3)
+    a = (0.3 * torch.randn(3, 5, 4, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    v = (0.01 + 0.2 * torch.rand(3, 5, 4, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    w = (torch.rand(3, 5, 4, 6, generator=gen, dtype=torch.float64) > 0.3).double()
+    assert torch.autograd.gradcheck(lambda a, v: ExpectedAbs.apply(a, v, w), (a, v))
+    with torch.no_grad():
+        written = (w * (torch.sqrt(2 * v / math.pi) * torch.exp(-a * a / (2 * v)) + a * torch.erf(a / torch.sqrt(2 * v))))
+        assert math.isclose(float(ExpectedAbs.apply(a, v, w)), float(written.sum()), rel_tol=1e-12)
+    tiny = torch.full_like(v, 1e-20, requires_grad=True)
+    sharp = ExpectedAbs.apply(a, tiny, w)
+    sharp.backward()
+    assert math.isclose(float(sharp), float((w * a.abs()).sum()), rel_tol=1e-9)
+    assert torch.equal(a.grad, w * torch.sign(a.detach()))
+    zero = torch.zeros_like(a)
+    assert math.isclose(float(ExpectedAbs.apply(zero, v.detach(), w)),
+                        float((w * torch.sqrt(2 * v.detach() / math.pi)).sum()), rel_tol=1e-12)
 
 
 def test_voxel_variances_reach_the_mean_field_optimum_with_a_flat_prior():
@@ -626,7 +653,8 @@ def test_pdi_vi1_sigma_is_the_fields_own_spread_not_narrowed_by_its_tv_weight():
             sigma[lam, tv] = torch.exp(0.5 * finetune(net, [v], config).log_variances[0])[0, 0][inside]
     for lam in (0.0, VI_LAMBDA, 0.3):
         assert float((sigma[lam, False] / optimum[inside] - 1).abs().max()) < 0.03
-    assert torch.allclose(sigma[0.0, True], sigma[0.0, False], rtol=1e-4)
+    # with lambda 0 the Adam steps of sigma_tv reach the closed form set without it
+    assert torch.allclose(sigma[0.0, True], sigma[0.0, False], rtol=1e-3)
     assert float((sigma[0.3, True] / sigma[0.3, False]).median()) < 0.9
 
 
