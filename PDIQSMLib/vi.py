@@ -638,9 +638,10 @@ def settle_variances(model: Model, volumes: list[VolumeData], config: VIConfig, 
     ``sigma_tv``, ``config.variance_iterations`` Adam steps on the offsets alone with the mean fixed, the KL's
     expectation in closed form (``expected_kl``; the misfit is then a constant: no network pass, no FFT).
 
-    Why the TV term is left out by default: PDI-VI1's TV weight guards the mean against fitting the non-dipolar field, it is not a belief about how
-    far chi may stray, and with it sigma shrinks towards 2 s^2 / (lambda c): on realistic brain 31002 the
-    2-sigma coverage was 0.76 at lambda 1e-3 and 0.36 at 3e-3 (``benchmarks/results/vi_trace_cpu.md``, session 11)."""
+    Why the TV term is left out by default: PDI-VI1's TV weight guards the mean against fitting the non-dipolar
+    field, it is not a belief about how far chi may stray, and with it sigma shrinks towards 2 s^2 / (lambda c): on
+    realistic brain 31002 the 2-sigma coverage was 0.76 at lambda 1e-3 and 0.36 at 3e-3
+    (``benchmarks/results/vi_trace_cpu.md``, session 11)."""
     out = []
     for i, v in enumerate(volumes):
         if not config.sigma_tv:
