@@ -153,7 +153,7 @@ class Decoder(nn.Module):
         x = bottom
         pairs = list(zip(self.ups, self.convs, reversed(skips)))
         for up, conv, skip in pairs[:-1]:
-            x = conv(torch.cat([up(x), skip], dim=1))
+            x = level(conv, up(x), skip)
         up, _, skip = pairs[-1]
         return torch.cat([up(x), skip], dim=1)
 

@@ -157,6 +157,10 @@ class VolumeData:
     inputs: torch.Tensor | None = None  # (1, C, X', Y', Z') ppm: the field and the prior channel, if any
     _diagonal: torch.Tensor | None = None
 
+    def misfit(self, chi: torch.Tensor) -> torch.Tensor:
+        """||W (D chi - b)||^2 of a map ``chi`` (ppm, zero outside the mask)."""
+        return ((self.weight * (self.op.forward(chi) - self.field)) ** 2).sum()
+
     def network_inputs(self) -> torch.Tensor:
         return self.field if self.inputs is None else self.inputs
 
@@ -211,8 +215,7 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, data: VolumeData, lam: flo
     for _ in range(samples):
         eps = torch.randn(mean.shape, generator=generator, device=mean.device)
         chi = (mean + std * eps) * m
-        residual = data.weight * (data.op.forward(chi) - data.field)
-        fidelity = fidelity + (residual**2).sum() / samples
+        fidelity = fidelity + data.misfit(chi) / samples
         if lam > 0:
             tv = tv + (data.edges * grad(chi[0, 0], data.geometry.voxel_size).abs()).sum() / samples
     scale = 1.0 / (2.0 * noise_level**2)
@@ -235,9 +238,7 @@ def expected_kl(mean: torch.Tensor, logvar: torch.Tensor, data: VolumeData, lam:
     var = torch.exp(logvar) * m
     mu = mean * m
     entropy = -0.5 * (logvar * m).sum()
-    if misfit is None:
-        misfit = ((data.weight * (data.op.forward(mu) - data.field)) ** 2).sum()
-    fidelity = misfit + (var * data.diagonal()).sum()
+    fidelity = (data.misfit(mu) if misfit is None else misfit) + (var * data.diagonal()).sum()
     tv = torch.zeros((), device=mean.device)
     if lam > 0:
         h = data.geometry.voxel_size
@@ -652,12 +653,11 @@ def settle_variances(model: Model, volumes: list[VolumeData], config: VIConfig, 
             continue
         with torch.no_grad():
             mean, _ = model(i, v)
-            misfit = ((v.weight * (v.op.forward(mean * v.mask) - v.field)) ** 2).sum()  # fixed: one convolution
+            misfit = v.misfit(mean * v.mask)  # fixed: one convolution
         offsets = model.offsets[i]
         opt = torch.optim.Adam([offsets], lr=config.voxel_lr)
         for _ in range(config.variance_iterations):
-            loss = expected_kl(mean, model.voxel_logvar(i), v, config.lam if config.sigma_tv else 0.0, noise,
-                               misfit)["loss"]
+            loss = expected_kl(mean, model.voxel_logvar(i), v, config.lam, noise, misfit)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
