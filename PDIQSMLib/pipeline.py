@@ -138,6 +138,7 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
     if tile is not None:
         info["tile"] = tile
         progress.status(f"{settings.method}: the volume does not fit in memory at once; running in tiles of {tile}")
+    given = noise_std is not None  # a noise map from the user (not read off the field): PDI refills (REFILLS)
     if settings.method not in defaults.WITHOUT_NOISE_MAP:
         noise_std, found = noise_map(field_ppm, m, noise_std, settings)
         if found:
@@ -167,7 +168,7 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
                  f"{run['relative_change']:.2g} > {run['tolerance']:g}); the map may be under-regularised or "
                  "streaky: pass a larger --iterations")
     else:
-        chi, std = _pdi(field_ppm, m, geometry, settings, magnitude, noise_std, progress, info, tile)
+        chi, std = _pdi(field_ppm, m, geometry, settings, magnitude, noise_std, progress, info, tile, refill=given)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return Result(chi.numpy().astype(np.float32), std, info)
 
@@ -192,8 +193,10 @@ def _pdi_edges(field_ppm, mask, geometry, settings: Settings, magnitude, noise_s
 
 
 def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, progress: Progress, info: dict,
-         tile: int | None = None):
-    """PDI, or PDI-VI fine-tuned on this field: (mean tensor, std array); fills ``info``."""
+         tile: int | None = None, refill: bool = False):
+    """PDI, or PDI-VI fine-tuned on this field: (mean tensor, std array); fills ``info``. ``refill``: PDI runs again
+    where the noise map marks voxels unreliable (``network_io.REFILLS``; only for a noise map given, not one read
+    off the field: there it gained nothing, benchmarks/results/refill_*.md)."""
     from .inference import pick_device, predict
     from .weights import load_model
 
@@ -201,16 +204,24 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     net, manifest = load_model(settings.weights, device)
     info.update(device=device, weights_sha256=manifest["sha256"])
     weight = data_weight(mask, noise_std)
+    refills = 0
     if noise_std is not None and net.config.prior != "none":
-        from .network_io import UNRELIABLE_WEIGHT, unreliable_voxels
+        from .network_io import REFILLS, UNRELIABLE_WEIGHT, unreliable_voxels
 
         # voxels whose field the network reads as the prior's prediction (network_io.network_inputs)
         info["field_replaced_voxels"] = int(unreliable_voxels(mask, weight).sum())
         info["field_replaced_below_weight"] = f"{UNRELIABLE_WEIGHT:g} x median W"
+        refills = REFILLS if refill and info["field_replaced_voxels"] else 0
     if settings.method == "pdi":
         progress.status(f"running PDI on {device}")
         mean, std = predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight,
                             reflections=settings.reflections)
+        for _ in range(refills):  # the replaced voxels' field predicted by PDI's own map (network_io.REFILLS)
+            progress.status(f"running PDI on {device} again, the replaced voxels' field from its first map")
+            mean, std = predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight,
+                                reflections=settings.reflections, fill=mean)
+        if refills:
+            info["field_replaced_from"] = f"PDI's own map ({refills} refill(s); its first pass: the weighted Tikhonov prior's)"
         return torch.from_numpy(mean), std
     from . import vi
 
