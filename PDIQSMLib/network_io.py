@@ -113,8 +113,9 @@ def network_inputs(prior: str, field: np.ndarray, mask: np.ndarray, geometry=Non
 # PDI given a noise map that marks voxels unreliable runs REFILLS more times, each with the field there predicted by
 # the previous map: the network's map, which reads the bleed's dipole field around the marked region, predicts the
 # missing field better than the weighted Tikhonov prior, which shrinks a bleed. Chosen on the calibration bleed brains
-# 81000-81005 with their noise maps (benchmarks/results/refill_calibration.md): one refill 0.8 points better on average (on 5 of
-# 6), a second 0.1 more. With regions read off the field (no noise map) it gained nothing (+0.0), so it is not done.
+# 81000-81005 with their noise maps (benchmarks/results/refill_calibration.md): one refill 0.8 points better on
+# average (on 5 of 6), a second 0.1 more. With regions read off the field (no noise map) it gained nothing (+0.0),
+# so it is not done there.
 REFILLS = 1
 
 

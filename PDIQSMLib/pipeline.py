@@ -221,7 +221,8 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
             mean, std = predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight,
                                 reflections=settings.reflections, fill=mean)
         if refills:
-            info["field_replaced_from"] = f"PDI's own map ({refills} refill(s); its first pass: the weighted Tikhonov prior's)"
+            info["field_replaced_from"] = (f"PDI's own map ({refills} refill(s); its first pass: the weighted "
+                                           "Tikhonov prior's)")
         return torch.from_numpy(mean), std
     from . import vi
 

@@ -1,5 +1,5 @@
-"""PDI where a noise map marks a bleed's field unreliable: that field predicted by the weighted Tikhonov prior (one pass)
-or, in a second pass, by PDI's own first map (``network_io.REFILLS``).
+"""PDI where a noise map marks a bleed's field unreliable: that field predicted by the weighted Tikhonov prior (one
+pass) or, in a second pass, by PDI's own first map (``network_io.REFILLS``).
 
 The network cannot read a field that is noise (an acute bleed's signal void): those voxels' field channel holds a
 predicted field instead (``network_io.network_inputs``). The weighted Tikhonov prior predicts it from the reliable
@@ -43,7 +43,8 @@ def run(field, mask, g, truth, bleed, noise_std, refills: int) -> tuple[float, s
             from PDIQSMLib.weighting import noisy_regions
 
             noise_std = noisy_regions(field, mask)
-        res = reconstruct(field, mask, g, Settings(method="pdi", device="cpu", noisy_regions="off"), noise_std=noise_std)
+        settings = Settings(method="pdi", device="cpu", noisy_regions="off")
+        res = reconstruct(field, mask, g, settings, noise_std=noise_std)
     finally:
         network_io.REFILLS = saved
     nrmse = evaluate_arrays(res.mean, truth, mask, None)["rmse_demeaned"]
