@@ -57,7 +57,7 @@ assert tuple(REFLECTIONS) == REFLECTION_COUNTS
 def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu",
             tile: int | None = None, overlap: int = 16, geometry=None,
             weight: np.ndarray | None = None, reflections: int = 1,
-            fill: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+            inputs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation (ppm, float32) of chi for a local field (ppm), zero outside ``mask``.
 
     The network runs on the mask's bounding box (plus a margin): outside the mask its input is zero,
@@ -67,15 +67,17 @@ def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu
     prior input channel, and ``weight`` (W, from a noise map) is used by that prior. ``reflections``
     (1, 2, 4 or 8, see REFLECTIONS) runs the network on mirrored inputs and mirrors each output back:
     the mean is their average, the variance that of their equal mixture (mean of the variances plus the
-    variance of the means). ``fill``: the chi map whose field fills the voxels W marks unreliable
-    (``network_io.network_inputs``; default the prior's).
+    variance of the means). ``inputs``: the network's input channels (ppm, the volume's shape) as
+    ``network_io.network_inputs`` gives them for this field, mask, geometry and weight; built here when None.
     """
     if reflections not in REFLECTIONS:
         raise ValueError(f"reflections must be one of {sorted(REFLECTIONS)}, got {reflections}")
     net.eval()
     m = np.asarray(mask) > 0
     box = mask_box(m)
-    x = torch.from_numpy(network_inputs(net.config.prior, field, m, geometry, weight, fill)[(slice(None),) + box])[None]
+    if inputs is None:
+        inputs = network_inputs(net.config.prior, field, m, geometry, weight)
+    x = torch.from_numpy(inputs[(slice(None),) + box])[None]
     maps = []
     for axes in REFLECTIONS[reflections]:
         mean, std = _whole_or_tiled(net, torch.flip(x, [a + 2 for a in axes]) if axes else x, device, tile, overlap)

@@ -82,7 +82,7 @@ def unreliable_voxels(mask: np.ndarray, weight: np.ndarray | None) -> np.ndarray
 
 
 def network_inputs(prior: str, field: np.ndarray, mask: np.ndarray, geometry=None,
-                   weight: np.ndarray | None = None, fill: np.ndarray | None = None) -> np.ndarray:
+                   weight: np.ndarray | None = None) -> np.ndarray:
     """(C, X, Y, Z) ppm arrays a network with prior channel ``prior`` (its config.prior) reads: the
     masked field, and the prior computed on the whole volume (which needs the ``geometry``; ``weight``
     is W).
@@ -92,7 +92,7 @@ def network_inputs(prior: str, field: np.ndarray, mask: np.ndarray, geometry=Non
     of the weighted Tikhonov prior instead, ``D chi_prior``: the field the reliable data predict there. The
     network never saw noise of that size in training; fed it, the bundled model turned the shared ICH
     case's bleed into 2.9 ppm (truth 1.3) with streaks across the brain (RMSE 291 %); with the fill, 59.8 %.
-    ``fill`` (a chi map in ppm, e.g. the network's own first map: ``REFILLS``) gives the field there instead.
+    ``refilled`` predicts that field from another map instead (the network's own first map: ``REFILLS``).
     """
     m = np.asarray(mask) > 0
     channels = [np.where(m, field, 0.0).astype(np.float32)]
@@ -102,12 +102,26 @@ def network_inputs(prior: str, field: np.ndarray, mask: np.ndarray, geometry=Non
         channels.append(prior_map(field, m, geometry, prior, weight))
         bad = unreliable_voxels(m, weight)
         if bad.any():
-            from .physics import simulate_field
-
-            source = channels[1] if fill is None else np.where(m, fill, 0.0).astype(np.float32)
-            predicted = simulate_field(torch.from_numpy(source), geometry, 1.5).numpy()
-            channels[0] = np.where(bad, predicted, channels[0]).astype(np.float32)
+            channels[0] = _filled(channels[0], bad, channels[1], geometry)
     return np.stack(channels)
+
+
+def refilled(inputs: np.ndarray, mask: np.ndarray, geometry, weight: np.ndarray | None, chi: np.ndarray) -> np.ndarray:
+    """``network_inputs``' channels (not changed) with the unreliable voxels' field predicted by ``chi`` (ppm, e.g. the
+    network's own first map: ``REFILLS``) instead of by the prior; the prior channel, and every other voxel, as they
+    were (so a refill does not solve the weighted Tikhonov prior again)."""
+    m = np.asarray(mask) > 0
+    out = inputs.copy()
+    out[0] = _filled(inputs[0], unreliable_voxels(m, weight), np.where(m, chi, 0.0).astype(np.float32), geometry)
+    return out
+
+
+def _filled(field: np.ndarray, bad: np.ndarray, chi: np.ndarray, geometry) -> np.ndarray:
+    """``field`` with the ``bad`` voxels' value replaced by the forward field of ``chi`` (ppm)."""
+    from .physics import simulate_field
+
+    predicted = simulate_field(torch.from_numpy(chi), geometry, 1.5).numpy()
+    return np.where(bad, predicted, field).astype(np.float32)
 
 
 # PDI given a noise map that marks voxels unreliable runs REFILLS more times, each with the field there predicted by

@@ -213,13 +213,19 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         info["field_replaced_below_weight"] = f"{UNRELIABLE_WEIGHT:g} x median W"
         refills = REFILLS if refill and info["field_replaced_voxels"] else 0
     if settings.method == "pdi":
+        from .network_io import network_inputs, refilled
+
+        def run(inputs):
+            return predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight,
+                           reflections=settings.reflections, inputs=inputs)
+
         progress.status(f"running PDI on {device}")
-        mean, std = predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight,
-                            reflections=settings.reflections)
+        inputs = network_inputs(net.config.prior, field_ppm, mask, geometry, weight)
+        mean, std = run(inputs)
         for _ in range(refills):  # the replaced voxels' field predicted by PDI's own map (network_io.REFILLS)
             progress.status(f"running PDI on {device} again, the replaced voxels' field from its first map")
-            mean, std = predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight,
-                                reflections=settings.reflections, fill=mean)
+            inputs = refilled(inputs, mask, geometry, weight, mean)
+            mean, std = run(inputs)
         if refills:
             info["field_replaced_from"] = (f"PDI's own map ({refills} refill(s); its first pass: the weighted "
                                            "Tikhonov prior's)")

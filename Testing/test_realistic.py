@@ -453,10 +453,10 @@ def test_unreliable_field_is_replaced_by_the_field_the_reliable_data_predict():
 
 
 def test_a_fill_map_gives_the_unreliable_voxels_its_own_field():
-    """``fill`` (a chi map) replaces the prior as the source of the unreliable voxels' field: there the channel holds
-    its forward field, and with the true map as the fill that is the bleed's true noiseless field (the field the
+    """``refilled`` with a chi map replaces the prior as the source of the unreliable voxels' field: there the channel
+    holds its forward field, and with the true map as the fill that is the bleed's true noiseless field (the field the
     phantom was made with, up to the padding: 2 there, 1.5 here), which the prior's prediction is not."""
-    from PDIQSMLib.network_io import network_inputs, unreliable_voxels
+    from PDIQSMLib.network_io import network_inputs, refilled, unreliable_voxels
     from PDIQSMLib.simulation import field_of
     from PDIQSMLib.weighting import data_weight
 
@@ -464,8 +464,10 @@ def test_a_fill_map_gives_the_unreliable_voxels_its_own_field():
     w = data_weight(mask, noise)
     bad = unreliable_voxels(mask, w)
     truth = field_of(chi, mask, g, 2.0)
-    with_truth = network_inputs("tikhonov-auto", field, mask, g, w, fill=chi)
     by_prior = network_inputs("tikhonov-auto", field, mask, g, w)
+    kept = by_prior.copy()
+    with_truth = refilled(by_prior, mask, g, w, chi)
+    assert np.array_equal(by_prior, kept)  # its input is left as it was
     assert np.array_equal(with_truth[1], by_prior[1]) and np.array_equal(with_truth[0][~bad], by_prior[0][~bad])
     error = lambda x: np.linalg.norm(x[0][bad] - truth[bad]) / np.linalg.norm(truth[bad])  # noqa: E731
     assert error(with_truth) < 0.05 and error(by_prior) > 0.3  # measured 0.0005 and 0.77
@@ -475,26 +477,30 @@ def test_pdi_refills_a_given_noise_maps_unreliable_voxels_from_its_own_map(monke
     """Given a noise map that marks voxels unreliable, PDI runs once more with their field predicted by its first map
     (network_io.REFILLS = 1); with the regions read off the field, or nothing marked, it runs once."""
     from PDIQSMLib import inference, network_io
+    from PDIQSMLib.network_io import network_inputs, refilled
     from PDIQSMLib.pipeline import Settings, reconstruct
     from PDIQSMLib.weighting import data_weight
     from PDIQSMLib.weights import load_model
 
     chi, mask, field, noise, bleed, g = bleed_phantom()
-    fills = []
+    fed = []  # the input channels of each PDI run
     predict = inference.predict
-    monkeypatch.setattr(inference, "predict", lambda *a, **k: fills.append(k.get("fill")) or predict(*a, **k))
+    monkeypatch.setattr(inference, "predict", lambda *a, **k: fed.append(k.get("inputs")) or predict(*a, **k))
     given = reconstruct(field, mask, g, Settings(method="pdi"), noise_std=noise)
-    assert network_io.REFILLS == 1 and len(fills) == 2 and fills[0] is None and "field_replaced_from" in given.info
-    first = predict(load_model()[0], field, mask, geometry=g, weight=data_weight(mask, noise), reflections=2)[0]
-    assert np.allclose(fills[1], first, atol=1e-6)  # the refill's source is the first map
+    assert network_io.REFILLS == 1 and len(fed) == 2 and "field_replaced_from" in given.info
+    w = data_weight(mask, noise)
+    assert np.array_equal(fed[0], network_inputs("tikhonov-auto", field, mask, g, w))
+    first = predict(load_model()[0], field, mask, geometry=g, weight=w, reflections=2)[0]
+    assert np.allclose(fed[1], refilled(fed[0], mask, g, w, first), atol=1e-6)  # the refill's source: the first map
+    assert np.array_equal(fed[1][1], fed[0][1])  # the prior channel is not solved again
     assert not np.allclose(given.mean, first, atol=1e-3)
-    fills.clear()
+    fed.clear()
     uniform = reconstruct(field, mask, g, Settings(method="pdi"), noise_std=np.ones_like(noise))
-    assert fills == [None] and "field_replaced_from" not in uniform.info
-    fills.clear()
+    assert len(fed) == 1 and "field_replaced_from" not in uniform.info
+    fed.clear()
     loud = np.where(bleed, field + 0.5 * np.random.default_rng(1).standard_normal(field.shape), field)
     found = reconstruct(loud.astype(np.float32), mask, g, Settings(method="pdi"))
-    assert found.info["noisy_regions"]["voxels"] > 0 and fills == [None]
+    assert found.info["noisy_regions"]["voxels"] > 0 and len(fed) == 1
 
 
 def test_pdi_with_a_noise_map_survives_a_bleed_whose_field_is_gone(monkeypatch):
