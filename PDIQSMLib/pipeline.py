@@ -194,9 +194,10 @@ def _pdi_edges(field_ppm, mask, geometry, settings: Settings, magnitude, noise_s
 
 def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, progress: Progress, info: dict,
          tile: int | None = None, refill: bool = False):
-    """PDI, or PDI-VI fine-tuned on this field: (mean tensor, std array); fills ``info``. ``refill``: PDI runs again
-    where the noise map marks voxels unreliable (``network_io.REFILLS``; only for a noise map given, not one read
-    off the field: there it gained nothing, benchmarks/results/refill_*.md)."""
+    """PDI, or PDI-VI fine-tuned on this field: (mean tensor, std array); fills ``info``. ``refill``: where the noise
+    map marks voxels unreliable, their field in the network's inputs is predicted by PDI's own map
+    (``network_io.REFILLS``; PDI runs again, PDI-VI starts from those inputs; only for a noise map given, not one
+    read off the field: there it gained nothing, benchmarks/results/refill_*.md)."""
     from .inference import pick_device, predict
     from .weights import load_model
 
@@ -212,6 +213,8 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         info["field_replaced_voxels"] = int(unreliable_voxels(mask, weight).sum())
         info["field_replaced_below_weight"] = f"{UNRELIABLE_WEIGHT:g} x median W"
         refills = REFILLS if refill and info["field_replaced_voxels"] else 0
+    if refills:
+        info["field_replaced_from"] = f"PDI's own map ({refills} refill(s); its first pass: the weighted Tikhonov prior's)"
     if settings.method == "pdi":
         from .network_io import network_inputs, refilled
 
@@ -226,14 +229,11 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
             progress.status(f"running PDI on {device} again, the replaced voxels' field from its first map")
             inputs = refilled(inputs, mask, geometry, weight, mean)
             mean, std = run(inputs)
-        if refills:
-            info["field_replaced_from"] = (f"PDI's own map ({refills} refill(s); its first pass: the weighted "
-                                           "Tikhonov prior's)")
         return torch.from_numpy(mean), std
     from . import vi
 
     config = vi_config(settings, takes_pdi_edges(vi_edges(settings), magnitude is not None))
-    volume = vi_volume(net, field_ppm, mask, geometry, magnitude, noise_std, device, vi_edges(settings), info)
+    volume = vi_volume(net, field_ppm, mask, geometry, magnitude, noise_std, device, vi_edges(settings), info, refills)
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")
     result = vi.finetune(net, [volume], config, progress.task("vi"))
     mean, std = result.predict(volume)
@@ -267,26 +267,35 @@ def takes_pdi_edges(edges: str, magnitude_given: bool) -> bool:
 
 
 def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_std=None, device: str = "cpu",
-              edges: str = "magnitude", info: dict | None = None):
+              edges: str = "magnitude", info: dict | None = None, refills: int = 0):
     """A field prepared for PDI-VI with ``net``: W from the noise std, the prior channel, and M from the
     magnitude, or with ``edges`` 'pdi' (or 'auto' and no magnitude) from the network's own map of the field:
     MEDI's rule on that map, sparing its ``solvers.PDI_EDGE_FRACTION`` N strongest gradient components (the TV
-    prior then keeps the edges the network sees and smooths the rest against the field). ``info`` gets a line."""
+    prior then keeps the edges the network sees and smooths the rest against the field). ``info`` gets a line.
+    ``refills``: the unreliable voxels' field in the network's inputs predicted that many times by PDI's map (with
+    ``defaults.PDI_REFLECTIONS``), as PDI does with a given noise map (``network_io.REFILLS``)."""
     from .inference import predict
+    from .network_io import network_inputs, refilled
     from .vi import prepare
 
     weight = data_weight(mask, noise_std)
+    inputs = network_inputs(net.config.prior, field_ppm, mask, geometry, weight) if refills else None
+    for _ in range(refills):
+        first = predict(net, field_ppm, mask, device, geometry=geometry, weight=weight,
+                        reflections=defaults.PDI_REFLECTIONS, inputs=inputs)[0]
+        inputs = refilled(inputs, mask, geometry, weight, first)
     source, fraction, said = magnitude, 0.9, "magnitude" if magnitude is not None else "none (TV everywhere)"
     if edges == "pdi" and magnitude is not None:
         raise InputError("--vi-edges", "'pdi' takes PDI-VI's edges from PDI's map, not from the magnitude given: give "
                                        "one of the two (--vi-edges auto or magnitude uses the magnitude)")
     if takes_pdi_edges(edges, magnitude is not None):
-        source = predict(net, field_ppm, mask, device, geometry=geometry, weight=weight)[0]
+        source = predict(net, field_ppm, mask, device, geometry=geometry, weight=weight, inputs=inputs)[0]
         fraction, said = solvers.PDI_EDGE_FRACTION, f"PDI's map ({solvers.PDI_EDGE_FRACTION:g} N components spared)"
     if info is not None:
         info["edges"] = said
     return prepare(field_ppm, mask, geometry, net.config.stride, weight,
-                   gradient_mask(mask, source, geometry.voxel_size, fraction), device, prior=net.config.prior)
+                   gradient_mask(mask, source, geometry.voxel_size, fraction), device, prior=net.config.prior,
+                   inputs=inputs)
 
 
 def vi_config(settings: Settings, pdi_edges: bool = False):

@@ -185,13 +185,17 @@ def fidelity_diagonal(op: DipoleOperator, weight: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, stride: int, weight: np.ndarray | None = None,
-            edges: np.ndarray | None = None, device: str = "cpu", pad: float = 1.0, prior: str = "none") -> VolumeData:
+            edges: np.ndarray | None = None, device: str = "cpu", pad: float = 1.0, prior: str = "none",
+            inputs: np.ndarray | None = None) -> VolumeData:
     """Crop to the mask's bounding box (as inference does), pad to the network's stride, move to ``device``;
-    ``prior`` is the network's prior channel kind (computed on the whole volume before cropping)."""
+    ``prior`` is the network's prior channel kind (computed on the whole volume before cropping). ``inputs``: the
+    network's input channels as ``network_io.network_inputs`` gives them (e.g. refilled); built here when None."""
     m = np.asarray(mask) > 0
     box = mask_box(m)
     mb = m[box]
-    x = torch.from_numpy(network_inputs(prior, field_ppm, m, geometry, weight)[(slice(None),) + box])[None]
+    if inputs is None:
+        inputs = network_inputs(prior, field_ppm, m, geometry, weight)
+    x = torch.from_numpy(inputs[(slice(None),) + box])[None]
     x, size = pad_to_stride(x, stride)
     f = x[:, :1]
     inputs = x.to(device) if x.shape[1] > 1 else None

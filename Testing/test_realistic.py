@@ -503,6 +503,42 @@ def test_pdi_refills_a_given_noise_maps_unreliable_voxels_from_its_own_map(monke
     assert found.info["noisy_regions"]["voxels"] > 0 and len(fed) == 1
 
 
+def test_pdi_vi_fine_tunes_from_the_refilled_inputs_given_a_noise_map(monkeypatch):
+    """PDI-VI given a noise map that marks voxels unreliable starts from the inputs PDI's refill gives (their field
+    predicted by PDI's own map, not the prior's; every other voxel and the prior channel as before); with the regions
+    read off the field the inputs are built as before (by ``prepare``)."""
+    from PDIQSMLib import vi
+    from PDIQSMLib.inference import predict
+    from PDIQSMLib.network_io import network_inputs, refilled, unreliable_voxels
+    from PDIQSMLib.pipeline import Settings, reconstruct
+    from PDIQSMLib.weighting import data_weight
+    from PDIQSMLib.weights import load_model
+
+    class Prepared(Exception):  # stops before the fine-tuning: only its inputs are looked at
+        pass
+
+    fed = []
+
+    def prepared(*a, **k):
+        fed.append(k.get("inputs"))
+        raise Prepared
+
+    monkeypatch.setattr(vi, "prepare", prepared)
+    chi, mask, field, noise, bleed, g = bleed_phantom()
+    with pytest.raises(Prepared):
+        reconstruct(field, mask, g, Settings(method="pdi-vi1"), noise_std=noise)
+    w = data_weight(mask, noise)
+    prior = network_inputs("tikhonov-auto", field, mask, g, w)
+    first = predict(load_model()[0], field, mask, geometry=g, weight=w, reflections=2, inputs=prior)[0]
+    assert np.allclose(fed[0], refilled(prior, mask, g, w, first), atol=1e-6)
+    bad = unreliable_voxels(mask, w)
+    assert np.array_equal(fed[0][:, ~bad], prior[:, ~bad]) and np.abs(fed[0][0][bad] - prior[0][bad]).max() > 1e-3
+    loud = np.where(bleed, field + 0.5 * np.random.default_rng(1).standard_normal(field.shape), field)
+    with pytest.raises(Prepared):
+        reconstruct(loud.astype(np.float32), mask, g, Settings(method="pdi-vi1"))
+    assert len(fed) == 2 and fed[1] is None
+
+
 def test_pdi_with_a_noise_map_survives_a_bleed_whose_field_is_gone(monkeypatch):
     """The bundled model, fed a bleed whose field is noise 600 times the brain's, spreads that noise over the
     brain (the shared ICH case: bleed 2.9 ppm for 1.3, RMSE 291 %); with the unreliable field replaced (the
