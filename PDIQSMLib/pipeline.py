@@ -214,7 +214,8 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         info["field_replaced_below_weight"] = f"{UNRELIABLE_WEIGHT:g} x median W"
         refills = REFILLS if refill and info["field_replaced_voxels"] else 0
     if refills:
-        info["field_replaced_from"] = f"PDI's own map ({refills} refill(s); its first pass: the weighted Tikhonov prior's)"
+        info["field_replaced_from"] = (f"PDI's own map ({refills} refill(s); its first pass: the weighted Tikhonov "
+                                       "prior's)")
     if settings.method == "pdi":
         from .network_io import network_inputs, refilled
 

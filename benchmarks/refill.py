@@ -4,11 +4,12 @@ pass) or, in a second pass, by PDI's own first map (``network_io.REFILLS``).
 The network cannot read a field that is noise (an acute bleed's signal void): those voxels' field channel holds a
 predicted field instead (``network_io.network_inputs``). The weighted Tikhonov prior predicts it from the reliable
 field around, but shrinks a bleed; PDI's first map, which reads the bleed's dipole field around it too, may predict it
-better. Per case, PDI (or ``--method``) with 0 and 1 refill (PDI's default two reflections each): with the true noise map, and with
-the regions read off the field (no noise map, ``--noisy-regions auto``). Sets as ``noisy_regions.py``: calibration
-bleed brains 81000-81005 (where the count was chosen), test bleed brains 80000-80005 and the shared ICH case (seed 0),
-the bleeds' noise ``--factor`` times the brain's (it matters only without the noise map). Demeaned NRMSE (%) over the
-brain, the bleed's mean chi over the truth's in brackets. No timings (a refill is one more PDI run).
+better. Per case, PDI (or ``--method``) with 0 and 1 refill (PDI's default two reflections each): with the true noise
+map, and with the regions read off the field (no noise map, ``--noisy-regions auto``). Sets as ``noisy_regions.py``:
+calibration bleed brains 81000-81005 (where the count was chosen), test bleed brains 80000-80005 and the shared ICH
+case (seed 0), the bleeds' noise ``--factor`` times the brain's (it matters only without the noise map). Demeaned
+NRMSE (%) over the brain, the bleed's mean chi over the truth's in brackets. No timings (a refill is one more PDI
+run).
 
     python benchmarks/refill.py [--calibration 81000 ...] [--test 80000 ... 0] [--factor 60] [--name refill]
                                 [--method pdi|pdi-vi1|pdi-vi2] [--maps true auto]
@@ -82,7 +83,8 @@ def main() -> None:
             lines.append(f"| mean of {int(total[-1])} | {role} | {label} | {means} |")
     write_table(args.name, "A bleed's unreliable field: predicted by the Tikhonov prior, or by PDI's own first map",
                 "Demeaned NRMSE (%) over the brain, the bleed's mean chi over the truth's in brackets; "
-                f"{args.method.upper()} with its defaults and 0 or 1 refill; the bleeds' noise {args.factor:g} times the brain's.\n\n"
+                f"{args.method.upper()} with its defaults and 0 or 1 refill; the bleeds' noise {args.factor:g} times "
+                "the brain's.\n\n"
                 + "\n".join(lines))
 
 
