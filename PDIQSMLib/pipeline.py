@@ -280,7 +280,7 @@ def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_st
     from .vi import prepare
 
     weight = data_weight(mask, noise_std)
-    inputs = network_inputs(net.config.prior, field_ppm, mask, geometry, weight) if refills else None
+    inputs = network_inputs(net.config.prior, field_ppm, mask, geometry, weight)  # once, for predict and prepare
     for _ in range(refills):
         first = predict(net, field_ppm, mask, device, geometry=geometry, weight=weight,
                         reflections=defaults.PDI_REFLECTIONS, inputs=inputs)[0]

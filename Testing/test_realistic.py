@@ -506,12 +506,12 @@ def test_pdi_refills_a_given_noise_maps_unreliable_voxels_from_its_own_map(monke
 def test_pdi_vi_fine_tunes_from_the_refilled_inputs_given_a_noise_map(monkeypatch):
     """PDI-VI given a noise map that marks voxels unreliable starts from the inputs PDI's refill gives (their field
     predicted by PDI's own map, not the prior's; every other voxel and the prior channel as before); with the regions
-    read off the field the inputs are built as before (by ``prepare``)."""
+    read off the field the inputs are built as before (the prior's prediction there, no refill)."""
     from PDIQSMLib import vi
     from PDIQSMLib.inference import predict
     from PDIQSMLib.network_io import network_inputs, refilled, unreliable_voxels
     from PDIQSMLib.pipeline import Settings, reconstruct
-    from PDIQSMLib.weighting import data_weight
+    from PDIQSMLib.weighting import data_weight, noisy_regions
     from PDIQSMLib.weights import load_model
 
     class Prepared(Exception):  # stops before the fine-tuning: only its inputs are looked at
@@ -536,7 +536,8 @@ def test_pdi_vi_fine_tunes_from_the_refilled_inputs_given_a_noise_map(monkeypatc
     loud = np.where(bleed, field + 0.5 * np.random.default_rng(1).standard_normal(field.shape), field)
     with pytest.raises(Prepared):
         reconstruct(loud.astype(np.float32), mask, g, Settings(method="pdi-vi1"))
-    assert len(fed) == 2 and fed[1] is None
+    found = data_weight(mask, noisy_regions(loud.astype(np.float32), mask))
+    assert len(fed) == 2 and np.array_equal(fed[1], network_inputs("tikhonov-auto", loud, mask, g, found))
 
 
 def test_pdi_with_a_noise_map_survives_a_bleed_whose_field_is_gone(monkeypatch):

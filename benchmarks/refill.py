@@ -37,8 +37,9 @@ REFILL_COUNTS = (0, 1)
 
 
 def run(field, mask, g, truth, bleed, noise_std, refills: int, method: str = "pdi") -> tuple[float, str]:
-    """(demeaned NRMSE %, its cell) of PDI with ``refills`` refills; ``noise_std`` None: regions read off the field.
-    Without a noise map PDI does not refill by default, so the count is forced through a map built from the regions."""
+    """(demeaned NRMSE %, its cell) of ``method`` with ``refills`` refills; ``noise_std`` None: regions read off the
+    field. Without a noise map PDI does not refill by default, so the count is forced through a map built from the
+    regions."""
     saved = network_io.REFILLS
     network_io.REFILLS = refills
     try:
