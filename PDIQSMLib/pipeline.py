@@ -49,6 +49,7 @@ class Settings:
     vi_precision: str = "auto"  # PDI-VI's network passes: auto (bf16 where timed faster on a CPU), bf16, fp32
     medi_edges: str = "magnitude"  # MEDI's edge mask M: from --magnitude (none given: TV everywhere) or 'pdi' (PDI's map)
     vi_edges: str = "auto"  # PDI-VI1's edge mask M: auto (the magnitude if given, else PDI's map), magnitude, pdi
+    vi_where: str = "everywhere"  # PDI-VI's map kept everywhere, or where the field disagrees with PDI's (discrepant)
     noisy_regions: str = "auto"  # no noise map given: auto finds where the field is noise (weighting.noisy_regions); off
 
     def check(self) -> None:
@@ -75,6 +76,8 @@ class Settings:
         if self.noisy_regions not in defaults.NOISY_REGIONS:
             raise InputError("--noisy-regions",
                              f"expected {' or '.join(defaults.NOISY_REGIONS)}, got {self.noisy_regions!r}")
+        if self.vi_where not in defaults.VI_WHERE:
+            raise InputError("--vi-where", f"expected one of {', '.join(defaults.VI_WHERE)}, got {self.vi_where!r}")
         if self.vi_edges not in defaults.VI_EDGES:
             raise InputError("--vi-edges", f"expected one of {', '.join(defaults.VI_EDGES)}, got {self.vi_edges!r}")
 
@@ -84,9 +87,9 @@ class Settings:
         used = {"tkd": ("threshold", "pad"), "tikhonov": ("lam", "pad"), "medi": ("lam", "iterations", "pad"),
                 "pdi": ("device", "weights", "reflections"),
                 "pdi-vi1": ("lam", "samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
-                            "vi_variance", "noise_level", "vi_tol", "vi_precision", "vi_edges"),
+                            "vi_variance", "noise_level", "vi_tol", "vi_precision", "vi_edges", "vi_where"),
                 "pdi-vi2": ("samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
-                            "vi_variance", "noise_level", "vi_tol", "vi_precision")}[self.method]
+                            "vi_variance", "noise_level", "vi_tol", "vi_precision", "vi_where")}[self.method]
         if self.method not in defaults.WITHOUT_NOISE_MAP:
             used += ("noisy_regions",)
         if self.method == "medi":
@@ -198,7 +201,7 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     map marks voxels unreliable, their field in the network's inputs is predicted by PDI's own map
     (``network_io.REFILLS``; PDI runs again, PDI-VI starts from those inputs; only for a noise map given, not one
     read off the field: there it gained nothing, benchmarks/results/refill_*.md)."""
-    from .inference import pick_device, predict
+    from .inference import pick_device
     from .weights import load_model
 
     device = pick_device(settings.device)
@@ -217,29 +220,55 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         info["field_replaced_from"] = (f"PDI's own map ({refills} refill(s); its first pass: the weighted Tikhonov "
                                        "prior's)")
     if settings.method == "pdi":
-        from .network_io import network_inputs, refilled
-
-        def run(inputs):
-            return predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight,
-                           reflections=settings.reflections, inputs=inputs)
-
-        progress.status(f"running PDI on {device}")
-        inputs = network_inputs(net.config.prior, field_ppm, mask, geometry, weight)
-        mean, std = run(inputs)
-        for _ in range(refills):  # the replaced voxels' field predicted by PDI's own map (network_io.REFILLS)
-            progress.status(f"running PDI on {device} again, the replaced voxels' field from its first map")
-            inputs = refilled(inputs, mask, geometry, weight, mean)
-            mean, std = run(inputs)
+        mean, std, _ = _pdi_map(net, field_ppm, mask, geometry, settings, weight, refills, tile, device, progress)
         return torch.from_numpy(mean), std
     from . import vi
 
     config = vi_config(settings, takes_pdi_edges(vi_edges(settings), magnitude is not None))
-    volume = vi_volume(net, field_ppm, mask, geometry, magnitude, noise_std, device, vi_edges(settings), info, refills)
+    blend, inputs = None, None
+    if settings.vi_where == "discrepant":
+        from .weighting import DISCREPANCY_DEPTH_MM, DISCREPANCY_RATIO, discrepant_region
+
+        first, first_std, inputs = _pdi_map(net, field_ppm, mask, geometry, replace(settings, method="pdi"), weight,
+                                            refills, tile, device, progress)
+        blend = discrepant_region(field_ppm, mask, geometry, weight, first)
+        taken = int((blend > 0.5).sum())
+        info["vi_where"] = {"rule": f"deeper than {DISCREPANCY_DEPTH_MM:g} mm, where PDI's weighted residual's local "
+                                    f"RMS exceeds {DISCREPANCY_RATIO:g} times its median there",
+                            "voxels": taken, "share_of_mask": round(taken / max(int((mask > 0).sum()), 1), 5)}
+        if not blend.any():
+            info["vi_where"]["fine_tuned"] = "no: PDI's map explains the field deep in the brain (its map returned)"
+            return torch.from_numpy(first), first_std
+    volume = vi_volume(net, field_ppm, mask, geometry, magnitude, noise_std, device, vi_edges(settings), info, refills,
+                       inputs)
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")
     result = vi.finetune(net, [volume], config, progress.task("vi"))
     mean, std = result.predict(volume)
     info.update(vi_summary(config, result))
+    if blend is not None:  # the fine-tuned map where the field disagrees with PDI's, PDI's elsewhere
+        mean = blend * mean + (1.0 - blend) * first
+        std = np.sqrt(blend * std**2 + (1.0 - blend) * first_std**2).astype(std.dtype)
     return torch.from_numpy(mean), std
+
+
+def _pdi_map(net, field_ppm, mask, geometry, settings: Settings, weight, refills: int, tile, device,
+             progress: Progress):
+    """PDI's map, its std and the network's inputs it was read from (refilled ``refills`` times)."""
+    from .inference import predict
+    from .network_io import network_inputs, refilled
+
+    def run(inputs):
+        return predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight,
+                       reflections=settings.reflections, inputs=inputs)
+
+    progress.status(f"running PDI on {device}")
+    inputs = network_inputs(net.config.prior, field_ppm, mask, geometry, weight)
+    mean, std = run(inputs)
+    for _ in range(refills):  # the replaced voxels' field predicted by PDI's own map (network_io.REFILLS)
+        progress.status(f"running PDI on {device} again, the replaced voxels' field from its first map")
+        inputs = refilled(inputs, mask, geometry, weight, mean)
+        mean, std = run(inputs)
+    return mean, std, inputs
 
 
 def noise_map(field_ppm: np.ndarray, mask: np.ndarray, noise_std: np.ndarray | None,
@@ -268,19 +297,23 @@ def takes_pdi_edges(edges: str, magnitude_given: bool) -> bool:
 
 
 def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_std=None, device: str = "cpu",
-              edges: str = "magnitude", info: dict | None = None, refills: int = 0):
+              edges: str = "magnitude", info: dict | None = None, refills: int = 0, inputs=None):
     """A field prepared for PDI-VI with ``net``: W from the noise std, the prior channel, and M from the
     magnitude, or with ``edges`` 'pdi' (or 'auto' and no magnitude) from the network's own map of the field:
     MEDI's rule on that map, sparing its ``solvers.PDI_EDGE_FRACTION`` N strongest gradient components (the TV
     prior then keeps the edges the network sees and smooths the rest against the field). ``info`` gets a line.
     ``refills``: the unreliable voxels' field in the network's inputs predicted that many times by PDI's map (with
-    ``defaults.PDI_REFLECTIONS``), as PDI does with a given noise map (``network_io.REFILLS``)."""
+    ``defaults.PDI_REFLECTIONS``), as PDI does with a given noise map (``network_io.REFILLS``); given ``inputs``
+    (already refilled, from ``_pdi_map``) are taken as they are."""
     from .inference import predict
     from .network_io import network_inputs, refilled
     from .vi import prepare
 
     weight = data_weight(mask, noise_std)
-    inputs = network_inputs(net.config.prior, field_ppm, mask, geometry, weight)  # once, for predict and prepare
+    if inputs is not None:
+        refills = 0
+    else:  # once, for predict and prepare
+        inputs = network_inputs(net.config.prior, field_ppm, mask, geometry, weight)
     for _ in range(refills):
         first = predict(net, field_ppm, mask, device, geometry=geometry, weight=weight,
                         reflections=defaults.PDI_REFLECTIONS, inputs=inputs)[0]

@@ -200,3 +200,40 @@ def rim_check(field: np.ndarray, mask: np.ndarray, region: np.ndarray, core: np.
         noisy |= bad
         rim &= ~seen
     return noisy | rim
+
+
+# Where PDI-VI's fine-tuned map replaces PDI's (``discrepant_region``; pipeline.Settings.vi_where 'discrepant').
+DISCREPANCY_RATIO = 2.0  # local RMS of PDI's weighted residual over its median deep in the brain
+DISCREPANCY_DEPTH_MM = 10.0  # only this deep: nearer the edge a healthy field's residue is as large (issue 12)
+DISCREPANCY_WINDOW_MM = 3.0  # Gaussian sigma of the local RMS
+DISCREPANCY_BLEND_MM = 2.0  # Gaussian sigma of the blend's border
+
+
+def discrepant_region(field: np.ndarray, mask: np.ndarray, geometry, weight: np.ndarray, mean: np.ndarray,
+                      ratio: float = DISCREPANCY_RATIO, depth_mm: float = DISCREPANCY_DEPTH_MM) -> np.ndarray:
+    """Where the field disagrees with PDI's map ``mean`` beyond what a healthy brain's field does: a blend weight in
+    [0, 1] (0 outside the mask) for the fine-tuned map over PDI's.
+
+    PDI was trained on realistic fields whose non-dipolar part (background residue, anisotropy, correlated noise)
+    its map rightly leaves unexplained; fine-tuning on the whole field fits that part into chi and, on healthy
+    realistic brains, made the map worse (benchmarks/results/vi_harm.md). Where the network meets what it never saw
+    (a bleed, a large lesion) its map leaves a dipole pattern in the residual that stands out of the brain's own.
+    The rule: r = W (D mean - b); its local RMS (a Gaussian window of ``DISCREPANCY_WINDOW_MM``) over the median of
+    that RMS more than ``depth_mm`` inside the mask's edge (over the whole mask if under 100 voxels lie that deep);
+    the voxels that deep whose ratio exceeds ``ratio``, smoothed by a Gaussian of ``DISCREPANCY_BLEND_MM``. Near the
+    edge nothing is taken: there a healthy field's residue reaches many times the deep median."""
+    from .physics import DipoleOperator
+
+    inside = np.asarray(mask) > 0
+    op = DipoleOperator(inside.shape, geometry, 1.5, torch.float64)
+    chi = torch.from_numpy(np.where(inside, mean, 0.0).astype(np.float64))
+    residual = np.where(inside, np.asarray(weight, np.float64) * (op.forward(chi).numpy() - field), 0.0)
+    sigma = [DISCREPANCY_WINDOW_MM / h for h in geometry.voxel_size]
+    cover = ndimage.gaussian_filter(inside.astype(np.float64), sigma)
+    local = np.sqrt(ndimage.gaussian_filter(residual**2, sigma) / np.maximum(cover, 1e-3))
+    depth = ndimage.distance_transform_edt(inside, sampling=geometry.voxel_size)
+    deep = inside & (depth > depth_mm)
+    reference = np.median(local[deep if deep.sum() >= 100 else inside])
+    taken = deep & (local > ratio * reference)
+    blend = ndimage.gaussian_filter(taken.astype(np.float64), [DISCREPANCY_BLEND_MM / h for h in geometry.voxel_size])
+    return np.clip(blend, 0.0, 1.0) * inside

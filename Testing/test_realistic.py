@@ -540,6 +540,43 @@ def test_pdi_vi_fine_tunes_from_the_refilled_inputs_given_a_noise_map(monkeypatc
     assert len(fed) == 2 and np.array_equal(fed[1], network_inputs("tikhonov-auto", loud, mask, g, found))
 
 
+def test_pdi_vi_keeps_pdis_map_where_the_field_agrees_with_it(monkeypatch):
+    """PDI-VI with ``--vi-where discrepant`` keeps its fine-tuned map only where ``weighting.discrepant_region`` says
+    the field disagrees with PDI's: the output is blend * fine-tuned + (1 - blend) * PDI's map (std likewise in
+    variance), the fine-tuned map the one ``--vi-where everywhere`` (the default) gives; where the region is empty,
+    PDI's own map comes back and nothing is fine-tuned."""
+    from PDIQSMLib import vi, weighting
+    from PDIQSMLib.pipeline import Settings, reconstruct
+
+    chi, mask, field, noise, bleed, g = bleed_phantom()
+    quick = dict(iterations=2, vi_precision="fp32", device="cpu")
+    pdi = reconstruct(field, mask, g, Settings(method="pdi", device="cpu"), noise_std=noise)
+    everywhere = reconstruct(field, mask, g, Settings(method="pdi-vi1", **quick), noise_std=noise)
+    blend = np.zeros(mask.shape)
+    blend[30:60, 25:55, 15:35] = 1.0
+    blend[30:60, 25:55, 14] = 0.5
+    blend *= mask
+    monkeypatch.setattr(weighting, "discrepant_region", lambda *a, **k: blend)
+    kept = reconstruct(field, mask, g, Settings(method="pdi-vi1", vi_where="discrepant", **quick), noise_std=noise)
+    assert np.allclose(kept.mean, blend * everywhere.mean + (1 - blend) * pdi.mean, atol=1e-6)
+    assert np.allclose(kept.std, np.sqrt(blend * everywhere.std**2 + (1 - blend) * pdi.std**2), rtol=1e-5)
+    assert np.abs(everywhere.mean - pdi.mean)[blend > 0].max() > 1e-3  # the two maps differ where they are blended
+    assert kept.info["vi_where"]["voxels"] == int((blend > 0.5).sum()) and "iterations" in kept.info
+
+    def untouched(*a, **k):
+        raise AssertionError("fine-tuned where nothing disagrees")
+
+    monkeypatch.setattr(weighting, "discrepant_region", lambda *a, **k: np.zeros(mask.shape))
+    monkeypatch.setattr(vi, "finetune", untouched)
+    same = reconstruct(field, mask, g, Settings(method="pdi-vi1", vi_where="discrepant", **quick), noise_std=noise)
+    assert np.array_equal(same.mean, pdi.mean) and np.array_equal(same.std, pdi.std)
+    assert same.info["vi_where"]["fine_tuned"].startswith("no")
+    from PDIQSMLib.errors import InputError
+
+    with pytest.raises(InputError, match="--vi-where"):
+        Settings(method="pdi-vi1", vi_where="nowhere").check()
+
+
 def test_pdi_with_a_noise_map_survives_a_bleed_whose_field_is_gone(monkeypatch):
     """The bundled model, fed a bleed whose field is noise 600 times the brain's, spreads that noise over the
     brain (the shared ICH case: bleed 2.9 ppm for 1.3, RMSE 291 %); with the unreliable field replaced (the
