@@ -10,7 +10,8 @@ held out: the ten accuracy brains 31000-31009, the bleed brains 80000-80005 (the
 times the brain's) and the shared ICH case (seed 0). ``--cache DIR`` keeps each brain's two maps
 (``SEED_pdi.npz``, ``SEED_pdi-vi1.npz``) and reuses them. Runs of one thread side by side: no timings.
 
-    python benchmarks/vi_where.py [--seeds ...] [--cache DIR]    -> benchmarks/results/vi_where.md
+    python benchmarks/vi_where.py [--seeds ...] [--sets ...] [--cache DIR]    -> benchmarks/results/vi_where.md
+    python benchmarks/vi_where.py --method pdi-vi2 ...                         -> benchmarks/results/vi_where_vi2.md
 """
 
 from __future__ import annotations
@@ -42,40 +43,43 @@ def load(seed: int):
     return s.chi, s.mask, s.geometry, s.field, noise
 
 
-def maps(seed: int, cache: Path | None) -> tuple[tuple, dict[str, np.ndarray]]:
+def maps(seed: int, cache: Path | None, method: str = "pdi-vi1") -> tuple[tuple, dict[str, np.ndarray]]:
     data = load(seed)
     chi, mask, g, field, noise = data
     out = {}
-    for method in ("pdi", "pdi-vi1"):
-        path = cache / f"{seed}_{method}.npz" if cache else None
+    for name in ("pdi", method):
+        path = cache / f"{seed}_{name}.npz" if cache else None
         if path and path.exists():
-            out[method] = np.load(path)["mean"].astype(np.float64)
+            out[name] = np.load(path)["mean"].astype(np.float64)
             continue
-        out[method] = reconstruct(field, mask, g, Settings(method=method, device="cpu"), noise_std=noise).mean
+        out[name] = reconstruct(field, mask, g, Settings(method=name, device="cpu"), noise_std=noise).mean
         if path:
-            np.savez(path, mean=out[method].astype(np.float32))
+            np.savez(path, mean=out[name].astype(np.float32))
     return data, out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="*", help="these brains only (default: the four sets)")
+    ap.add_argument("--method", choices=("pdi-vi1", "pdi-vi2"), default="pdi-vi1")
+    ap.add_argument("--sets", nargs="*", choices=list(SETS), help="these sets only (default: all four)")
     ap.add_argument("--cache", type=Path, help="a folder for each brain's PDI and PDI-VI1 maps, reused when present")
     args = ap.parse_args()
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
-    sets = {"given": args.seeds} if args.seeds else SETS
-    lines = ["| set | brain | PDI | PDI-VI1 everywhere | PDI-VI1 discrepant | share taken |",
+    sets = {"given": args.seeds} if args.seeds else {k: v for k, v in SETS.items() if not args.sets or k in args.sets}
+    label = args.method.upper()
+    lines = [f"| set | brain | PDI | {label} everywhere | {label} discrepant | share taken |",
              "|---|---|---|---|---|---|"]
     means = []
     for name, seeds in sets.items():
         scores = []
         for seed in seeds:
-            (chi, mask, g, field, noise), m = maps(seed, args.cache)
+            (chi, mask, g, field, noise), m = maps(seed, args.cache, args.method)
             inside = mask > 0
             blend = discrepant_region(field, mask, g, data_weight(mask, noise), m["pdi"])
-            kept = blend * m["pdi-vi1"] + (1 - blend) * m["pdi"]
-            row = [nrmse_demeaned(x, chi, inside) for x in (m["pdi"], m["pdi-vi1"], kept)]
+            kept = blend * m[args.method] + (1 - blend) * m["pdi"]
+            row = [nrmse_demeaned(x, chi, inside) for x in (m["pdi"], m[args.method], kept)]
             scores.append(row)
             lines.append(f"| {name} | {seed or 'ICH'} | " + " | ".join(f"{v:.2f}" for v in row)
                          + f" | {(blend > 0.5).sum() / inside.sum():.4f} |")
@@ -84,7 +88,8 @@ def main() -> None:
         worse = [sum(r[k] > r[0] + 0.5 for r in scores) for k in (1, 2)]
         means.append(f"| {name} | mean of {len(scores)} | **{mean[0]:.2f}** | **{mean[1]:.2f}** ({worse[0]} worse than "
                      f"PDI by > 0.5) | **{mean[2]:.2f}** ({worse[1]} worse) | |")
-    write_table("vi_where", "PDI-VI1's fine-tuned map everywhere, or only where the field disagrees with PDI's",
+    write_table("vi_where" + ("" if args.method == "pdi-vi1" else "_vi2"),
+                f"{label}'s fine-tuned map everywhere, or only where the field disagrees with PDI's",
                 "Demeaned NRMSE (%), bundled model, every default; the discrepant map blends the same fine-tuning "
                 "(`benchmarks/vi_where.py`).\n\n" + "\n".join(lines[:2] + means + lines[2:]))
 
