@@ -220,7 +220,8 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         info["field_replaced_from"] = (f"PDI's own map ({refills} refill(s); its first pass: the weighted Tikhonov "
                                        "prior's)")
     if settings.method == "pdi":
-        mean, std, _ = _pdi_map(net, field_ppm, mask, geometry, settings, weight, refills, tile, device, progress)
+        mean, std, _ = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight, refills, tile, device,
+                                progress)
         return torch.from_numpy(mean), std
     from . import vi
 
@@ -229,8 +230,8 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     if settings.vi_where == "discrepant":
         from .weighting import DISCREPANCY_DEPTH_MM, DISCREPANCY_RATIO, discrepant_region
 
-        first, first_std, inputs = _pdi_map(net, field_ppm, mask, geometry, replace(settings, method="pdi"), weight,
-                                            refills, tile, device, progress)
+        first, first_std, inputs = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight, refills,
+                                            tile, device, progress)
         blend = discrepant_region(field_ppm, mask, geometry, weight, first)
         taken = int((blend > 0.5).sum())
         info["vi_where"] = {"rule": f"deeper than {DISCREPANCY_DEPTH_MM:g} mm, where PDI's weighted residual's local "
@@ -251,15 +252,16 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     return torch.from_numpy(mean), std
 
 
-def _pdi_map(net, field_ppm, mask, geometry, settings: Settings, weight, refills: int, tile, device,
+def _pdi_map(net, field_ppm, mask, geometry, reflections: int, weight, refills: int, tile, device,
              progress: Progress):
-    """PDI's map, its std and the network's inputs it was read from (refilled ``refills`` times)."""
+    """PDI's map (``reflections`` passes averaged), its std and the network's inputs it was read from (refilled
+    ``refills`` times)."""
     from .inference import predict
     from .network_io import network_inputs, refilled
 
     def run(inputs):
         return predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight,
-                       reflections=settings.reflections, inputs=inputs)
+                       reflections=reflections, inputs=inputs)
 
     progress.status(f"running PDI on {device}")
     inputs = network_inputs(net.config.prior, field_ppm, mask, geometry, weight)

@@ -8,7 +8,7 @@ and the share of the mask taken (blend > 0.5). Sets: healthy calibration 32000-3
 81000-81005 (where the rule's ratio, depth and border were chosen among 2-4, 0-10 mm and 0-10 mm of dilation),
 held out: the ten accuracy brains 31000-31009, the bleed brains 80000-80005 (their noise maps, the bleeds' noise 60
 times the brain's) and the shared ICH case (seed 0). ``--cache DIR`` keeps each brain's two maps
-(``SEED_pdi.npz``, ``SEED_pdi-vi1.npz``) and reuses them. Runs of one thread side by side: no timings.
+(``SEED_pdi.npz``, ``SEED_<method>.npz``) and reuses them. Runs of one thread side by side: no timings.
 
     python benchmarks/vi_where.py [--seeds ...] [--sets ...] [--cache DIR]    -> benchmarks/results/vi_where.md
     python benchmarks/vi_where.py --method pdi-vi2 ...                         -> benchmarks/results/vi_where_vi2.md
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="*", help="these brains only (default: the four sets)")
     ap.add_argument("--method", choices=("pdi-vi1", "pdi-vi2"), default="pdi-vi1")
     ap.add_argument("--sets", nargs="*", choices=list(SETS), help="these sets only (default: all four)")
-    ap.add_argument("--cache", type=Path, help="a folder for each brain's PDI and PDI-VI1 maps, reused when present")
+    ap.add_argument("--cache", type=Path, help="a folder for each brain's PDI and PDI-VI maps, reused when present")
     args = ap.parse_args()
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
