@@ -330,12 +330,13 @@ def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
                    help="PDI-VI1: the TV edge mask from the magnitude, or from PDI's own map of the field (pdi: its "
                         "0.7 N strongest gradient components spared, as --medi-edges pdi); auto (default): the "
                         "magnitude when one is given, else PDI's map")
-    p.add_argument("--vi-where", choices=defaults.VI_WHERE, default="everywhere",
-                   help="PDI-VI: keep the fine-tuned map everywhere (the paper's; default), or only deep in the brain "
-                        "(over 10 mm from the edge) where the field disagrees with PDI's map beyond a healthy brain's "
-                        "residue, PDI's map elsewhere, fine-tuning skipped where it nowhere does (discrepant: on "
-                        "healthy simulated brains no worse than PDI, half the gain on bleeds; "
-                        "benchmarks/results/vi_where.md)")
+    p.add_argument("--vi-where", choices=defaults.VI_WHERE, default="auto",
+                   help="PDI-VI: keep the fine-tuned map everywhere (the paper's), or only deep in the brain (over 10 "
+                        "mm from the edge) where the field disagrees with PDI's map beyond a healthy brain's residue, "
+                        "PDI's map elsewhere, fine-tuning skipped where it nowhere does (discrepant: on healthy "
+                        "simulated brains level with PDI, part of the gain on bleeds; benchmarks/results/vi_where.md); "
+                        "auto (default): everywhere for PDI-VI1, discrepant for PDI-VI2 (whose flat prior fitted "
+                        "everywhere wrecks healthy simulated brains)")
     p.add_argument("--vi-tol", type=float, default=0.01,
                    help="PDI-VI: stop when the mean map moved less than this (relative) over 10 iterations; 0: run "
                         "every iteration (default 0.01)")

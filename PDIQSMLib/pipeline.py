@@ -49,7 +49,8 @@ class Settings:
     vi_precision: str = "auto"  # PDI-VI's network passes: auto (bf16 where timed faster on a CPU), bf16, fp32
     medi_edges: str = "magnitude"  # MEDI's edge mask M: from --magnitude (none given: TV everywhere) or 'pdi' (PDI's map)
     vi_edges: str = "auto"  # PDI-VI1's edge mask M: auto (the magnitude if given, else PDI's map), magnitude, pdi
-    vi_where: str = "everywhere"  # PDI-VI's map kept everywhere, or where the field disagrees with PDI's (discrepant)
+    vi_where: str = "auto"  # PDI-VI's map kept everywhere, or where the field disagrees with PDI's (discrepant); auto:
+    # PDI-VI1 everywhere, PDI-VI2 discrepant (defaults.VI_WHERE_AUTO; vi_where())
     noisy_regions: str = "auto"  # no noise map given: auto finds where the field is noise (weighting.noisy_regions); off
 
     def check(self) -> None:
@@ -227,14 +228,17 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
 
     config = vi_config(settings, takes_pdi_edges(vi_edges(settings), magnitude is not None))
     blend, inputs = None, None
-    if settings.vi_where == "discrepant":
+    if vi_where(settings) == "everywhere":
+        info["vi_where"] = {"kept": "everywhere"}
+    else:
         from .weighting import DISCREPANCY_DEPTH_MM, DISCREPANCY_RATIO, discrepant_region
 
         first, first_std, inputs = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight, refills,
                                             tile, device, progress)
         blend = discrepant_region(field_ppm, mask, geometry, weight, first)
         taken = int((blend > 0.5).sum())
-        info["vi_where"] = {"rule": f"deeper than {DISCREPANCY_DEPTH_MM:g} mm, where PDI's weighted residual's local "
+        info["vi_where"] = {"kept": "discrepant",
+                            "rule": f"deeper than {DISCREPANCY_DEPTH_MM:g} mm, where PDI's weighted residual's local "
                                     f"RMS exceeds {DISCREPANCY_RATIO:g} times its median there",
                             "voxels": taken, "share_of_mask": round(taken / max(int((mask > 0).sum()), 1), 5)}
         if not blend.any():
@@ -291,6 +295,12 @@ def check_finite(field_ppm: np.ndarray, mask: np.ndarray, name: str) -> None:
 def vi_edges(settings: Settings) -> str:
     """Where PDI-VI's edge mask comes from: ``settings.vi_edges`` for PDI-VI1; PDI-VI2 has no TV term to mask."""
     return settings.vi_edges if settings.method == "pdi-vi1" else "magnitude"
+
+
+def vi_where(settings: Settings) -> str:
+    """Where PDI-VI's fine-tuned map is kept: ``settings.vi_where``, 'auto' resolved per method
+    (defaults.VI_WHERE_AUTO)."""
+    return defaults.VI_WHERE_AUTO[settings.method] if settings.vi_where == "auto" else settings.vi_where
 
 
 def takes_pdi_edges(edges: str, magnitude_given: bool) -> bool:

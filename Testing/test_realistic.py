@@ -543,8 +543,8 @@ def test_pdi_vi_fine_tunes_from_the_refilled_inputs_given_a_noise_map(monkeypatc
 def test_pdi_vi_keeps_pdis_map_where_the_field_agrees_with_it(monkeypatch):
     """PDI-VI with ``--vi-where discrepant`` keeps its fine-tuned map only where ``weighting.discrepant_region`` says
     the field disagrees with PDI's: the output is blend * fine-tuned + (1 - blend) * PDI's map (std likewise in
-    variance), the fine-tuned map the one ``--vi-where everywhere`` (the default) gives; where the region is empty,
-    PDI's own map comes back and nothing is fine-tuned."""
+    variance), the fine-tuned map the one ``--vi-where everywhere`` (PDI-VI1's default) gives; where the region is
+    empty, PDI's own map comes back and nothing is fine-tuned, as PDI-VI2's default does."""
     from PDIQSMLib import vi, weighting
     from PDIQSMLib.pipeline import Settings, reconstruct
 
@@ -571,6 +571,9 @@ def test_pdi_vi_keeps_pdis_map_where_the_field_agrees_with_it(monkeypatch):
     same = reconstruct(field, mask, g, Settings(method="pdi-vi1", vi_where="discrepant", **quick), noise_std=noise)
     assert np.array_equal(same.mean, pdi.mean) and np.array_equal(same.std, pdi.std)
     assert same.info["vi_where"]["fine_tuned"].startswith("no")
+    vi2 = reconstruct(field, mask, g, Settings(method="pdi-vi2", **quick), noise_std=noise)  # 'auto': discrepant
+    assert np.array_equal(vi2.mean, pdi.mean) and vi2.info["vi_where"]["kept"] == "discrepant"
+    assert everywhere.info["vi_where"] == {"kept": "everywhere"}  # PDI-VI1's 'auto': the paper's
     from PDIQSMLib.errors import InputError
 
     with pytest.raises(InputError, match="--vi-where"):

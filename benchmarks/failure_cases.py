@@ -109,8 +109,8 @@ CASES = [
     ("too little memory for TKD (PDIQSM_MEMORY_GB=0.001)", recon(), {"env": {"PDIQSM_MEMORY_GB": "0.001"}}),
     ("Ctrl-C during MEDI", recon("--iterations", "100000", "--lambda", "1e-4", "--progress", "lines", method="medi",
                                  field="noisy.nii.gz"), {"signal": signal.SIGINT}),
-    ("SIGTERM during PDI-VI", recon("--iterations", "100000", "--progress", "lines", "--device", "cpu", method="pdi-vi2"),
-     {"signal": signal.SIGTERM}),
+    ("SIGTERM during PDI-VI", recon("--iterations", "100000", "--progress", "lines", "--device", "cpu", "--vi-where",
+                                    "everywhere", method="pdi-vi2"), {"signal": signal.SIGTERM}),
     ("folder of 3 subjects, one without a mask, one with NaN", ["reconstruct", "rawdata", "--method", "tkd", "--out-dir",
                                                                 "derivatives", "--progress", "none"], {"prepare": "cohort"}),
 ]
