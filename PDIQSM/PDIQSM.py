@@ -21,8 +21,8 @@ from slicer.util import VTKObservationMixin
 # PDIQSMLib is installed beside this file; these modules import nothing but numpy (which Slicer ships),
 # so the panel loads before the reconstruction's own packages are installed.
 from PDIQSMLib import defaults
-from PDIQSMLib.slicer_logic import (PANEL_DEVICES, PANEL_EDGES, PANEL_METHODS, PANEL_UNITS, TORCH_REQUIREMENT,
-                                    label_of)
+from PDIQSMLib.slicer_logic import (PANEL_DEVICES, PANEL_EDGES, PANEL_METHODS, PANEL_UNITS, PANEL_VI_WHERE,
+                                    TORCH_REQUIREMENT, label_of)
 
 
 class PDIQSM(ScriptedLoadableModule):
@@ -42,10 +42,11 @@ class PDIQSM(ScriptedLoadableModule):
             "(weighted by the noise map when given) and gives the mean and the standard deviation "
             "of chi per voxel; PDI-VI1 and PDI-VI2 fine-tune it on your field without labels (with a TV "
             "prior of weight lambda, or a flat prior), taking the KL's expectation exactly (K = 0, the default) or "
-            "with K Monte Carlo samples, tuning the decoders (about 3.6 s per iteration for a 160^3 brain on 2 CPU "
+            "with K Monte Carlo samples, tuning the decoders (about 2-4 s per iteration for a 160^3 brain on 2 CPU "
             "cores, far less on a GPU; it stops early once the map no longer moves), and give the mean-field "
             "standard deviation per voxel (how well the data pin each voxel, given its neighbours: narrower "
-            "than PDI's); MEDI, Tikhonov and TKD "
+            "than PDI's); 'Fine-tuned map kept' says where their map replaces PDI's (automatic: everywhere for "
+            "PDI-VI1, for PDI-VI2 only where the field disagrees with PDI's map); MEDI, Tikhonov and TKD "
             "are the classic MAP baselines. B0 defaults to scanner z seen through the volume's geometry.<br>"
             "<b>Outputs</b>: the mean map (grey, -0.15..0.15 ppm, background) and the standard-deviation "
             "map (Iron colours, foreground at 50 %)."
@@ -98,6 +99,7 @@ class PDIQSMParameterNode:
     noisyRegionsAuto: bool = True  # no noise std: MEDI and PDI find where the field is noise (--noisy-regions auto)
     samples: Annotated[float, WithinRange(0, 50)] = defaults.PANEL_VI_SAMPLES  # 0: exact expectation
     iterations: Annotated[int, WithinRange(1, 2000)] = defaults.VI_ITERATIONS
+    viWhere: Annotated[str, Choice(list(PANEL_VI_WHERE))] = label_of(PANEL_VI_WHERE, "auto")  # PDI-VI's map kept
     device: Annotated[str, Choice(list(PANEL_DEVICES))] = label_of(PANEL_DEVICES, defaults.DEVICE)
     weightsPath: pathlib.Path  # empty: the bundled model
     regionsSegmentation: vtkMRMLSegmentationNode  # optional: a region table after Reconstruct

@@ -106,6 +106,7 @@ class Request:
     reference: str = "whole-brain"  # what region means are relative to: whole-brain, none or a segment's name
     output_table: object | None = None  # vtkMRMLTableNode to fill; None: a new one named after the field
     edges: str = "auto"  # where MEDI's and PDI-VI1's TV spares edges: auto, magnitude or pdi (PANEL_EDGES)
+    vi_where: str = "auto"  # where PDI-VI's fine-tuned map is kept: auto, everywhere or discrepant (PANEL_VI_WHERE)
     noisy_regions: str = "auto"  # without a noise std: auto (where the field is noise, weighed as a map would) or off
 
 
@@ -115,15 +116,18 @@ PANEL_METHODS = {"PDI": "pdi", "PDI-VI1": "pdi-vi1", "PDI-VI2": "pdi-vi2", "MEDI
 PANEL_UNITS = {"ppm": "ppm", "Hz": "hz", "rad": "rad"}
 PANEL_DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 PANEL_EDGES = {"Automatic": "auto", "Magnitude": "magnitude", "PDI's map": "pdi"}
+PANEL_VI_WHERE = {"Automatic": "auto", "Everywhere": "everywhere", "Where the field disagrees": "discrepant"}
 EDGE_FLAGS = {"medi": "--medi-edges", "pdi-vi1": "--vi-edges"}  # the methods whose TV prior spares edges
 
 
 def method_controls(method_label: str) -> dict[str, bool]:
     """Which of the panel's method settings the chosen method uses (the others are greyed out): the edge source for
-    MEDI and PDI-VI1, K and the iteration count for PDI-VI (``request_from_panel`` sends them for those only)."""
+    MEDI and PDI-VI1, K, the iteration count and where the fine-tuned map is kept for PDI-VI (``request_from_panel``
+    sends them for those only)."""
     method = PANEL_METHODS[method_label]
     vi = method.startswith("pdi-vi")
-    return {"edgesComboBox": method in EDGE_FLAGS, "samplesSliderWidget": vi, "iterationsSpinBox": vi}
+    return {"edgesComboBox": method in EDGE_FLAGS, "samplesSliderWidget": vi, "iterationsSpinBox": vi,
+            "viWhereComboBox": vi}
 
 
 def edge_args(method: str, edges: str) -> list[str]:
@@ -133,6 +137,14 @@ def edge_args(method: str, edges: str) -> list[str]:
     if edges not in PANEL_EDGES.values():
         raise ValueError(f"unknown edge source {edges!r}; expected one of {', '.join(PANEL_EDGES.values())}")
     return [EDGE_FLAGS[method], edges] if method in EDGE_FLAGS and edges != "auto" else []
+
+
+def vi_where_args(method: str, where: str) -> list[str]:
+    """The panel's 'Fine-tuned map kept' as command-line options: nothing for 'auto' (the command's default, per
+    method) and for the methods that fine-tune nothing."""
+    if where not in defaults.VI_WHERE:
+        raise ValueError(f"unknown place for PDI-VI's map {where!r}; expected one of {', '.join(defaults.VI_WHERE)}")
+    return ["--vi-where", where] if method.startswith("pdi-vi") and where != "auto" else []
 
 
 def noisy_region_args(method: str, noisy_regions: str) -> list[str]:
@@ -178,6 +190,7 @@ def request_from_panel(p) -> Request:
         mask_segment=(p.maskSegment or "").strip() or None, regions=p.regionsSegmentation,
         reference=(p.referenceRegion or "").strip() or "whole-brain", output_table=p.outputTable,
         edges=PANEL_EDGES[p.edges], noisy_regions="auto" if p.noisyRegionsAuto else "off",
+        vi_where=PANEL_VI_WHERE[p.viWhere],
     )
 
 
@@ -455,7 +468,8 @@ class Logic:
         args = [python_executable(), "-m", "PDIQSMLib.cli", "reconstruct", str(paths["field"]), "--mask",
                 str(paths["mask"]), "--method", request.method, "--units", request.units, "--device", request.device,
                 "--out-dir", str(work / "out"), "--progress", "lines", *vi_sampling_args(request.samples),
-                *edge_args(request.method, request.edges), *noisy_region_args(request.method, request.noisy_regions)]
+                *edge_args(request.method, request.edges), *noisy_region_args(request.method, request.noisy_regions),
+                *vi_where_args(request.method, request.vi_where)]
         optional = {"--magnitude": paths.get("magnitude"), "--noise-std": paths.get("noise"), "--b0": request.b0,
                     "--te": request.te, "--lambda": request.lam, "--iterations": request.iterations,
                     "--weights": request.weights}

@@ -45,7 +45,7 @@ def test_parameter_names_match_the_parameter_node_both_ways():
 
 
 def test_choices_in_the_ui_match_the_module_maps():
-    from PDIQSMLib.slicer_logic import PANEL_DEVICES, PANEL_EDGES, PANEL_METHODS, PANEL_UNITS
+    from PDIQSMLib.slicer_logic import PANEL_DEVICES, PANEL_EDGES, PANEL_METHODS, PANEL_UNITS, PANEL_VI_WHERE
 
     combos = {w.get("name"): [i.find("property/string").text for i in w.findall("item")]
               for w in ui_tree().iter("widget") if w.get("class") == "QComboBox"}
@@ -53,6 +53,7 @@ def test_choices_in_the_ui_match_the_module_maps():
     assert combos["unitsComboBox"] == list(PANEL_UNITS)
     assert combos["deviceComboBox"] == list(PANEL_DEVICES)
     assert combos["edgesComboBox"] == list(PANEL_EDGES)
+    assert combos["viWhereComboBox"] == list(PANEL_VI_WHERE)
 
 
 def test_node_selectors_get_the_scene():

@@ -22,9 +22,9 @@ import pytest
 
 from PDIQSMLib import defaults
 from PDIQSMLib.cli import build_parser, reconstruct_settings
-from PDIQSMLib.slicer_logic import (PANEL_DEVICES, PANEL_EDGES, PANEL_METHODS, PANEL_UNITS, Request, decode_output,
-                                    edge_args, label_of, noisy_region_args, process_outcome, request_from_panel,
-                                    vi_sampling_args)
+from PDIQSMLib.slicer_logic import (PANEL_DEVICES, PANEL_EDGES, PANEL_METHODS, PANEL_UNITS, PANEL_VI_WHERE, Request,
+                                    decode_output, edge_args, label_of, noisy_region_args, process_outcome,
+                                    request_from_panel, vi_sampling_args, vi_where_args)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "PDIQSM" / "PDIQSM.py"
@@ -166,7 +166,8 @@ class Panel:
         tree = ast.parse(MODULE.read_text())
         cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PDIQSMParameterNode")
         env = {"label_of": label_of, "PANEL_UNITS": PANEL_UNITS, "PANEL_METHODS": PANEL_METHODS,
-               "PANEL_DEVICES": PANEL_DEVICES, "PANEL_EDGES": PANEL_EDGES, "defaults": defaults}
+               "PANEL_DEVICES": PANEL_DEVICES, "PANEL_EDGES": PANEL_EDGES, "PANEL_VI_WHERE": PANEL_VI_WHERE,
+               "defaults": defaults}
         for n in (b for b in cls.body if isinstance(b, ast.AnnAssign)):
             value = eval(compile(ast.Expression(n.value), "panel", "eval"), env) if n.value is not None else None
             setattr(self, n.target.id, value)
@@ -179,7 +180,7 @@ def command_settings(request: Request):
     """The Settings the command line builds from the arguments the panel's request becomes."""
     args = ["reconstruct", "f.nii.gz", "--mask", "m.nii.gz", "--method", request.method, "--device", request.device,
             "--out-dir", "o", *vi_sampling_args(request.samples), *edge_args(request.method, request.edges),
-            *noisy_region_args(request.method, request.noisy_regions)]
+            *noisy_region_args(request.method, request.noisy_regions), *vi_where_args(request.method, request.vi_where)]
     for flag, value in (("--lambda", request.lam), ("--iterations", request.iterations), ("--weights", request.weights)):
         if value is not None:
             args += [flag, str(value)]
@@ -240,12 +241,28 @@ def test_the_panels_edge_source_reaches_the_methods_whose_tv_spares_edges():
         edge_args("medi", "truth")
 
 
+def test_the_panels_choice_of_where_pdi_vis_map_is_kept_reaches_both_pdi_vi_methods():
+    """'Fine-tuned map kept' sets PDI-VI1's and PDI-VI2's --vi-where; 'Automatic' (the panel's default) leaves the
+    command's per-method default, and the methods that fine-tune nothing get the same settings whatever is chosen."""
+    assert Panel().viWhere == label_of(PANEL_VI_WHERE, "auto")
+    for label, value in PANEL_VI_WHERE.items():
+        for method in ("PDI-VI1", "PDI-VI2"):
+            assert command_settings(request_from_panel(Panel(method=method, viWhere=label))).vi_where == value
+        for method in ("PDI", "MEDI", "Tikhonov", "TKD"):
+            assert command_settings(request_from_panel(Panel(method=method, viWhere=label))) == \
+                command_settings(request_from_panel(Panel(method=method)))
+    with pytest.raises(ValueError, match="PDI-VI's map"):
+        vi_where_args("pdi-vi1", "nowhere")
+
+
 def test_the_settings_a_method_does_not_use_are_greyed_out(monkeypatch):
-    """On every parameter change the panel enables the edge source for MEDI and PDI-VI1 only, K and the iteration
-    count for PDI-VI only: the settings the command receives for that method (request_from_panel)."""
+    """On every parameter change the panel enables the edge source for MEDI and PDI-VI1 only, K, the iteration
+    count and where the fine-tuned map is kept for PDI-VI only: the settings the command receives for that method
+    (request_from_panel)."""
     module, _ = load_module_with_stand_ins(monkeypatch)
     w = make_widget(module)
     w.ui.edgesComboBox, w.ui.samplesSliderWidget, w.ui.iterationsSpinBox = Widget(), Widget(), Widget()
+    w.ui.viWhereComboBox = Widget()
     w._process = object()  # a run in progress: the controls follow the method all the same
     expected = {"PDI": (False, False), "PDI-VI1": (True, True), "PDI-VI2": (False, True), "MEDI": (True, False),
                 "Tikhonov": (False, False), "TKD": (False, False)}
@@ -253,10 +270,12 @@ def test_the_settings_a_method_does_not_use_are_greyed_out(monkeypatch):
     for label, (edges, vi) in expected.items():
         w._parameterNode = types.SimpleNamespace(method=label)
         module.PDIQSMWidget._checkCanApply(w)
-        assert (w.ui.edgesComboBox.enabled, w.ui.samplesSliderWidget.enabled, w.ui.iterationsSpinBox.enabled) == \
-            (edges, vi, vi), label
-        request = request_from_panel(Panel(method=label, edges="PDI's map", samples=3, iterations=7))
+        assert (w.ui.edgesComboBox.enabled, w.ui.samplesSliderWidget.enabled, w.ui.iterationsSpinBox.enabled,
+                w.ui.viWhereComboBox.enabled) == (edges, vi, vi, vi), label
+        request = request_from_panel(Panel(method=label, edges="PDI's map", samples=3, iterations=7,
+                                           viWhere="Everywhere"))
         assert bool(edge_args(request.method, request.edges)) == edges and (request.iterations == 7) == vi
+        assert bool(vi_where_args(request.method, request.vi_where)) == vi
 
 
 def test_panel_choices_and_defaults_are_the_librarys():
