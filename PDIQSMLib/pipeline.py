@@ -243,7 +243,11 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
                             "voxels": taken, "share_of_mask": round(taken / max(int((mask > 0).sum()), 1), 5)}
         if not blend.any():
             info["vi_where"]["fine_tuned"] = "no: PDI's map explains the field deep in the brain (its map returned)"
+            progress.status("PDI's map explains the field deep in the brain: nothing fine-tuned, its map returned "
+                            "(--vi-where everywhere fine-tunes anyway)")
             return torch.from_numpy(first), first_std
+        progress.status(f"the field disagrees with PDI's map in {taken} voxels "
+                        f"({100 * info['vi_where']['share_of_mask']:.2f} % of the mask): fine-tuned map kept there")
     volume = vi_volume(net, field_ppm, mask, geometry, magnitude, noise_std, device, vi_edges(settings), info, refills,
                        inputs)
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")

@@ -3,6 +3,7 @@ the automatic lambda, and the network's input and upsampling, each against physi
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import numpy as np
@@ -547,6 +548,7 @@ def test_pdi_vi_keeps_pdis_map_where_the_field_agrees_with_it(monkeypatch):
     empty, PDI's own map comes back and nothing is fine-tuned, as PDI-VI2's default does."""
     from PDIQSMLib import vi, weighting
     from PDIQSMLib.pipeline import Settings, reconstruct
+    from PDIQSMLib.progress import Progress
 
     chi, mask, field, noise, bleed, g = bleed_phantom()
     quick = dict(iterations=2, vi_precision="fp32", device="cpu")
@@ -557,7 +559,10 @@ def test_pdi_vi_keeps_pdis_map_where_the_field_agrees_with_it(monkeypatch):
     blend[30:60, 25:55, 14] = 0.5
     blend *= mask
     monkeypatch.setattr(weighting, "discrepant_region", lambda *a, **k: blend)
-    kept = reconstruct(field, mask, g, Settings(method="pdi-vi1", vi_where="discrepant", **quick), noise_std=noise)
+    said = io.StringIO()
+    kept = reconstruct(field, mask, g, Settings(method="pdi-vi1", vi_where="discrepant", **quick), noise_std=noise,
+                       progress=Progress("lines", said))
+    assert f"disagrees with PDI's map in {int((blend > 0.5).sum())} voxels" in said.getvalue()  # the user is told
     assert np.allclose(kept.mean, blend * everywhere.mean + (1 - blend) * pdi.mean, atol=1e-6)
     assert np.allclose(kept.std, np.sqrt(blend * everywhere.std**2 + (1 - blend) * pdi.std**2), rtol=1e-5)
     assert np.abs(everywhere.mean - pdi.mean)[blend > 0].max() > 1e-3  # the two maps differ where they are blended
@@ -571,7 +576,10 @@ def test_pdi_vi_keeps_pdis_map_where_the_field_agrees_with_it(monkeypatch):
     same = reconstruct(field, mask, g, Settings(method="pdi-vi1", vi_where="discrepant", **quick), noise_std=noise)
     assert np.array_equal(same.mean, pdi.mean) and np.array_equal(same.std, pdi.std)
     assert same.info["vi_where"]["fine_tuned"].startswith("no")
-    vi2 = reconstruct(field, mask, g, Settings(method="pdi-vi2", **quick), noise_std=noise)  # 'auto': discrepant
+    said = io.StringIO()
+    vi2 = reconstruct(field, mask, g, Settings(method="pdi-vi2", **quick), noise_std=noise,  # 'auto': discrepant
+                      progress=Progress("lines", said))
+    assert "STATUS PDI's map explains the field deep in the brain: nothing fine-tuned" in said.getvalue()
     assert np.array_equal(vi2.mean, pdi.mean) and vi2.info["vi_where"]["kept"] == "discrepant"
     assert everywhere.info["vi_where"] == {"kept": "everywhere"}  # PDI-VI1's 'auto': the paper's
     from PDIQSMLib.errors import InputError
