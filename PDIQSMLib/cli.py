@@ -330,13 +330,14 @@ def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
                    help="PDI-VI1: the TV edge mask from the magnitude, or from PDI's own map of the field (pdi: its "
                         "0.7 N strongest gradient components spared, as --medi-edges pdi); auto (default): the "
                         "magnitude when one is given, else PDI's map")
-    p.add_argument("--vi-where", choices=defaults.VI_WHERE, default="auto",
-                   help="PDI-VI: keep the fine-tuned map everywhere (the paper's), or only deep in the brain (over 10 "
-                        "mm from the edge) where the field disagrees with PDI's map beyond a healthy brain's residue, "
-                        "PDI's map elsewhere, fine-tuning skipped where it nowhere does (discrepant: on healthy "
-                        "simulated brains level with PDI, part of the gain on bleeds; benchmarks/results/vi_where.md); "
-                        "auto (default): everywhere for PDI-VI1, discrepant for PDI-VI2 (whose flat prior fitted "
-                        "everywhere wrecks healthy simulated brains)")
+    if not on_set:  # a set's adapted weights are not maps: nothing to keep or blend
+        p.add_argument("--vi-where", choices=defaults.VI_WHERE, default="auto",
+                       help="PDI-VI: keep the fine-tuned map everywhere (the paper's), or only deep in the brain "
+                            "(over 10 mm from the edge) where the field disagrees with PDI's map beyond a healthy "
+                            "brain's residue, PDI's map elsewhere, fine-tuning skipped where it nowhere does "
+                            "(discrepant: on healthy simulated brains level with PDI, part of the gain on bleeds; "
+                            "benchmarks/results/vi_where.md); auto (default): everywhere for PDI-VI1, discrepant for "
+                            "PDI-VI2 (whose flat prior fitted everywhere wrecks healthy simulated brains)")
     p.add_argument("--vi-tol", type=float, default=0.01,
                    help="PDI-VI: stop when the mean map moved less than this (relative) over 10 iterations; 0: run "
                         "every iteration (default 0.01)")
@@ -365,7 +366,8 @@ def _add_region_options(p: argparse.ArgumentParser) -> None:
 def _vi_settings(args) -> dict:
     return dict(samples=args.samples, vi_variant=args.vi_variant, vi_estimator=args.vi_estimator,
                 vi_variance=args.vi_variance, noise_level=args.noise_level, vi_tol=args.vi_tol,
-                vi_precision=args.vi_precision, vi_edges=args.vi_edges, vi_where=args.vi_where)
+                vi_precision=args.vi_precision, vi_edges=args.vi_edges,
+                vi_where=getattr(args, "vi_where", "auto"))
 
 
 def reconstruct_settings(args) -> Settings:

@@ -244,6 +244,8 @@ def test_finetune_command_adapts_weights_on_a_set(tmp_path):
     assert main(args[:5] + args[6:]) == 2  # one mask for two fields
     assert main(args[:-10] + ["--out", str(DEFAULT_WEIGHTS)] + args[-8:]) == 2
     assert not out.exists() and sha256(DEFAULT_WEIGHTS) == base_sha
+    with pytest.raises(SystemExit):  # adapted weights are not a map: no --vi-where to blend them by
+        main(args + ["--vi-where", "discrepant"])
 
     assert main(args) == 0
     manifest = json.loads(out.with_suffix(".json").read_text())
