@@ -39,11 +39,22 @@ def per_iteration(net, volume, config: vi.VIConfig) -> float:
     return sum(steps) / len(steps)
 
 
+def whole_run_text(info: dict) -> str:
+    """What a whole PDI-VI run did, from its run record: where its map was kept, the iterations and precision."""
+    where = info["vi_where"]
+    if where.get("fine_tuned", "").startswith("no"):
+        return "whole run: the field agrees with PDI's map, nothing fine-tuned"
+    kept = "everywhere" if where["kept"] == "everywhere" else f"{100 * where['share_of_mask']:.2f} % of the mask"
+    edges = "PDI's edges, " if str(info.get("edges", "")).startswith("PDI") else ""
+    return (f"whole run: {edges}{info['iterations']} iterations, network passes {info['precision']}, map kept "
+            f"{kept}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--whole-run", action="store_true", help="also time PDI-VI1 with every default, end to end")
+    ap.add_argument("--whole-run", action="store_true", help="also time PDI-VI1 and PDI-VI2 with every default, end to end")
     ap.add_argument("--name", help="the table's name (default vi_speed_<device>), e.g. to keep another CPU's")
     args = ap.parse_args()
     sample, _ = simulation.realistic_brain(SEED, (1.06, 1.06, 1.06), max_shape=(160, 160, 160))
@@ -58,12 +69,12 @@ def main() -> None:
     t = time.perf_counter()
     reconstruct(sample.field, sample.mask, sample.geometry, Settings(method="pdi", device=args.device))
     rows.append(("PDI (whole run)", f"{time.perf_counter() - t:.1f}", "", ""))
-    if args.whole_run:
+    for method in ("pdi-vi1", "pdi-vi2") if args.whole_run else ():
         t = time.perf_counter()
-        vi1 = reconstruct(sample.field, sample.mask, sample.geometry, Settings(method="pdi-vi1", device=args.device))
+        info = reconstruct(sample.field, sample.mask, sample.geometry, Settings(method=method, device=args.device)).info
         whole = time.perf_counter() - t
-        rows.append((f"PDI-VI1, every default (whole run: PDI's edges, {vi1.info['iterations']} iterations, network "
-                     f"passes {vi1.info['precision']})", f"{whole:.1f}", "", f"{whole / medi_s:.1f} MEDI runs"))
+        rows.append((f"{method.upper()}, every default ({whole_run_text(info)})", f"{whole:.1f}", "",
+                     f"{whole / medi_s:.1f} MEDI runs"))
     layouts = {"channels-last": net, "contiguous": copy.deepcopy(net).to(memory_format=torch.contiguous_format)}
     if args.device.startswith("cuda"):
         layouts = {"default": net}
@@ -81,7 +92,7 @@ def main() -> None:
     box = "x".join(str(n) for n in volume.field.shape[-3:])
     lines = [f"Realistic brain seed {SEED}, {shape} at 1.06 mm (network box {box}, {int(sample.mask.sum())} mask "
              f"voxels)" + (f"; {args.iterations} iterations per configuration, the first dropped." if args.iterations else ".")
-             + (" PDI-VI1's own choice of precision is timed in its run ('auto')." if args.whole_run else ""), "",
+             + (" PDI-VI's own choice of precision is timed in its run ('auto')." if args.whole_run else ""), "",
              "| what | seconds | 100 iterations in MEDI runs | MEDI iterations |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     write_table(args.name or f"vi_speed_{'cuda' if args.device.startswith('cuda') else 'cpu'}", "PDI-VI speed on a whole brain",
