@@ -332,12 +332,15 @@ def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
                         "magnitude when one is given, else PDI's map")
     if not on_set:  # a set's adapted weights are not maps: nothing to keep or blend
         p.add_argument("--vi-where", choices=defaults.VI_WHERE, default="auto",
-                       help="PDI-VI: keep the fine-tuned map everywhere (the paper's), or only deep in the brain "
-                            "(over 10 mm from the edge) where the field disagrees with PDI's map beyond a healthy "
-                            "brain's residue, PDI's map elsewhere, fine-tuning skipped where it nowhere does "
-                            "(discrepant: on healthy simulated brains level with PDI, part of the gain on bleeds; "
-                            "benchmarks/results/vi_where.md); auto (default): everywhere for PDI-VI1, discrepant for "
-                            "PDI-VI2 (whose flat prior fitted everywhere wrecks healthy simulated brains)")
+                       help="PDI-VI: keep the fine-tuned map everywhere (the paper's); only deep in the brain (over "
+                            "10 mm from the edge) where the field disagrees with PDI's map beyond a healthy brain's "
+                            "residue, PDI's map elsewhere, fine-tuning skipped where it nowhere does (discrepant: on "
+                            "healthy simulated brains level with PDI, part of the gain on bleeds); or gated: discrepant "
+                            "when PDI's residual is 0.78-1.2 times the field's cone noise level (PDI explains the field "
+                            "to its noise floor), else everywhere (a bleed, or a field unlike PDI's training data; "
+                            "benchmarks/results/vi_where.md). "
+                            "auto (default): gated for PDI-VI1, discrepant for PDI-VI2 (whose flat prior fitted "
+                            "everywhere wrecks healthy simulated brains)")
     p.add_argument("--vi-tol", type=float, default=0.01,
                    help="PDI-VI: stop when the mean map moved less than this (relative) over 10 iterations; 0: run "
                         "every iteration (default 0.01)")

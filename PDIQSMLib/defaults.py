@@ -31,14 +31,15 @@ TE_SECONDS = 0.02
 MEDI_EDGES = ("magnitude", "pdi")  # where MEDI's edge mask M comes from (pipeline.Settings.medi_edges)
 # where PDI-VI1's TV edge mask M comes from: 'auto' is the magnitude when one is given, else PDI's own map
 VI_EDGES = ("auto", "magnitude", "pdi")
-# where PDI-VI's fine-tuned map is kept: 'everywhere' (the paper's), or 'discrepant': only deep in the brain where
-# the field disagrees with PDI's map beyond a healthy brain's residue (weighting.discrepant_region; PDI's map
-# elsewhere, no fine-tuning where nowhere). On healthy realistic simulated brains 'everywhere' fits the field's
-# non-dipolar part into chi and 'discrepant' does not, but keeps only half of PDI-VI1's gain on bleeds
-# (benchmarks/results/vi_where.md); on the one real brain measured (issue 12, an older model) PDI-VI1 fine-tuned
-# everywhere gained 10 points over PDI. 'auto' (default): PDI-VI1 everywhere (the paper's, until a real field says
-# otherwise), PDI-VI2 discrepant: without TV its fine-tuning everywhere wrecks healthy simulated brains and loses on
-# bleeds too, where 'discrepant' is level with PDI on healthy ones and better on bleeds (vi_where_vi2.md).
-VI_WHERE = ("auto", "everywhere", "discrepant")
-VI_WHERE_AUTO = {"pdi-vi1": "everywhere", "pdi-vi2": "discrepant"}
+# where PDI-VI's fine-tuned map is kept: 'everywhere' (the paper's), 'discrepant': only deep in the brain where the
+# field disagrees with PDI's map beyond a healthy brain's residue (weighting.discrepant_region; PDI's map elsewhere,
+# no fine-tuning where nowhere), or 'gated': discrepant when PDI's residual is 0.78-1.2 times the field's cone noise
+# level (weighting.residual_over_cone: PDI explains the field to its noise floor), else everywhere (a bleed, or a
+# field out of PDI's training distribution). On
+# healthy realistic simulated brains 'everywhere' fits the field's non-dipolar part into chi, 'discrepant' keeps only
+# half of PDI-VI1's gain on bleeds, 'gated' keeps most of it and gains where a model out of its distribution gains
+# (benchmarks/results/vi_where.md). 'auto' (default): PDI-VI1 gated, PDI-VI2 discrepant (without TV its fine-tuning
+# everywhere wrecks healthy simulated brains and loses on bleeds too; vi_where_vi2.md).
+VI_WHERE = ("auto", "gated", "everywhere", "discrepant")
+VI_WHERE_AUTO = {"pdi-vi1": "gated", "pdi-vi2": "discrepant"}
 NOISY_REGIONS = ("auto", "off")  # without a noise map: noise found in the field (weighting.noisy_regions), or none

@@ -227,20 +227,29 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     from . import vi
 
     config = vi_config(settings, takes_pdi_edges(vi_edges(settings), magnitude is not None))
-    blend, inputs = None, None
-    if vi_where(settings) == "everywhere":
-        info["vi_where"] = {"kept": "everywhere"}
-    else:
-        from .weighting import DISCREPANCY_DEPTH_MM, DISCREPANCY_RATIO, discrepant_region
+    blend, inputs, where = None, None, vi_where(settings)
+    info["vi_where"] = {}
+    if where != "everywhere":
+        from .weighting import (DISCREPANCY_DEPTH_MM, DISCREPANCY_RATIO, GATE_BAND, discrepant_region,
+                                residual_over_cone, weighted_residual)
 
         first, first_std, inputs = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight, refills,
                                             tile, device, progress)
-        blend = discrepant_region(field_ppm, mask, geometry, weight, first)
+        residual = weighted_residual(field_ppm, mask, geometry, weight, first)
+        if where == "gated":  # discrepant where PDI explains the field to its noise floor: see residual_over_cone
+            ratio = residual_over_cone(field_ppm, mask, geometry, weight, residual)
+            info["vi_where"]["gate"] = {"residual_over_cone": round(ratio, 4), "discrepant_within": list(GATE_BAND)}
+            where = "discrepant" if GATE_BAND[0] <= ratio <= GATE_BAND[1] else "everywhere"
+            progress.status(f"PDI's residual is {ratio:.2f} x the field's cone noise level: fine-tuned map kept "
+                            + ("everywhere" if where == "everywhere" else "only where the field disagrees with PDI's")
+                            + f" (--vi-where gated: there within {GATE_BAND[0]:g}-{GATE_BAND[1]:g})")
+    info["vi_where"]["kept"] = where
+    if where == "discrepant":
+        blend = discrepant_region(field_ppm, mask, geometry, weight, first, residual=residual)
         taken = int((blend > 0.5).sum())
-        info["vi_where"] = {"kept": "discrepant",
-                            "rule": f"deeper than {DISCREPANCY_DEPTH_MM:g} mm, where PDI's weighted residual's local "
-                                    f"RMS exceeds {DISCREPANCY_RATIO:g} times its median there",
-                            "voxels": taken, "share_of_mask": round(taken / max(int((mask > 0).sum()), 1), 5)}
+        info["vi_where"].update(rule=f"deeper than {DISCREPANCY_DEPTH_MM:g} mm, where PDI's weighted residual's local "
+                                     f"RMS exceeds {DISCREPANCY_RATIO:g} times its median there",
+                                voxels=taken, share_of_mask=round(taken / max(int((mask > 0).sum()), 1), 5))
         if not blend.any():
             info["vi_where"]["fine_tuned"] = "no: PDI's map explains the field deep in the brain (its map returned)"
             progress.status("PDI's map explains the field deep in the brain: nothing fine-tuned, its map returned "

@@ -209,8 +209,45 @@ DISCREPANCY_WINDOW_MM = 3.0  # Gaussian sigma of the local RMS
 DISCREPANCY_BLEND_MM = 2.0  # Gaussian sigma of the blend's border
 
 
+# PDI-VI1's 'gated' rule (its default): keep the fine-tuned map only where the field disagrees with PDI's when PDI's
+# weighted residual RMS lies within this band of the field's cone noise estimate (``residual_over_cone``: PDI's map
+# explains the field down to what no map explains), everywhere otherwise.
+GATE_BAND = (0.78, 1.2)
+
+
+def weighted_residual(field: np.ndarray, mask: np.ndarray, geometry, weight: np.ndarray,
+                      mean: np.ndarray) -> np.ndarray:
+    """r = W (D mean - b) in the mask (0 outside), float64; the dipole convolution with 1.5x padding."""
+    from .physics import DipoleOperator
+
+    inside = np.asarray(mask) > 0
+    op = DipoleOperator(inside.shape, geometry, 1.5, torch.float64)
+    chi = torch.from_numpy(np.where(inside, mean, 0.0).astype(np.float64))
+    return np.where(inside, np.asarray(weight, np.float64) * (op.forward(chi).numpy() - field), 0.0)
+
+
+def residual_over_cone(field: np.ndarray, mask: np.ndarray, geometry, weight: np.ndarray,
+                       residual: np.ndarray) -> float:
+    """RMS of PDI's weighted residual in the mask over the cone noise estimate of the weighted field
+    (``fieldstats.cone_noise``: the level of what no map explains, read off the magic-angle cone).
+
+    Measured (benchmarks/results/vi_where.md): 0.77-1.10 on healthy realistic brains, where the bundled model is in its
+    training distribution and its residual sits at the field's unexplainable level, so fine-tuning everywhere fits the
+    non-dipolar part (it harmed 11 of 16); 0.56-0.73 on 9 of the 12 bleeds where fine-tuning everywhere helped (a
+    bleed's truncated field inflates the cone; the other three 0.80-0.88, the one it harmed 0.91). A model out of its
+    distribution (the first, procedural-trained one, on realistic brains, where fine-tuning everywhere gained 14-48
+    points) read 0.57-0.70 on four brains, whose maps fit the field's non-dipolar part too, and 1.44 on one, whose map
+    leaves explainable field. The band ``GATE_BAND`` spares the first kind."""
+    from .fieldstats import cone_noise
+
+    inside = np.asarray(mask) > 0
+    level = cone_noise(np.asarray(weight, np.float64) * field, inside, geometry)
+    return float(np.sqrt((residual[inside] ** 2).mean()) / max(level, 1e-12))
+
+
 def discrepant_region(field: np.ndarray, mask: np.ndarray, geometry, weight: np.ndarray, mean: np.ndarray,
-                      ratio: float = DISCREPANCY_RATIO, depth_mm: float = DISCREPANCY_DEPTH_MM) -> np.ndarray:
+                      ratio: float = DISCREPANCY_RATIO, depth_mm: float = DISCREPANCY_DEPTH_MM,
+                      residual: np.ndarray | None = None) -> np.ndarray:
     """Where the field disagrees with PDI's map ``mean`` beyond what a healthy brain's field does: a blend weight in
     [0, 1] (0 outside the mask) for the fine-tuned map over PDI's.
 
@@ -221,13 +258,11 @@ def discrepant_region(field: np.ndarray, mask: np.ndarray, geometry, weight: np.
     The rule: r = W (D mean - b); its local RMS (a Gaussian window of ``DISCREPANCY_WINDOW_MM``) over the median of
     that RMS more than ``depth_mm`` inside the mask's edge (over the whole mask if under 100 voxels lie that deep);
     the voxels that deep whose ratio exceeds ``ratio``, smoothed by a Gaussian of ``DISCREPANCY_BLEND_MM``. Near the
-    edge nothing is taken: there a healthy field's residue reaches many times the deep median."""
-    from .physics import DipoleOperator
-
+    edge nothing is taken: there a healthy field's residue reaches many times the deep median. ``residual``: r when
+    already computed (``weighted_residual``)."""
     inside = np.asarray(mask) > 0
-    op = DipoleOperator(inside.shape, geometry, 1.5, torch.float64)
-    chi = torch.from_numpy(np.where(inside, mean, 0.0).astype(np.float64))
-    residual = np.where(inside, np.asarray(weight, np.float64) * (op.forward(chi).numpy() - field), 0.0)
+    if residual is None:
+        residual = weighted_residual(field, mask, geometry, weight, mean)
     sigma = [DISCREPANCY_WINDOW_MM / h for h in geometry.voxel_size]
     cover = ndimage.gaussian_filter(inside.astype(np.float64), sigma)
     local = np.sqrt(ndimage.gaussian_filter(residual**2, sigma) / np.maximum(cover, 1e-3))

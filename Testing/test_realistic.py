@@ -544,8 +544,9 @@ def test_pdi_vi_fine_tunes_from_the_refilled_inputs_given_a_noise_map(monkeypatc
 def test_pdi_vi_keeps_pdis_map_where_the_field_agrees_with_it(monkeypatch):
     """PDI-VI with ``--vi-where discrepant`` keeps its fine-tuned map only where ``weighting.discrepant_region`` says
     the field disagrees with PDI's: the output is blend * fine-tuned + (1 - blend) * PDI's map (std likewise in
-    variance), the fine-tuned map the one ``--vi-where everywhere`` (PDI-VI1's default) gives; where the region is
-    empty, PDI's own map comes back and nothing is fine-tuned, as PDI-VI2's default does."""
+    variance), the fine-tuned map the one ``--vi-where everywhere`` gives; where the region is empty, PDI's own map
+    comes back and nothing is fine-tuned, as PDI-VI2's default does. PDI-VI1's default ('gated') gives the discrepant
+    map when PDI's residual over the cone noise lies in ``weighting.GATE_BAND``, the everywhere one outside it."""
     from PDIQSMLib import vi, weighting
     from PDIQSMLib.pipeline import Settings, reconstruct
     from PDIQSMLib.progress import Progress
@@ -553,7 +554,8 @@ def test_pdi_vi_keeps_pdis_map_where_the_field_agrees_with_it(monkeypatch):
     chi, mask, field, noise, bleed, g = bleed_phantom()
     quick = dict(iterations=2, vi_precision="fp32", device="cpu")
     pdi = reconstruct(field, mask, g, Settings(method="pdi", device="cpu"), noise_std=noise)
-    everywhere = reconstruct(field, mask, g, Settings(method="pdi-vi1", **quick), noise_std=noise)
+    everywhere = reconstruct(field, mask, g, Settings(method="pdi-vi1", vi_where="everywhere", **quick),
+                             noise_std=noise)
     blend = np.zeros(mask.shape)
     blend[30:60, 25:55, 15:35] = 1.0
     blend[30:60, 25:55, 14] = 0.5
@@ -567,6 +569,12 @@ def test_pdi_vi_keeps_pdis_map_where_the_field_agrees_with_it(monkeypatch):
     assert np.allclose(kept.std, np.sqrt(blend * everywhere.std**2 + (1 - blend) * pdi.std**2), rtol=1e-5)
     assert np.abs(everywhere.mean - pdi.mean)[blend > 0].max() > 1e-3  # the two maps differ where they are blended
     assert kept.info["vi_where"]["voxels"] == int((blend > 0.5).sum()) and "iterations" in kept.info
+    for ratio, expected in ((0.5, everywhere), (1.0, kept), (2.0, everywhere)):  # PDI-VI1's default: gated
+        monkeypatch.setattr(weighting, "residual_over_cone", lambda *a, **k: ratio)
+        gated = reconstruct(field, mask, g, Settings(method="pdi-vi1", **quick), noise_std=noise)
+        record = gated.info["vi_where"]
+        assert np.allclose(gated.mean, expected.mean, atol=1e-6), ratio
+        assert record["gate"]["residual_over_cone"] == ratio and record["kept"] == expected.info["vi_where"]["kept"]
 
     def untouched(*a, **k):
         raise AssertionError("fine-tuned where nothing disagrees")
@@ -581,7 +589,7 @@ def test_pdi_vi_keeps_pdis_map_where_the_field_agrees_with_it(monkeypatch):
                       progress=Progress("lines", said))
     assert "STATUS PDI's map explains the field deep in the brain: nothing fine-tuned" in said.getvalue()
     assert np.array_equal(vi2.mean, pdi.mean) and vi2.info["vi_where"]["kept"] == "discrepant"
-    assert everywhere.info["vi_where"] == {"kept": "everywhere"}  # PDI-VI1's 'auto': the paper's
+    assert everywhere.info["vi_where"] == {"kept": "everywhere"}
     from PDIQSMLib.errors import InputError
 
     with pytest.raises(InputError, match="--vi-where"):

@@ -329,3 +329,39 @@ def test_discrepant_region_takes_a_deep_source_the_map_missed_and_nothing_else()
     assert blend[ball].mean() > 0.9 and 20 < (blend > 0.5).sum() < 0.1 * mask.sum()
     depth = ndimage.distance_transform_edt(mask, sampling=g.voxel_size)
     assert blend[mask & (depth < DISCREPANCY_DEPTH_MM - 3 * DISCREPANCY_BLEND_MM)].max() < 0.01
+
+
+def test_residual_over_cone_compares_what_the_map_leaves_with_what_no_map_explains():
+    """PDI-VI1's gate (``weighting.residual_over_cone``): the RMS of W (D mean - b) over the field's cone noise level.
+    White noise alone and a map of zeros: the residual is the noise and the cone reads the noise, so about 1; a smooth
+    tissue field and its own map leave the noise too (about 1, within the gate's band: fine-tuning kept where the
+    field disagrees). A 1 ppm sphere whose map is right: its field, truncated by the mask, fills the cone, and the
+    ratio falls below the band; a map that missed it leaves its dipole field, far above it (either: everywhere)."""
+    import torch
+    from scipy import ndimage
+
+    from PDIQSMLib import phantoms
+    from PDIQSMLib.geometry import Geometry
+    from PDIQSMLib.physics import DipoleOperator
+    from PDIQSMLib.weighting import GATE_BAND, residual_over_cone, weighted_residual
+
+    g = Geometry((1.0, 1.0, 1.5))
+    shape = (72, 72, 48)
+    mask = phantoms.sphere(shape, g.voxel_size, 32.0, 1.0) > 0
+    rng = np.random.default_rng(3)
+    chi = np.where(mask, 0.02 * ndimage.gaussian_filter(rng.standard_normal(shape), 2.0), 0.0)
+    truth = np.where(phantoms.sphere(shape, g.voxel_size, 4.0, 1.0, center=(40, 32, 24)) > 0, 1.0, chi)
+    op = DipoleOperator(shape, g, 1.5, torch.float64)  # the residual's own operator: no model error in the field
+
+    def field(c):
+        return np.where(mask, op.forward(torch.from_numpy(c)).numpy() + 1e-3 * rng.standard_normal(shape), 0.0)
+
+    w = data_weight(mask)
+
+    def ratio(b, mean):
+        return residual_over_cone(b, mask, g, w, weighted_residual(b, mask, g, w, mean))
+
+    assert 0.9 < ratio(field(np.zeros(shape)), np.zeros(shape)) < 1.1  # measured 0.99-1.01
+    assert GATE_BAND[0] < ratio(field(chi), chi) < GATE_BAND[1]  # measured 1.08-1.09: at the noise floor
+    assert ratio(field(truth), truth) < 0.6 * GATE_BAND[0]  # measured 0.39
+    assert ratio(field(truth), chi) > 2.5 * GATE_BAND[1]  # measured 5.1
