@@ -106,7 +106,7 @@ class Request:
     reference: str = "whole-brain"  # what region means are relative to: whole-brain, none or a segment's name
     output_table: object | None = None  # vtkMRMLTableNode to fill; None: a new one named after the field
     edges: str = "auto"  # where MEDI's and PDI-VI1's TV spares edges: auto, magnitude or pdi (PANEL_EDGES)
-    vi_where: str = "auto"  # where PDI-VI's fine-tuned map is kept: auto, everywhere or discrepant (PANEL_VI_WHERE)
+    vi_where: str = "auto"  # where PDI-VI's fine-tuned map is kept (PANEL_VI_WHERE; defaults.VI_WHERE)
     noisy_regions: str = "auto"  # without a noise std: auto (where the field is noise, weighed as a map would) or off
 
 
@@ -116,7 +116,8 @@ PANEL_METHODS = {"PDI": "pdi", "PDI-VI1": "pdi-vi1", "PDI-VI2": "pdi-vi2", "MEDI
 PANEL_UNITS = {"ppm": "ppm", "Hz": "hz", "rad": "rad"}
 PANEL_DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 PANEL_EDGES = {"Automatic": "auto", "Magnitude": "magnitude", "PDI's map": "pdi"}
-PANEL_VI_WHERE = {"Automatic": "auto", "Everywhere": "everywhere", "Where the field disagrees": "discrepant"}
+PANEL_VI_WHERE = {"Automatic": "auto", "Gated": "gated", "Everywhere": "everywhere",
+                  "Where the field disagrees": "discrepant"}
 EDGE_FLAGS = {"medi": "--medi-edges", "pdi-vi1": "--vi-edges"}  # the methods whose TV prior spares edges
 
 
