@@ -35,10 +35,9 @@ VI_EDGES = ("auto", "magnitude", "pdi")
 # field disagrees with PDI's map beyond a healthy brain's residue (weighting.discrepant_region; PDI's map elsewhere,
 # no fine-tuning where nowhere), or 'gated': discrepant when PDI's residual is 0.78-1.2 times the field's cone noise
 # level (weighting.residual_over_cone: PDI explains the field to its noise floor), else everywhere (a bleed, or a
-# field out of PDI's training distribution). On
-# healthy realistic simulated brains 'everywhere' fits the field's non-dipolar part into chi, 'discrepant' keeps only
-# half of PDI-VI1's gain on bleeds, 'gated' keeps most of it and gains where a model out of its distribution gains
-# (benchmarks/results/vi_where.md). 'auto' (default): PDI-VI1 gated, PDI-VI2 discrepant (without TV its fine-tuning
+# field out of PDI's training distribution). On healthy realistic simulated brains 'everywhere' fits the field's
+# non-dipolar part into chi, 'discrepant' keeps only half of PDI-VI1's gain on bleeds, 'gated' keeps most of it and
+# gains where a model out of its distribution gains (benchmarks/results/vi_where.md). 'auto' (default): PDI-VI1 gated, PDI-VI2 discrepant (without TV its fine-tuning
 # everywhere wrecks healthy simulated brains and loses on bleeds too; vi_where_vi2.md).
 VI_WHERE = ("auto", "gated", "everywhere", "discrepant")
 VI_WHERE_AUTO = {"pdi-vi1": "gated", "pdi-vi2": "discrepant"}

@@ -49,8 +49,8 @@ class Settings:
     vi_precision: str = "auto"  # PDI-VI's network passes: auto (bf16 where timed faster on a CPU), bf16, fp32
     medi_edges: str = "magnitude"  # MEDI's edge mask M: from --magnitude (none given: TV everywhere) or 'pdi' (PDI's map)
     vi_edges: str = "auto"  # PDI-VI1's edge mask M: auto (the magnitude if given, else PDI's map), magnitude, pdi
-    vi_where: str = "auto"  # PDI-VI's map kept everywhere, or where the field disagrees with PDI's (discrepant); auto:
-    # PDI-VI1 everywhere, PDI-VI2 discrepant (defaults.VI_WHERE_AUTO; vi_where())
+    vi_where: str = "auto"  # PDI-VI's map kept everywhere, where the field disagrees with PDI's (discrepant), or gated
+    # between the two; auto: PDI-VI1 gated, PDI-VI2 discrepant (defaults.VI_WHERE_AUTO; vi_where())
     noisy_regions: str = "auto"  # no noise map given: auto finds where the field is noise (weighting.noisy_regions); off
 
     def check(self) -> None:
@@ -230,7 +230,7 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     blend, inputs, where = None, None, vi_where(settings)
     info["vi_where"] = {}
     if where != "everywhere":
-        from .weighting import (DISCREPANCY_DEPTH_MM, DISCREPANCY_RATIO, GATE_BAND, discrepant_region,
+        from .weighting import (DISCREPANCY_DEPTH_MM, DISCREPANCY_RATIO, GATE_BAND, discrepant_region, gated,
                                 residual_over_cone, weighted_residual)
 
         first, first_std, inputs = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight, refills,
@@ -239,7 +239,7 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         if where == "gated":  # discrepant where PDI explains the field to its noise floor: see residual_over_cone
             ratio = residual_over_cone(field_ppm, mask, geometry, weight, residual)
             info["vi_where"]["gate"] = {"residual_over_cone": round(ratio, 4), "discrepant_within": list(GATE_BAND)}
-            where = "discrepant" if GATE_BAND[0] <= ratio <= GATE_BAND[1] else "everywhere"
+            where = gated(ratio)
             progress.status(f"PDI's residual is {ratio:.2f} x the field's cone noise level: fine-tuned map kept "
                             + ("everywhere" if where == "everywhere" else "only where the field disagrees with PDI's")
                             + f" (--vi-where gated: there within {GATE_BAND[0]:g}-{GATE_BAND[1]:g})")

@@ -35,7 +35,7 @@ from benchmarks.noisy_regions import case  # noqa: E402
 from benchmarks.vi_trace import brain  # noqa: E402
 from PDIQSMLib.metrics import nrmse_demeaned  # noqa: E402
 from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
-from PDIQSMLib.weighting import (GATE_BAND, data_weight, discrepant_region,  # noqa: E402
+from PDIQSMLib.weighting import (GATE_BAND, data_weight, discrepant_region, gated,  # noqa: E402
                                  residual_over_cone, weighted_residual)
 
 SETS = {"healthy, calibration": range(32000, 32006), "bleeds, calibration": range(81000, 81006),
@@ -92,8 +92,8 @@ def main() -> None:
             blend = discrepant_region(field, mask, g, weight, m["pdi"], residual=residual)
             kept = blend * m[args.method] + (1 - blend) * m["pdi"]
             ratio = residual_over_cone(field, mask, g, weight, residual)
-            gated = kept if GATE_BAND[0] <= ratio <= GATE_BAND[1] else m[args.method]
-            row = [nrmse_demeaned(x, chi, inside) for x in (m["pdi"], m[args.method], kept, gated)]
+            chosen = kept if gated(ratio) == "discrepant" else m[args.method]
+            row = [nrmse_demeaned(x, chi, inside) for x in (m["pdi"], m[args.method], kept, chosen)]
             scores.append(row)
             lines.append(f"| {name} | {seed or 'ICH'} | " + " | ".join(f"{v:.2f}" for v in row)
                          + f" | {(blend > 0.5).sum() / inside.sum():.4f} | {ratio:.2f} |")
