@@ -342,8 +342,9 @@ def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
                             "auto (default): gated for PDI-VI1, discrepant for PDI-VI2 (whose flat prior fitted "
                             "everywhere wrecks healthy simulated brains)")
     p.add_argument("--vi-tol", type=float, default=0.01,
-                   help="PDI-VI: stop when the mean map moved less than this (relative) over 10 iterations; 0: run "
-                        "every iteration (default 0.01)")
+                   help="PDI-VI: stop when the mean map moved less than this (relative) over 10 iterations (where "
+                        "the fine-tuned map is kept only where the field disagrees, the map returned); 0: run every "
+                        "iteration (default 0.01)")
     p.add_argument("--vi-precision", choices=defaults.PRECISIONS, default="auto",
                    help="PDI-VI: the network's passes in fp32 or bf16 (autocast; as accurate, faster on some CPUs and "
                         "slower on others); auto (default): bf16 on a GPU, and on a CPU with bf16 arithmetic whichever "

@@ -57,7 +57,7 @@ assert tuple(REFLECTIONS) == REFLECTION_COUNTS
 def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu",
             tile: int | None = None, overlap: int = 16, geometry=None,
             weight: np.ndarray | None = None, reflections: int = 1,
-            inputs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+            inputs: np.ndarray | None = None, passes: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation (ppm, float32) of chi for a local field (ppm), zero outside ``mask``.
 
     The network runs on the mask's bounding box (plus a margin): outside the mask its input is zero,
@@ -69,6 +69,7 @@ def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu
     the mean is their average, the variance that of their equal mixture (mean of the variances plus the
     variance of the means). ``inputs``: the network's input channels (ppm, the volume's shape) as
     ``network_io.network_inputs`` gives them for this field, mask, geometry and weight; built here when None.
+    ``passes``: a list that gets each pass's own (mean, std), in REFLECTIONS' order (the first unmirrored).
     """
     if reflections not in REFLECTIONS:
         raise ValueError(f"reflections must be one of {sorted(REFLECTIONS)}, got {reflections}")
@@ -82,6 +83,8 @@ def predict(net: PDINet, field: np.ndarray, mask: np.ndarray, device: str = "cpu
     for axes in REFLECTIONS[reflections]:
         mean, std = _whole_or_tiled(net, torch.flip(x, [a + 2 for a in axes]) if axes else x, device, tile, overlap)
         maps.append((np.flip(mean, axes), np.flip(std, axes)) if axes else (mean, std))
+    if passes is not None:
+        passes.extend((paste(mu, m, box), paste(sd, m, box)) for mu, sd in maps)
     if len(maps) == 1:
         mean, std = maps[0]
     else:

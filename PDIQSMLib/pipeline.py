@@ -221,20 +221,20 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         info["field_replaced_from"] = (f"PDI's own map ({refills} refill(s); its first pass: the weighted Tikhonov "
                                        "prior's)")
     if settings.method == "pdi":
-        mean, std, _ = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight, refills, tile, device,
-                                progress)
+        mean, std, _, _ = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight, refills, tile,
+                                   device, progress)
         return torch.from_numpy(mean), std
     from . import vi
 
     config = vi_config(settings, takes_pdi_edges(vi_edges(settings), magnitude is not None))
-    blend, inputs, where = None, None, vi_where(settings)
+    blend, inputs, one_pass, where = None, None, None, vi_where(settings)
     info["vi_where"] = {}
     if where != "everywhere":
         from .weighting import (DISCREPANCY_DEPTH_MM, DISCREPANCY_RATIO, GATE_BAND, discrepant_region, gated,
                                 residual_over_cone, weighted_residual)
 
-        first, first_std, inputs = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight, refills,
-                                            tile, device, progress)
+        first, first_std, inputs, one_pass = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight,
+                                                      refills, tile, device, progress)
         residual = weighted_residual(field_ppm, mask, geometry, weight, first)
         if where == "gated":  # discrepant where PDI explains the field to its noise floor: see residual_over_cone
             ratio = residual_over_cone(field_ppm, mask, geometry, weight, residual)
@@ -258,11 +258,13 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         progress.status(f"the field disagrees with PDI's map in {taken} voxels "
                         f"({100 * info['vi_where']['share_of_mask']:.2f} % of the mask): fine-tuned map kept there")
     volume = vi_volume(net, field_ppm, mask, geometry, magnitude, noise_std, device, vi_edges(settings), info, refills,
-                       inputs)
+                       inputs, one_pass)
+    if blend is not None:  # converged when the map returned stopped moving (vi.MapChange)
+        volume.keep(blend, first)
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")
     result = vi.finetune(net, [volume], config, progress.task("vi"))
     mean, std = result.predict(volume)
-    info.update(vi_summary(config, result))
+    info.update(vi_summary(config, result, kept_in_part=blend is not None))
     if blend is not None:  # the fine-tuned map where the field disagrees with PDI's, PDI's elsewhere
         mean = blend * mean + (1.0 - blend) * first
         std = np.sqrt(blend * std**2 + (1.0 - blend) * first_std**2).astype(std.dtype)
@@ -271,14 +273,17 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
 
 def _pdi_map(net, field_ppm, mask, geometry, reflections: int, weight, refills: int, tile, device,
              progress: Progress):
-    """PDI's map (``reflections`` passes averaged), its std and the network's inputs it was read from (refilled
-    ``refills`` times)."""
+    """PDI's map (``reflections`` passes averaged), its std, the network's inputs it was read from (refilled
+    ``refills`` times) and the unmirrored pass's map of them (PDI-VI1's edges, ``vi_volume``)."""
     from .inference import predict
     from .network_io import network_inputs, refilled
 
+    passes: list = []
+
     def run(inputs):
+        passes.clear()
         return predict(net, field_ppm, mask, device, tile=tile, geometry=geometry, weight=weight,
-                       reflections=reflections, inputs=inputs)
+                       reflections=reflections, inputs=inputs, passes=passes)
 
     progress.status(f"running PDI on {device}")
     inputs = network_inputs(net.config.prior, field_ppm, mask, geometry, weight)
@@ -287,7 +292,7 @@ def _pdi_map(net, field_ppm, mask, geometry, reflections: int, weight, refills: 
         progress.status(f"running PDI on {device} again, the replaced voxels' field from its first map")
         inputs = refilled(inputs, mask, geometry, weight, mean)
         mean, std = run(inputs)
-    return mean, std, inputs
+    return mean, std, inputs, passes[0][0]
 
 
 def noise_map(field_ppm: np.ndarray, mask: np.ndarray, noise_std: np.ndarray | None,
@@ -322,14 +327,15 @@ def takes_pdi_edges(edges: str, magnitude_given: bool) -> bool:
 
 
 def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_std=None, device: str = "cpu",
-              edges: str = "magnitude", info: dict | None = None, refills: int = 0, inputs=None):
+              edges: str = "magnitude", info: dict | None = None, refills: int = 0, inputs=None, one_pass=None):
     """A field prepared for PDI-VI with ``net``: W from the noise std, the prior channel, and M from the
     magnitude, or with ``edges`` 'pdi' (or 'auto' and no magnitude) from the network's own map of the field:
     MEDI's rule on that map, sparing its ``solvers.PDI_EDGE_FRACTION`` N strongest gradient components (the TV
     prior then keeps the edges the network sees and smooths the rest against the field). ``info`` gets a line.
     ``refills``: the unreliable voxels' field in the network's inputs predicted that many times by PDI's map (with
     ``defaults.PDI_REFLECTIONS``), as PDI does with a given noise map (``network_io.REFILLS``); given ``inputs``
-    (already refilled, from ``_pdi_map``) are taken as they are."""
+    (already refilled, from ``_pdi_map``) are taken as they are, and ``one_pass``, the network's unmirrored map of
+    them (``_pdi_map``'s first pass), is the map the edges are read from instead of running the network again."""
     from .inference import predict
     from .network_io import network_inputs, refilled
     from .vi import prepare
@@ -348,7 +354,8 @@ def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_st
         raise InputError("--vi-edges", "'pdi' takes PDI-VI's edges from PDI's map, not from the magnitude given: give "
                                        "one of the two (--vi-edges auto or magnitude uses the magnitude)")
     if takes_pdi_edges(edges, magnitude is not None):
-        source = predict(net, field_ppm, mask, device, geometry=geometry, weight=weight, inputs=inputs)[0]
+        source = one_pass if one_pass is not None else \
+            predict(net, field_ppm, mask, device, geometry=geometry, weight=weight, inputs=inputs)[0]
         fraction, said = solvers.PDI_EDGE_FRACTION, f"PDI's map ({solvers.PDI_EDGE_FRACTION:g} N components spared)"
     if info is not None:
         info["edges"] = said
@@ -377,7 +384,10 @@ def vi_config(settings: Settings, pdi_edges: bool = False):
     return config
 
 
-def vi_summary(config, result) -> dict:
+def vi_summary(config, result, kept_in_part: bool = False) -> dict:
+    """The run record's account of a fine-tuning; ``kept_in_part``: its map is kept only where the field disagrees
+    with PDI's, and convergence was measured on the map returned (``vi.VolumeData.keep``)."""
+    measured = "the map returned (PDI's outside the region kept)" if kept_in_part else "the mean"
     return dict(lam=config.lam, samples=config.samples if config.estimator == "mc" else None,
                 iterations=len(result.history), variant=config.variant,
                 estimator=config.estimator, variance=config.variance,
@@ -385,7 +395,7 @@ def vi_summary(config, result) -> dict:
                 noise_level_from=("given" if config.noise_level else f"{config.noise_estimate} estimate from the field"),
                 sigma_noise_level=result.sigma_noise_level,
                 sigma_noise_level_from=("given" if config.noise_level else f"{config.sigma_estimate} estimate from the field"),
-                stopped=(f"converged: the mean moved less than {config.tol:g} over 10 iterations"
+                stopped=(f"converged: {measured} moved less than {config.tol:g} over 10 iterations"
                          if len(result.history) < config.iterations else "iteration limit"),
                 finetune_seconds=round(result.seconds, 2), precision=result.precision,
                 final_terms={k: result.history[-1][k] for k in ("loss", "entropy", "fidelity", "tv")})

@@ -11,8 +11,9 @@ gives 1e-2, ``defaults.VI_LAMBDA_PDI_EDGES``, when M comes from PDI's map: ``pip
 Without a given s, it is estimated from the field itself (``estimate_noise_level``): the white noise
 (second differences) while the mean is tuned, and the cone estimate, which reads the non-dipolar part
 of real fields too, for the sigma reported (see ``estimate_noise_level`` for why the two). Fine-tuning
-stops when the mean map moved less than ``tol`` over 10 iterations (or at ``iterations``); the per-voxel
-variances are then set for the mean reached at the cone's s (``settle_variances``, no network pass).
+stops when the mean map moved less than ``tol`` over 10 iterations (or at ``iterations``; where the map is
+kept only in part, ``VolumeData.keep``, the map returned is measured); the per-voxel variances are then set
+for the mean reached at the cone's s (``settle_variances``, no network pass).
 
 What sigma to expect: with a flat prior the mean-field optimum per voxel is exactly
 sigma_j = s / sqrt(P_j), P_j = sum_i W_i^2 d_ij^2 (``fidelity_diagonal``), whatever the mean: about
@@ -156,6 +157,18 @@ class VolumeData:
     full_mask: np.ndarray
     inputs: torch.Tensor | None = None  # (1, C, X', Y', Z') ppm: the field and the prior channel, if any
     _diagonal: torch.Tensor | None = None
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None  # (blend, base): returned is blend mu + (1 - blend) base
+
+    def in_box(self, volume: np.ndarray) -> torch.Tensor:
+        """A full-size array cropped to the box and padded as the field is: (1, 1, X', Y', Z') float32."""
+        x = torch.from_numpy(np.ascontiguousarray(volume[self.box], np.float32))[None, None]
+        extra = [n - k for n, k in zip(self.field.shape[-3:], x.shape[-3:])]
+        return torch.nn.functional.pad(x, (0, extra[2], 0, extra[1], 0, extra[0])).to(self.field.device)
+
+    def keep(self, blend: np.ndarray, base: np.ndarray) -> None:
+        """The map returned will be ``blend`` * the fine-tuned mean + (1 - ``blend``) * ``base`` (full-size arrays,
+        ppm): fine-tuning then stops when that map has converged (``MapChange``), not the fine-tuned map at large."""
+        self.kept = (self.in_box(blend), self.in_box(base))
 
     def misfit(self, chi: torch.Tensor) -> torch.Tensor:
         """||W (D chi - b)||^2 of a map ``chi`` (ppm, zero outside the mask)."""
@@ -609,11 +622,13 @@ CHANGE_WINDOW = 10  # iterations over which the mean map's movement is measured
 
 class MapChange:
     """How far each volume's mean map moved over the last CHANGE_WINDOW iterations (relative L2 in the
-    mask), and whether all moved less than ``tol`` (0: never)."""
+    mask), and whether all moved less than ``tol`` (0: never). Where a volume's map is kept only in part
+    (``VolumeData.keep``), the map measured is the one returned: fine-tuning stops when it stopped moving."""
 
     def __init__(self, volumes: list[VolumeData], tol: float) -> None:
         self.tol = tol
         self.masks = [v.mask[0, 0] > 0 for v in volumes]
+        self.kept = [v.kept for v in volumes]  # the map returned, where it is not the fine-tuned one (VolumeData.keep)
         self.marks: list[torch.Tensor | None] = [None] * len(volumes)  # the map at the window's start
         self.moved: list[float | None] = [None] * len(volumes)
 
@@ -622,7 +637,11 @@ class MapChange:
         n = len(self.masks)
         if (it - 1 - index) % (CHANGE_WINDOW * n) != 0 and self.marks[index] is not None:
             return None
-        now = mean.detach()[0, 0][self.masks[index]].float()
+        now = mean.detach().float()
+        if self.kept[index] is not None:
+            blend, base = self.kept[index]
+            now = blend * now + (1.0 - blend) * base
+        now = now[0, 0][self.masks[index]]
         before, self.marks[index] = self.marks[index], now.clone()
         if before is None:
             return None

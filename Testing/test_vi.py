@@ -195,6 +195,54 @@ def test_pdi_vi1_takes_its_tv_edges_from_pdis_map_unless_a_magnitude_is_given(le
     assert info["edges"].startswith("none") and np.array_equal(v.edges[:, :x, :y, :z].numpy()[0], mask[v.box])
 
 
+def test_pdi_vi1_reads_its_edges_from_the_pass_pdi_already_made(lesion_case, monkeypatch):
+    """Where PDI-VI first runs PDI (--vi-where gated or discrepant), its TV edges come from that run's unmirrored pass
+    instead of another network pass: predict's first pass equals a one-pass prediction to the bit, and the mirrored
+    pass is the mirror of the network's map of the mirrored input (not the same map); through the pipeline, the
+    network runs only PDI's two reflections before fine-tuning, the edge mask equals MEDI's rule on the one-pass
+    map, and the fine-tuning is told which map it will return (PDI's outside the region where the field disagrees)."""
+    from PDIQSMLib import inference, pipeline, vi
+    from PDIQSMLib.solvers import PDI_EDGE_FRACTION
+    from PDIQSMLib.weighting import gradient_mask
+    from PDIQSMLib.weights import load_model
+
+    chi, mask, field, lesion, g = lesion_case
+    net, _ = load_model()
+    passes: list = []
+    mean, _ = inference.predict(net, field, mask, "cpu", geometry=g, reflections=2, passes=passes)
+    one = inference.predict(net, field, mask, "cpu", geometry=g)[0]
+    assert len(passes) == 2 and np.array_equal(passes[0][0], one)
+    assert np.allclose(mean, (passes[0][0].astype(np.float64) + passes[1][0]) / 2, atol=1e-6)
+    assert np.abs(passes[1][0] - one)[mask > 0].max() > 1e-4  # the mirrored pass is another map
+    runs, seen = [], []
+    network = inference.run_network
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return network(*args, **kwargs)
+
+    class Stop(Exception):
+        pass
+
+    def stop(net_, volumes, config, *args, **kwargs):
+        seen.append(volumes[0])
+        raise Stop
+
+    monkeypatch.setattr(inference, "run_network", counted)
+    monkeypatch.setattr(vi, "finetune", stop)
+    with pytest.raises(Stop):
+        pipeline.reconstruct(field, mask, g, pipeline.Settings(method="pdi-vi1", device="cpu", vi_where="discrepant",
+                                                                         noisy_regions="off"))
+    assert len(runs) == 2  # PDI's two reflections, no third pass for the edges
+    v = seen[0]
+    x, y, z = v.size
+    expected = gradient_mask(mask, one, g.voxel_size, PDI_EDGE_FRACTION)[(slice(None),) + v.box]
+    assert np.array_equal(v.edges[:, :x, :y, :z].numpy(), expected)
+    # and the map it will return outside the region, which its convergence test reads (VolumeData.keep), is PDI's
+    assert v.kept is not None and np.allclose(v.kept[1][0, 0, :x, :y, :z].numpy(), mean[v.box], atol=1e-6)
+    assert 0 < float(v.kept[0].sum()) < 0.5 * float(v.mask.sum())
+
+
 def test_pdi_vi1s_default_lambda_follows_where_its_edges_come_from(lesion_case):
     """Through the pipeline: without a magnitude PDI-VI1 takes PDI's edges and lambda 1e-2, with one the magnitude's
     edges and 3e-3 (chosen for each on realistic brains); a given --lambda is kept either way."""
@@ -365,7 +413,7 @@ def test_expected_abs_has_the_derivatives_of_its_closed_form():
     tiny = torch.full_like(v, 1e-20, requires_grad=True)
     sharp = ExpectedAbs.apply(a, tiny, w)
     sharp.backward()
-    assert math.isclose(float(sharp), float((w * a.abs()).sum()), rel_tol=1e-9)
+    assert math.isclose(float(sharp.detach()), float((w * a.detach().abs()).sum()), rel_tol=1e-9)
     assert torch.equal(a.grad, w * torch.sign(a.detach()))
     zero = torch.zeros_like(a)
     assert math.isclose(float(ExpectedAbs.apply(zero, v.detach(), w)),
@@ -455,6 +503,54 @@ def test_finetuning_stops_when_the_mean_stops_moving_and_then_settles_the_varian
     # a moving mean is not taken for converged
     moving = finetune(net, [v], VIConfig(lam=0.0, iterations=25, estimator="exact", noise_level=s, lr=1e-2))
     assert len(moving.history) == 25 and moving.history[10]["change"] > 0.01
+
+
+def test_where_the_map_is_kept_in_part_fine_tuning_stops_when_the_map_returned_stops_moving():
+    """With the map returned blend * mu + (1 - blend) * base (``VolumeData.keep``, --vi-where discrepant), the
+    convergence test measures that map: blend 1 everywhere measures the fine-tuned map as before (the same changes to
+    the bit), blend 0 returns the base, which never moves (stops at the first window's end while mu still moves),
+    and a blend over half the mask measures a change between the two. ``in_box`` crops and pads as the field is."""
+    from PDIQSMLib.network import PRESETS, PDINet
+    from PDIQSMLib.vi import CHANGE_WINDOW, MapChange
+
+    torch.manual_seed(0)
+    net = PDINet(PRESETS["tiny"]).eval()
+    v, rng = small_weighted_volume(shape=(12, 12, 8))
+    full = rng.standard_normal(v.full_mask.shape)
+    x, y, z = v.size
+    boxed = v.in_box(full)
+    assert boxed.shape == v.field.shape and np.allclose(boxed[0, 0, :x, :y, :z].numpy(), full[v.box].astype(np.float32))
+    assert float(boxed[0, 0, x:].abs().sum() + boxed[0, 0, :, y:].abs().sum() + boxed[0, 0, :, :, z:].abs().sum()) == 0
+    base = predict_volume(net, v)[0]
+    config = VIConfig(lam=0.0, iterations=25, estimator="exact", noise_level=0.01, lr=1e-2, precision="fp32")
+    changes = {}
+    for name, blend in (("plain", None), ("ones", np.ones(full.shape)), ("zeros", np.zeros(full.shape))):
+        w = copy.copy(v)
+        if blend is not None:
+            w.keep(blend, base)
+        history = finetune(net, [w], config).history
+        changes[name] = [r["change"] for r in history if "change" in r]
+        if name == "zeros":
+            assert len(history) == CHANGE_WINDOW + 1 and changes[name] == [0.0]
+        else:
+            assert len(history) == 25 and len(changes[name]) == 2
+    assert changes["ones"] == changes["plain"] and changes["plain"][0] > 0.01
+    # by hand: a blend of 1 on the first half of the box's rows, a mean moved inside it or outside it only
+    half = (np.arange(full.shape[0]) < full.shape[0] // 2)[:, None, None] * np.ones(full.shape)
+    w = copy.copy(v)
+    w.keep(half, base)
+    inside, region = v.mask > 0, w.kept[0] > 0.5
+    first = torch.from_numpy(rng.standard_normal(v.field.shape).astype(np.float32))
+    returned = [half[v.box] * m[0, 0, :x, :y, :z].numpy() + (1 - half[v.box]) * base[v.box]
+                for m in (first, first + 0.3)]
+    by_hand = np.linalg.norm((returned[1] - returned[0])[v.full_mask[v.box]]) / np.linalg.norm(
+        returned[1][v.full_mask[v.box]])
+    for where, expected in ((~region, 0.0), (region, by_hand)):
+        change = MapChange([w], 0.01)
+        step = torch.where(where & inside, 0.3, 0.0)
+        assert change.update(1, 0, first) is None and change.update(11, 0, first + step) == pytest.approx(expected)
+        assert change.converged() == (expected == 0.0)
+    assert by_hand > 0.01
 
 
 def test_bf16_autocast_covers_the_network_only_and_fine_tunes_as_fp32_does():
