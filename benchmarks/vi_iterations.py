@@ -8,12 +8,13 @@ gate ``weighting.gated``). Printed per brain and checkpoint: demeaned NRMSE (%) 
 maps, and the relative L2 change over the last ``EVERY`` iterations of the fine-tuned map in the mask, in the kept
 region (squared changes weighted by the blend) and of the discrepant map the pipeline would return (PDI's outside the
 region). The summary says where the pipeline's convergence test (``vi.MapChange``, tol ``VIConfig().tol``: the map
-returned where the gate chose discrepant, the fine-tuned map otherwise) stops, and the gated map's accuracy there.
+returned where the map is kept as discrepant, the fine-tuned map otherwise) stops, and the accuracy there of the map
+the method's default keeps (gated for PDI-VI1, discrepant for PDI-VI2).
 ``--cache DIR`` keeps PDI's map and the path's maps (``SEED_pdi.npz``, ``SEED_<method>_path.npz``). One thread per
 run; no timings.
 
-    python benchmarks/vi_iterations.py [--sets ...] [--seeds ...] [--cache DIR] [--name N]
-        -> benchmarks/results/vi_iterations.md (or N.md)
+    python benchmarks/vi_iterations.py [--method pdi-vi2] [--sets ...] [--seeds ...] [--cache DIR] [--name N]
+        -> benchmarks/results/vi_iterations.md (vi_iterations_vi2.md; or N.md)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from benchmarks.vi_where import SETS, load  # noqa: E402
 from PDIQSMLib import defaults, vi  # noqa: E402
 from PDIQSMLib.inference import paste  # noqa: E402
 from PDIQSMLib.metrics import nrmse_demeaned  # noqa: E402
-from PDIQSMLib.pipeline import Settings, reconstruct  # noqa: E402
+from PDIQSMLib.pipeline import Settings, reconstruct, vi_where  # noqa: E402
 from PDIQSMLib.vi import VIConfig  # noqa: E402
 from PDIQSMLib.weighting import (data_weight, discrepant_region, gated, residual_over_cone,  # noqa: E402
                                  weighted_residual)
@@ -93,12 +94,14 @@ def main() -> None:
     ap.add_argument("--method", choices=("pdi-vi1", "pdi-vi2"), default="pdi-vi1")
     ap.add_argument("--sets", nargs="*", choices=list(SETS), help="these sets only (default: all four)")
     ap.add_argument("--cache", type=Path, help="a folder for each brain's PDI map and fine-tuning path")
-    ap.add_argument("--name", default="vi_iterations", help="the table's name under benchmarks/results/")
+    ap.add_argument("--name", help="the table's name under benchmarks/results/ (default: vi_iterations, for PDI-VI2 "
+                                   "vi_iterations_vi2)")
     args = ap.parse_args()
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
     sets = {"given": args.seeds} if args.seeds else {k: v for k, v in SETS.items() if not args.sets or k in args.sets}
-    lines = ["| set | brain | gate | iterations | everywhere | discrepant | gated | change, mask | change, kept "
+    rule = vi_where(Settings(method=args.method))  # the method's default: gated for PDI-VI1, discrepant for PDI-VI2
+    lines = [f"| set | brain | kept | iterations | everywhere | discrepant | default ({rule}) | change, mask | change, kept "
              "| change, returned |", "|---|---|---|---|---|---|---|---|---|---|"]
     summary: dict[str, list] = {}
     for name, seeds in sets.items():
@@ -107,7 +110,7 @@ def main() -> None:
             inside, weight = mask > 0, data_weight(mask, noise)
             residual = weighted_residual(field, mask, g, weight, pdi)
             blend = discrepant_region(field, mask, g, weight, pdi, residual=residual)
-            choice = gated(residual_over_cone(field, mask, g, weight, residual))
+            choice = gated(residual_over_cone(field, mask, g, weight, residual)) if rule == "gated" else rule
             rows, stop = [], len(maps) - 1
             for k, mu in enumerate(maps):
                 its = min(k * EVERY, defaults.VI_ITERATIONS)
@@ -125,20 +128,22 @@ def main() -> None:
                 print(lines[-1], flush=True)
             summary.setdefault(name, []).append([nrmse_demeaned(pdi, chi, inside), *[rows[k][2] for k in SHOWN],
                                                  rows[stop][2], min(stop * EVERY, defaults.VI_ITERATIONS)])
-    head = ["| set | PDI | " + " | ".join(f"gated after {min(k * EVERY, defaults.VI_ITERATIONS)}" for k in SHOWN)
-            + f" | gated, stopped at tol {TOL:g} | iterations run |"]
+    head = ["| set | PDI | " + " | ".join(f"{rule} after {min(k * EVERY, defaults.VI_ITERATIONS)}" for k in SHOWN)
+            + f" | {rule}, stopped at tol {TOL:g} | iterations run |"]
     head.append("|---" * (len(SHOWN) + 4) + "|")
     for name, rows in summary.items():
         mean = np.mean(rows, 0)
         head.append(f"| {name} (mean of {len(rows)}) | " + " | ".join(f"{v:.2f}" for v in mean[:-1])
                     + f" | {mean[-1]:.0f} ({min(r[-1] for r in rows)}-{max(r[-1] for r in rows)}) |")
-    write_table(args.name, f"{args.method.upper()} along its path: where its map is kept, after how many iterations",
+    name = args.name or "vi_iterations" + ("_vi2" if args.method == "pdi-vi2" else "")
+    write_table(name, f"{args.method.upper()} along its path: where its map is kept, after how many iterations",
                 "Demeaned NRMSE (%), bundled model, every default but --vi-where everywhere and --vi-tol 0; the "
                 "discrepant and gated maps blend each checkpoint's map as the pipeline blends the final one; change: "
                 f"relative L2 over the last {EVERY} iterations, of the fine-tuned map in the mask and in the kept "
                 "region, and of the map returned under discrepant; stopped: where the pipeline's test stops (the map "
-                "returned under the gate's discrepant, the fine-tuned map under everywhere; iterations run counted "
-                "at the checkpoint, the pipeline runs one more) (`benchmarks/vi_iterations.py`).\n\n" + "\n".join(head) + "\n\n" + "\n".join(lines))
+                "returned where the map is kept as discrepant, the fine-tuned map under everywhere; iterations run "
+                "counted at the checkpoint, the pipeline runs one more) (`benchmarks/vi_iterations.py`).\n\n"
+                + "\n".join(head) + "\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
