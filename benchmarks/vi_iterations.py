@@ -19,7 +19,6 @@ run; no timings.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import write_table  # noqa: E402
-from benchmarks.vi_where import SETS, load  # noqa: E402
+from benchmarks.vi_where import brain_arguments, chosen_sets, load  # noqa: E402
 from PDIQSMLib import defaults, vi  # noqa: E402
 from PDIQSMLib.inference import paste  # noqa: E402
 from PDIQSMLib.metrics import nrmse_demeaned  # noqa: E402
@@ -89,17 +88,11 @@ def change(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="*", help="these brains only (default: the four sets)")
-    ap.add_argument("--method", choices=("pdi-vi1", "pdi-vi2"), default="pdi-vi1")
-    ap.add_argument("--sets", nargs="*", choices=list(SETS), help="these sets only (default: all four)")
-    ap.add_argument("--cache", type=Path, help="a folder for each brain's PDI map and fine-tuning path")
+    ap = brain_arguments(__doc__.splitlines()[0], "a folder for each brain's PDI map and fine-tuning path")
     ap.add_argument("--name", help="the table's name under benchmarks/results/ (default: vi_iterations, for PDI-VI2 "
                                    "vi_iterations_vi2)")
     args = ap.parse_args()
-    if args.cache:
-        args.cache.mkdir(parents=True, exist_ok=True)
-    sets = {"given": args.seeds} if args.seeds else {k: v for k, v in SETS.items() if not args.sets or k in args.sets}
+    sets = chosen_sets(args)
     rule = vi_where(Settings(method=args.method))  # the method's default: gated for PDI-VI1, discrepant for PDI-VI2
     lines = [f"| set | brain | kept | iterations | everywhere | discrepant | default ({rule}) | change, mask | change, kept "
              "| change, returned |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -68,17 +68,29 @@ def maps(seed: int, cache: Path | None, method: str = "pdi-vi1",
     return data, out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def brain_arguments(description: str, cache: str) -> argparse.ArgumentParser:
+    """The arguments this script and ``vi_iterations.py`` share: --seeds, --method, --sets and --cache (``cache``: what
+    the folder keeps)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--seeds", type=int, nargs="*", help="these brains only (default: the four sets)")
     ap.add_argument("--method", choices=("pdi-vi1", "pdi-vi2"), default="pdi-vi1")
     ap.add_argument("--sets", nargs="*", choices=list(SETS), help="these sets only (default: all four)")
-    ap.add_argument("--cache", type=Path, help="a folder for each brain's PDI and PDI-VI maps, reused when present")
-    ap.add_argument("--weights", type=Path, help="another model's weights (default: the bundled model)")
-    args = ap.parse_args()
+    ap.add_argument("--cache", type=Path, help=cache)
+    return ap
+
+
+def chosen_sets(args: argparse.Namespace) -> dict:
+    """The brains asked for, by set (``--seeds`` as one set 'given'); makes the cache folder."""
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
-    sets = {"given": args.seeds} if args.seeds else {k: v for k, v in SETS.items() if not args.sets or k in args.sets}
+    return {"given": args.seeds} if args.seeds else {k: v for k, v in SETS.items() if not args.sets or k in args.sets}
+
+
+def main() -> None:
+    ap = brain_arguments(__doc__.splitlines()[0], "a folder for each brain's PDI and PDI-VI maps, reused when present")
+    ap.add_argument("--weights", type=Path, help="another model's weights (default: the bundled model)")
+    args = ap.parse_args()
+    sets = chosen_sets(args)
     label = args.method.upper()
     lines = [f"| set | brain | PDI | {label} everywhere | {label} discrepant | {label} gated | share taken "
              "| residual / cone |", "|---|---|---|---|---|---|---|---|"]
