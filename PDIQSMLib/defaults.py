@@ -37,8 +37,10 @@ VI_EDGES = ("auto", "magnitude", "pdi")
 # level (weighting.residual_over_cone: PDI explains the field to its noise floor), else everywhere (a bleed, or a
 # field out of PDI's training distribution). On healthy realistic simulated brains 'everywhere' fits the field's
 # non-dipolar part into chi, 'discrepant' keeps only half of PDI-VI1's gain on bleeds, 'gated' keeps most of it and
-# gains where a model out of its distribution gains (benchmarks/results/vi_where.md). 'auto' (default): PDI-VI1 gated, PDI-VI2 discrepant (without TV its fine-tuning
-# everywhere wrecks healthy simulated brains and loses on bleeds too; vi_where_vi2.md).
+# gains where the first, procedural-trained model gains (benchmarks/results/vi_where.md, vi_where_first.md; a weaker
+# realistic-trained model gains more from 'everywhere' than its ratio says: vi_where_m10641.md). 'auto' (default):
+# PDI-VI1 gated, PDI-VI2 discrepant (without TV its fine-tuning everywhere wrecks healthy simulated brains and loses
+# on bleeds too; vi_where_vi2.md).
 VI_WHERE = ("auto", "gated", "everywhere", "discrepant")
 VI_WHERE_AUTO = {"pdi-vi1": "gated", "pdi-vi2": "discrepant"}
 NOISY_REGIONS = ("auto", "off")  # without a noise map: noise found in the field (weighting.noisy_regions), or none

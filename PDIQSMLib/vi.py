@@ -96,7 +96,9 @@ class VIConfig:
     lr_final: float | None = None  # a number: Adam's step falls from lr to it over the iterations (cosine)
     tv_start: float = 1.0  # the TV weight starts at tv_start * lam and falls geometrically to lam over tv_iterations
     tv_iterations: int = 0
-    tol: float = 0.01  # stop when the mean map moved less than this (relative, in the mask) over 10 iterations
+    # stop when the mean map (where it is kept only in part, VolumeData.keep: the map returned) moved less than this
+    # (relative L2 in the mask) over 10 iterations
+    tol: float = 0.01
     variance_iterations: int = 100  # with sigma_tv, Adam steps on the voxel variances alone, for the mean reached
     seed: int = 0
     pad: float = 1.0
