@@ -10,10 +10,13 @@ region (squared changes weighted by the blend) and of the discrepant map the pip
 region). The summary says where the pipeline's convergence test (``vi.MapChange``, tol ``VIConfig().tol``: the map
 returned where the map is kept as discrepant, the fine-tuned map otherwise) stops, and the accuracy there of the map
 the method's default keeps (gated for PDI-VI1, discrepant for PDI-VI2).
-``--cache DIR`` keeps PDI's map and the path's maps (``SEED_pdi.npz``, ``SEED_<method>_path.npz``). One thread per
-run; no timings.
+``--cache DIR`` keeps PDI's map and the path's maps (``SEED_pdi.npz``, ``SEED_<method>_path.npz``). ``--tol F``
+reads the stop at another tolerance from the same path; ``--vi KEY=VALUE ...`` changes ``VIConfig`` fields of the
+fine-tuning (e.g. ``lr=5e-4``, ``tv_start=3 tv_iterations=30``: give it its own cache folder). One thread per run; no
+timings.
 
     python benchmarks/vi_iterations.py [--method pdi-vi2] [--sets ...] [--seeds ...] [--cache DIR] [--name N]
+        [--tol F] [--vi KEY=VALUE ...]
         -> benchmarks/results/vi_iterations.md (vi_iterations_vi2.md; or N.md)
 """
 
@@ -39,11 +42,12 @@ from PDIQSMLib.weighting import (data_weight, discrepant_region, gated, residual
 
 EVERY = 10  # iterations between the path's maps (vi.CHANGE_WINDOW: the pipeline's convergence test sees the same maps)
 SHOWN = (2, 5, 10)  # the checkpoints in the summary: after 20, 50 and 100 iterations
-TOL = VIConfig().tol
 
 
-def path_maps(seed: int, method: str, cache: Path | None) -> tuple[tuple, np.ndarray, np.ndarray]:
-    """(the brain, PDI's map, the fine-tuning's mean maps after 0, EVERY, 2 EVERY, ... iterations and the final one)."""
+def path_maps(seed: int, method: str, cache: Path | None, changes: dict | None = None
+              ) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """(the brain, PDI's map, the fine-tuning's mean maps after 0, EVERY, 2 EVERY, ... iterations and the final one);
+    ``changes``: ``VIConfig`` fields set for the fine-tuning."""
     data = load(seed)
     chi, mask, g, field, noise = data
     files = [cache / f"{seed}_pdi.npz", cache / f"{seed}_{method}_path.npz"] if cache else [None, None]
@@ -67,7 +71,7 @@ def path_maps(seed: int, method: str, cache: Path | None) -> tuple[tuple, np.nda
         return loss_terms(mean, logvar, volume, config, noise_level, gen)
 
     def tuning(net, volumes, config, *a, **k):
-        return finetune(net, volumes, replace(config, tol=0.0), *a, **k)
+        return finetune(net, volumes, replace(config, **(changes or {}), tol=0.0), *a, **k)
 
     vi.loss_terms, vi.finetune = traced, tuning
     try:
@@ -87,11 +91,29 @@ def change(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> float:
     return float(np.sqrt((weight * (b - a) ** 2).sum() / max((b[weight > 0] ** 2).sum(), 1e-30)))
 
 
+def config_changes(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings as ``VIConfig`` fields, each value of the field's default's type."""
+    defaults_, changes = VIConfig(), {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not hasattr(defaults_, key) or not value:
+            raise SystemExit(f"--vi {pair!r}: expected FIELD=VALUE with a VIConfig field")
+        default = getattr(defaults_, key)
+        if isinstance(default, bool):
+            changes[key] = value.lower() in ("1", "true", "yes")
+        else:
+            changes[key] = float(value) if default is None else type(default)(value)
+    return changes
+
+
 def main() -> None:
     ap = brain_arguments(__doc__.splitlines()[0], "a folder for each brain's PDI map and fine-tuning path")
     ap.add_argument("--name", help="the table's name under benchmarks/results/ (default: vi_iterations, for PDI-VI2 "
                                    "vi_iterations_vi2)")
+    ap.add_argument("--tol", type=float, default=VIConfig().tol, help="the convergence test's tolerance read")
+    ap.add_argument("--vi", nargs="*", default=[], metavar="KEY=VALUE", help="VIConfig fields of the fine-tuning")
     args = ap.parse_args()
+    changes = config_changes(args.vi)
     sets = chosen_sets(args)
     rule = vi_where(Settings(method=args.method))  # the method's default: gated for PDI-VI1, discrepant for PDI-VI2
     lines = [f"| set | brain | kept | iterations | everywhere | discrepant | default ({rule}) | change, mask | change, kept "
@@ -99,7 +121,7 @@ def main() -> None:
     summary: dict[str, list] = {}
     for name, seeds in sets.items():
         for seed in seeds:
-            (chi, mask, g, field, noise), pdi, maps = path_maps(seed, args.method, args.cache)
+            (chi, mask, g, field, noise), pdi, maps = path_maps(seed, args.method, args.cache, changes)
             inside, weight = mask > 0, data_weight(mask, noise)
             residual = weighted_residual(field, mask, g, weight, pdi)
             blend = discrepant_region(field, mask, g, weight, pdi, residual=residual)
@@ -113,7 +135,7 @@ def main() -> None:
                 moved = ([change(maps[k - 1], mu, inside), change(maps[k - 1], mu, blend * inside),
                           change(before, kept, inside)] if k else [np.nan] * 3)
                 rows.append(scores)
-                if k and k < stop and moved[2 if choice == "discrepant" else 0] < TOL:
+                if k and k < stop and moved[2 if choice == "discrepant" else 0] < args.tol:
                     stop = k  # where the pipeline stops (vi.MapChange measures the map it returns)
                 lines.append(f"| {name} | {seed or 'ICH'} | {choice} | {its} | "
                              + " | ".join(f"{v:.2f}" for v in scores) + " | "
@@ -122,15 +144,17 @@ def main() -> None:
             summary.setdefault(name, []).append([nrmse_demeaned(pdi, chi, inside), *[rows[k][2] for k in SHOWN],
                                                  rows[stop][2], min(stop * EVERY, defaults.VI_ITERATIONS)])
     head = ["| set | PDI | " + " | ".join(f"{rule} after {min(k * EVERY, defaults.VI_ITERATIONS)}" for k in SHOWN)
-            + f" | {rule}, stopped at tol {TOL:g} | iterations run |"]
+            + f" | {rule}, stopped at tol {args.tol:g} | iterations run |"]
     head.append("|---" * (len(SHOWN) + 4) + "|")
     for name, rows in summary.items():
         mean = np.mean(rows, 0)
         head.append(f"| {name} (mean of {len(rows)}) | " + " | ".join(f"{v:.2f}" for v in mean[:-1])
                     + f" | {mean[-1]:.0f} ({min(r[-1] for r in rows)}-{max(r[-1] for r in rows)}) |")
     name = args.name or "vi_iterations" + ("_vi2" if args.method == "pdi-vi2" else "")
+    altered = "".join(f", {k} {v}" for k, v in changes.items())
     write_table(name, f"{args.method.upper()} along its path: where its map is kept, after how many iterations",
-                "Demeaned NRMSE (%), bundled model, every default but --vi-where everywhere and --vi-tol 0; the "
+                "Demeaned NRMSE (%), bundled model, every default but --vi-where everywhere and --vi-tol 0"
+                f"{altered}; the "
                 "discrepant and gated maps blend each checkpoint's map as the pipeline blends the final one; change: "
                 f"relative L2 over the last {EVERY} iterations, of the fine-tuned map in the mask and in the kept "
                 "region, and of the map returned under discrepant; stopped: where the pipeline's test stops (the map "
