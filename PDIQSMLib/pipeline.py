@@ -165,7 +165,8 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
         lam = settings.lam if settings.lam is not None else _auto_lambda(rule, field_ppm * w.numpy(), m, geometry, info)
         run: dict = {}
         chi = solvers.medi(b, mt, geometry, lam, w, edges, settings.pad or 1.0,
-                           settings.iterations or solvers.MEDI_MAX_ITER, progress=progress.task("medi"), info=run)
+                           settings.iterations or solvers.MEDI_MAX_ITER, info=run,
+                           progress=progress.task("medi", may_stop_early=True))  # it stops when converged
         info.update({"lambda": lam, "medi": run})
         if not run["converged"]:
             warn(f"MEDI stopped at its iteration limit ({run['iterations']}) before converging (relative change "
@@ -262,7 +263,7 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     if blend is not None:  # converged when the map returned stopped moving (vi.MapChange)
         volume.keep(blend, first)
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")
-    result = vi.finetune(net, [volume], config, progress.task("vi"))
+    result = vi.finetune(net, [volume], config, progress.task("vi", may_stop_early=config.tol > 0))
     mean, std = result.predict(volume)
     info.update(vi_summary(config, result, kept_in_part=blend is not None))
     if blend is not None:  # the fine-tuned map where the field disagrees with PDI's, PDI's elsewhere
@@ -465,7 +466,7 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
     if not calibrated and config.variance == "voxel":
         progress.status(f"warning: the adapted weights' sigma will be the {sigma}")
     torch.manual_seed(settings.seed)
-    result = vi.finetune(net, volumes, config, progress.task("vi"), validation=held_out)
+    result = vi.finetune(net, volumes, config, progress.task("vi", may_stop_early=config.tol > 0), validation=held_out)
     info = {"base_weights_sha256": manifest["sha256"], "base_weights": str(weights),
             "finetuned_on": [str(p) for p in field_paths], "validation": [str(p) for p in validation or ()],
             "method": settings.method, **vi_summary(config, result), "sigma": sigma, "pdiqsm_version": __version__,

@@ -3,7 +3,8 @@
 Line format (stable, read by the Slicer module): ``PROGRESS <done>/<total> <label>``; free-text
 status lines start with ``STATUS ``. A long loop also says how long it will take: from its second step
 on, the time left at the pace so far (``STATUS <label>: about N s left``, at most every ETA_EVERY_S
-seconds; on a bar, after the count).
+seconds; on a bar, after the count); ``up to N s left`` for a loop that may stop before its count (MEDI and PDI-VI
+stop when they have converged), where the count is only a bound.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ StepFn = Callable[[int, int], None]
 ETA_EVERY_S = 5.0
 
 
-def eta_text(elapsed_s: float, done: int, total: int, base: int = 0) -> str | None:
+def eta_text(elapsed_s: float, done: int, total: int, base: int = 0, bound: bool = False) -> str | None:
     """'about N s left' (or min) at the pace so far, once a step is done and while some are left.
 
     ``base`` is the count the loop started from (a resumed training run starts at its checkpoint's
-    step): only the steps done since then set the pace.
+    step): only the steps done since then set the pace. ``bound``: the loop may stop before ``total``
+    (it stops when converged), so the time is an upper bound: 'up to N s left'.
     """
     if done - base < 1 or done >= total or elapsed_s <= 0:
         return None
     left = elapsed_s / (done - base) * (total - done)
-    return f"about {left:.0f} s left" if left < 120 else f"about {left / 60:.0f} min left"
+    word = "up to" if bound else "about"
+    return f"{word} {left:.0f} s left" if left < 120 else f"{word} {left / 60:.0f} min left"
 
 
 class Progress:
@@ -41,8 +44,9 @@ class Progress:
             raise ValueError(f"unknown progress mode {mode!r}")
         self.mode = mode
 
-    def task(self, label: str, clock: Callable[[], float] = time.monotonic) -> StepFn:
-        """A callback ``(done, total)`` for one named loop; the loop starts at the first call."""
+    def task(self, label: str, clock: Callable[[], float] = time.monotonic, may_stop_early: bool = False) -> StepFn:
+        """A callback ``(done, total)`` for one named loop; the loop starts at the first call. ``may_stop_early``:
+        ``total`` is the most steps the loop will take (the time left is then said as an upper bound)."""
         start = clock()
         said = [start]  # when the time left was last written
         base: list[int] = []  # the count before the first call (a resumed loop does not start at 0)
@@ -51,7 +55,7 @@ class Progress:
             now = clock()
             if not base:
                 base.append(max(done - 1, 0))
-            eta = eta_text(now - start, done, total, base[0])
+            eta = eta_text(now - start, done, total, base[0], may_stop_early)
             if self.mode == "lines":
                 self.stream.write(f"PROGRESS {done}/{total} {label}\n")
                 if eta and now - said[0] >= ETA_EVERY_S:

@@ -106,6 +106,14 @@ def test_progress_says_how_long_a_loop_will_take():
     # 10 s for the first step: 30 s left; at 22 s (3 done) only 2 s after the last note: no new one; none at the end
     assert [x for x in lines if x.startswith("STATUS")] == ["STATUS vi: about 30 s left", "STATUS vi: about 20 s left"]
     assert eta_text(600.0, 1, 3) == "about 20 min left" and eta_text(5.0, 0, 3) is None
+    # a loop that stops when it has converged (MEDI, PDI-VI) gives its count as a bound, and the time left as one
+    ticks = iter([0.0, 10.0, 20.0])
+    out = io.StringIO()
+    step = Progress("lines", out).task("medi", clock=lambda: next(ticks), may_stop_early=True)
+    step(1, 4)
+    step(2, 2)  # converged at the second step: the loop is reported complete, nothing left to say
+    assert [x for x in out.getvalue().splitlines() if x.startswith("STATUS")] == ["STATUS medi: up to 30 s left"]
+    assert eta_text(600.0, 1, 3, bound=True) == "up to 20 min left"
 
 
 def test_progress_of_a_resumed_loop_counts_only_its_own_steps():
