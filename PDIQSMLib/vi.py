@@ -510,7 +510,7 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
     groups = [{"params": model.params, "lr": config.lr}]
     if model.offsets is not None:
         groups.append({"params": model.offsets[:len(volumes)], "lr": config.voxel_lr})
-    opt = torch.optim.Adam(groups)
+    opt = Adam(groups)
     gen = torch.Generator(device=volumes[0].field.device).manual_seed(config.seed)
     history: list[dict] = []
     change = MapChange(volumes, config.tol)
@@ -525,7 +525,7 @@ def finetune(net: PDINet, volumes: list[VolumeData], config: VIConfig,
         started = time.perf_counter()
         mean, logvar = model(i, volumes[i])
         terms = loss_terms(mean, logvar, volumes[i], scheduled(config, it), noise, gen)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         terms["loss"].backward()
         opt.step()
         trial.after(it, time.perf_counter() - started)
@@ -601,6 +601,41 @@ class PrecisionTrial:
             return name
         fp32, bf16 = (t / self.n for t in self.seconds)
         return f"{name} (timed: an iteration {fp32:.2f} s in fp32, {bf16:.2f} s in bf16)"
+
+
+class Adam:
+    """Adam (Kingma & Ba), as ``torch.optim.Adam`` with its defaults (betas 0.9, 0.999, eps 1e-8, no weight decay):
+    the same update, parameter by parameter, each with its own step count, and parameters without a gradient
+    skipped. Written out because ``torch.optim``'s first optimizer imports ``torch._dynamo`` (1.0 s alone on 2 AMD
+    EPYC cores; PDI-VI1 on held-out brain 31001, stopping after 11 iterations, 13.7 -> 13.2 s). ``groups``: dicts
+    with 'params' and 'lr', whose 'lr' may be changed between steps."""
+
+    BETAS = (0.9, 0.999)
+    EPS = 1e-8
+
+    def __init__(self, groups: list[dict]) -> None:
+        self.param_groups = groups
+        self.state: dict[int, list] = {}  # id(param): [steps, first moment, second moment]
+
+    def zero_grad(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.BETAS
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state.setdefault(id(p), [0, torch.zeros_like(p), torch.zeros_like(p)])
+                state[0] += 1
+                t, m, v = state
+                m.lerp_(p.grad, 1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(self.EPS)
+                p.addcdiv_(m, denom, value=-group["lr"] / (1 - b1**t))
 
 
 def step_size(config: VIConfig, it: int) -> float:
@@ -680,10 +715,10 @@ def settle_variances(model: Model, volumes: list[VolumeData], config: VIConfig, 
             mean, _ = model(i, v)
             misfit = v.misfit(mean * v.mask)  # fixed: one convolution
         offsets = model.offsets[i]
-        opt = torch.optim.Adam([offsets], lr=config.voxel_lr)
+        opt = Adam([{"params": [offsets], "lr": config.voxel_lr}])
         for _ in range(config.variance_iterations):
             loss = expected_kl(mean, model.voxel_logvar(i), v, config.lam, noise, misfit)["loss"]
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():

@@ -635,6 +635,34 @@ def test_adams_step_rises_over_the_warm_up_and_falls_along_a_cosine_to_its_final
     assert step_size(VIConfig(lr=1e-3), 7) == 1e-3
 
 
+def test_vis_adam_takes_torchs_adam_steps_with_changing_steps_and_parameters_without_gradients():
+    """vi.Adam (written out to spare torch.optim's import of torch._dynamo) against torch.optim.Adam: two groups, the
+    first group's step changed every iteration, one parameter left without a gradient every third iteration (torch
+    skips it and does not count the step). The paths agree to float rounding."""
+    from PDIQSMLib.vi import Adam
+
+    torch.manual_seed(0)
+    ours = [torch.randn(6, 5, requires_grad=True), torch.randn(9, requires_grad=True), torch.randn(4, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    groups = {id(ours): [{"params": ours[:2], "lr": 1e-2}, {"params": ours[2:], "lr": 0.1}],
+              id(theirs): [{"params": theirs[:2], "lr": 1e-2}, {"params": theirs[2:], "lr": 0.1}]}
+    optimisers = [(ours, Adam(groups[id(ours)])), (theirs, torch.optim.Adam(groups[id(theirs)]))]
+    for k in range(40):
+        for params, opt in optimisers:
+            groups[id(params)][0]["lr"] = 1e-2 * (1 + k % 3)
+            opt.zero_grad()
+            loss = (params[0] ** 3).sum() + params[1].sin().sum()
+            if k % 3:
+                loss = loss + (params[2] ** 2).sum()
+            loss.backward()
+            opt.step()
+    torch.manual_seed(0)
+    assert (ours[0] - torch.randn(6, 5)).abs().max() > 0.1  # the parameters moved
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert Adam(groups[id(ours)]).state == {}  # a new optimiser starts afresh
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_fixed_precision_gives_bit_identical_maps_run_after_run(precision):
     """What the README promises on the CPU (with 'auto', the timed choice may differ between runs)."""
