@@ -5,7 +5,8 @@ brains only), by default the ten held-out seeds 31000-31009 (training draws from
 validation 10000+, calibration 20000+). Methods with their defaults (Tikhonov and MEDI: automatic lambda)
 and with the old fixed lambdas; PDI with the bundled weights and, with --weights, another model. Columns:
 NRMSE and its demeaned form (the QSM-CI board's), HFEN, XSIM, 2-sigma coverage, Spearman(sigma, |error|), seconds.
-Writes benchmarks/results/realistic_<name>.md (with --vi: PDI and PDI-VI, realistic_vi_<name>.md).
+Writes benchmarks/results/realistic_<name>.md (with --vi: PDI, MEDI and PDI-VI, realistic_vi_<name>.md, with each
+PDI-VI's time per brain in MEDI runs on the same brain, issue 12's measure).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def main() -> None:
                         help="PDI rows for these reflection counts (inference.REFLECTIONS)")
     parser.add_argument("--name", default="cpu", help="table name suffix")
     parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
-    parser.add_argument("--vi", action="store_true", help="PDI and PDI-VI only (about 5 min a brain and method on 2 "
-                        "cores), into realistic_vi_<name>.md")
+    parser.add_argument("--vi", action="store_true", help="PDI, MEDI and PDI-VI only (up to 3 min a brain and method on "
+                        "2 cores), into realistic_vi_<name>.md")
     parser.add_argument("--no-ablation", action="store_true", help="with --vi: the defaults only")
     parser.add_argument("--no-vi2", action="store_true", help="with --vi: PDI and PDI-VI1 only (half the time)")
     parser.add_argument("--sharp", action="store_true", help="the same brains with one brain's tissue boundaries "
@@ -76,15 +77,26 @@ def main() -> None:
     args = parser.parse_args()
     config = realistic_config(args.sharp)
     per_method: dict[str, list[dict]] = {}
+    medi = "medi auto (default)"
+    timed: dict[str, list[str]] = {}  # with --vi: each PDI-VI's seconds per brain over MEDI's
     for seed in args.seeds:
         s = make_volume(np.random.default_rng(seed), config)
-        chosen = [("pdi bundled", Settings(method="pdi", device="cpu"))] + vi_runs(not args.no_ablation, not args.no_vi2) if args.vi else runs(args.weights, args.reflections)
+        chosen = runs(args.weights, args.reflections)
+        if args.vi:
+            chosen = [("pdi bundled", Settings(method="pdi", device="cpu")), (medi, Settings(method="medi"))] + \
+                vi_runs(not args.no_ablation, not args.no_vi2)
         rows, _ = compare_methods(s.field, s.mask, s.geometry, s.chi, chosen)
         for m, r in rows.items():
             per_method.setdefault(m, []).append(r)
             print(seed, m, {k: round(v, 3) for k, v in r.items() if k in COLUMNS}, flush=True)
+            if args.vi and m.startswith("pdi-vi"):
+                timed.setdefault(m, []).append(f"{seed} {r['seconds'] / rows[medi]['seconds']:.1f}")
+    text = format_table(mean_rows(per_method), COLUMNS)
+    if timed:
+        text += "\n\nEach PDI-VI's time on a brain in MEDI runs (automatic lambda) on the same brain: " + "; ".join(
+            f"{m}: {', '.join(v)}" for m, v in timed.items()) + "."
     write_table(f"realistic_{'vi_' if args.vi else ''}{args.name}", f"Realistic simulated brains (MNI152 anatomy{', sharp tissue boundaries' if args.sharp else ''}, non-dipolar terms), mean of "
-                f"{len(args.seeds)} (seeds {', '.join(map(str, args.seeds))})", format_table(mean_rows(per_method), COLUMNS))
+                f"{len(args.seeds)} (seeds {', '.join(map(str, args.seeds))})", text)
 
 
 if __name__ == "__main__":
