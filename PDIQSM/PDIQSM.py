@@ -121,6 +121,7 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._request = None
         self._buffer = ""
+        self._status = None  # the status line's text as the command's lines arrive (StatusText), per run
         self._connectedNode = None  # the parameter node whose GUI connection is live
 
     def setup(self) -> None:
@@ -218,6 +219,7 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.ensureDependencies():
             return
         from PDIQSMLib.errors import InputError
+        from PDIQSMLib.slicer_logic import StatusText
 
         self._request = self.logic.request(self._parameterNode)
         try:
@@ -240,25 +242,28 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         process.connect("errorOccurred(QProcess::ProcessError)", self._onProcessError)
         self._process = process
         self._buffer = ""
+        self._status = StatusText()
         process.start(self._job.args[0], self._job.args[1:])
 
     def _onOutput(self) -> None:
         from PDIQSMLib.progress import parse_line
-        from PDIQSMLib.slicer_logic import decode_output
+        from PDIQSMLib.slicer_logic import StatusText, decode_output
 
         if self._process is None:
             return
+        if self._status is None:
+            self._status = StatusText()
         self._buffer += decode_output(self._process.readAllStandardError())
         *lines, self._buffer = self._buffer.split("\n")
         for line in lines:
             self.ui.logTextEdit.appendPlainText(line)
             step = parse_line(line)
             if step:
-                done, total, label = step
+                done, total, _ = step
                 self.ui.progressBar.setValue(int(100 * done / max(total, 1)))
-                self.ui.statusLabel.text = f"{label}: {done}/{total}"
-            elif line.startswith("STATUS "):
-                self.ui.statusLabel.text = line[len("STATUS "):]
+            text = self._status.read(line)
+            if text is not None:
+                self.ui.statusLabel.text = text
 
     def _onProcessError(self, error) -> None:
         """A process that could not start never emits 'finished': end the run here (other errors, such as

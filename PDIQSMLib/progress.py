@@ -15,6 +15,7 @@ import time
 from typing import Callable, TextIO
 
 LINE = re.compile(r"^PROGRESS (\d+)/(\d+) (\S+)$")
+TIME_LEFT = re.compile(r"^(\S+): ((?:about|up to) \d+ (?:s|min) left)$")  # a STATUS line's text from ``eta_text``
 StepFn = Callable[[int, int], None]
 ETA_EVERY_S = 5.0
 

@@ -29,7 +29,7 @@ import numpy as np
 from . import defaults
 from .errors import Cancelled, InputError
 from .geometry import b0_dir_from_affine
-from .progress import parse_line
+from .progress import TIME_LEFT, parse_line
 from .units import ppm_per_unit
 
 # Python packages the reconstruction process needs, as pip requirements (torch comes from Slicer's
@@ -333,6 +333,29 @@ def line_handler(progress: Callable[[int, int, str], None] | None, status: Calla
         elif line.startswith("STATUS ") and status:
             status(line[len("STATUS "):])
     return on_line
+
+
+class StatusText:
+    """What the panel's status line says as the command's stderr lines arrive: a PROGRESS line gives 'label: done/total'
+    and, while that loop runs, the time left its last note gave ('vi: 12/100, up to 80 s left'), so the count's next
+    line does not wipe the estimate a second after it appeared; other STATUS lines as they are; None for the rest."""
+
+    def __init__(self) -> None:
+        self._left: dict[str, str] = {}  # loop label: its last 'about / up to N s left'
+
+    def read(self, line: str) -> str | None:
+        step = parse_line(line)
+        if step:
+            done, total, label = step
+            left = self._left.get(label) if done < total else None
+            return f"{label}: {done}/{total}" + (f", {left}" if left else "")
+        if not line.startswith("STATUS "):
+            return None
+        text = line[len("STATUS "):]
+        said = TIME_LEFT.match(text)
+        if said:
+            self._left[said.group(1)] = said.group(2)
+        return text
 
 
 def last_error(stderr_tail: str, code: int) -> str:

@@ -435,6 +435,23 @@ def test_a_crashed_run_adds_nothing_and_says_so(monkeypatch):
     assert "PROGRESS 1/4 pdi" in w.ui.logTextEdit.text  # the pipe's last lines reached the log
 
 
+def test_the_status_line_keeps_a_loops_time_left_beside_its_count(monkeypatch):
+    """The command says the time left every 5 s and its count every step: the label shows both, not the count alone a
+    second after the estimate (and not a stale estimate once the loop is done or another loop runs)."""
+    module, _ = load_module_with_stand_ins(monkeypatch)
+    w = make_widget(module)
+    seen = []
+    for chunk in (b"STATUS running PDI on cpu\nPROGRESS 1/100 vi\nPROGRESS 2/100 vi\n",
+                  b"STATUS vi: up to 49 s left\nPROGRESS 3/100 vi\nPROGRESS 4/1", b"00 vi\n", b"PROGRESS 11/11 vi\n",
+                  b"PROGRESS 1/97 medi\n", b"STATUS wrote out/x.nii.gz\n"):
+        w._process = FakeProcess(chunk)
+        w._onOutput()
+        seen.append((w.ui.statusLabel.text, w.ui.progressBar.value))
+    assert seen == [("vi: 2/100", 2), ("vi: 3/100, up to 49 s left", 3), ("vi: 4/100, up to 49 s left", 4),
+                    ("vi: 11/11", 100), ("medi: 1/97", 1), ("wrote out/x.nii.gz", 1)]
+    assert "STATUS vi: up to 49 s left" in w.ui.logTextEdit.text  # every line still reaches the log
+
+
 def test_the_process_is_owned_by_the_panel_not_by_a_python_reference():
     """A parentless QProcess loses its last Python reference inside its own 'finished' slot and PythonQt
     deletes it while it emits (issue 16 point 4): it must have a parent and be deleted later."""

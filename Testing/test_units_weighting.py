@@ -94,7 +94,7 @@ def test_gradient_mask_spares_edges_of_magnitude():
 def test_progress_says_how_long_a_loop_will_take():
     import io
 
-    from PDIQSMLib.progress import Progress, eta_text, parse_line
+    from PDIQSMLib.progress import TIME_LEFT, Progress, eta_text, parse_line
 
     ticks = iter([0.0, 10.0, 20.0, 22.0, 40.0])  # the loop starts at 0; steps end at 10, 20, 22, 40 s
     out = io.StringIO()
@@ -114,6 +114,11 @@ def test_progress_says_how_long_a_loop_will_take():
     step(2, 2)  # converged at the second step: the loop is reported complete, nothing left to say
     assert [x for x in out.getvalue().splitlines() if x.startswith("STATUS")] == ["STATUS medi: up to 30 s left"]
     assert eta_text(600.0, 1, 3, bound=True) == "up to 20 min left"
+    # the Slicer panel keeps these notes beside the count (slicer_logic.StatusText): its pattern reads every form
+    notes = [f"vi: {eta_text(t, 1, 3, bound=b)}" for t in (5.0, 600.0) for b in (False, True)]
+    assert [TIME_LEFT.match(x).group(2) for x in notes] == ["about 10 s left", "up to 10 s left", "about 20 min left",
+                                                             "up to 20 min left"]
+    assert TIME_LEFT.match("vi: the field disagrees with PDI's map") is None
 
 
 def test_progress_of_a_resumed_loop_counts_only_its_own_steps():
