@@ -266,6 +266,7 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     result = vi.finetune(net, [volume], config, progress.task("vi", may_stop_early=config.tol > 0))
     mean, std = result.predict(volume)
     info.update(vi_summary(config, result, kept_in_part=blend is not None))
+    progress.status(tuned_text(info))
     if blend is not None:  # the fine-tuned map where the field disagrees with PDI's, PDI's elsewhere
         mean = blend * mean + (1.0 - blend) * first
         std = np.sqrt(blend * std**2 + (1.0 - blend) * first_std**2).astype(std.dtype)
@@ -402,6 +403,12 @@ def vi_summary(config, result, kept_in_part: bool = False) -> dict:
                 final_terms={k: result.history[-1][k] for k in ("loss", "entropy", "fidelity", "tv")})
 
 
+def tuned_text(summary: dict) -> str:
+    """One line for the user on how a fine-tuning ended (from ``vi_summary``'s record)."""
+    return (f"fine-tuned for {summary['iterations']} iterations in {summary['finetune_seconds']:.0f} s "
+            f"({summary['stopped']})")
+
+
 def set_sigma(config) -> tuple[str, bool]:
     """What sigma the weights adapted on a set give on unseen fields (recorded in their manifest), and
     whether it is still the base network's calibrated one."""
@@ -471,6 +478,7 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
             "finetuned_on": [str(p) for p in field_paths], "validation": [str(p) for p in validation or ()],
             "method": settings.method, **vi_summary(config, result), "sigma": sigma, "pdiqsm_version": __version__,
             "edges": vi_edges(settings)}
+    progress.status(tuned_text(info))
     if held_out is not None:
         info["best_validation_loss"] = min(h["validation"] for h in result.history if "validation" in h)
     save_weights(result.net, out, info)

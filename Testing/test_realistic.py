@@ -565,6 +565,7 @@ def test_pdi_vi_keeps_pdis_map_where_the_field_agrees_with_it(monkeypatch):
     kept = reconstruct(field, mask, g, Settings(method="pdi-vi1", vi_where="discrepant", **quick), noise_std=noise,
                        progress=Progress("lines", said))
     assert f"disagrees with PDI's map in {int((blend > 0.5).sum())} voxels" in said.getvalue()  # the user is told
+    assert "STATUS fine-tuned for 2 iterations in " in said.getvalue() and "s (iteration limit)\n" in said.getvalue()
     assert np.allclose(kept.mean, blend * everywhere.mean + (1 - blend) * pdi.mean, atol=1e-6)
     assert np.allclose(kept.std, np.sqrt(blend * everywhere.std**2 + (1 - blend) * pdi.std**2), rtol=1e-5)
     assert np.abs(everywhere.mean - pdi.mean)[blend > 0].max() > 1e-3  # the two maps differ where they are blended
