@@ -121,7 +121,7 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._request = None
         self._buffer = ""
-        self._status = None  # the status line's text as the command's lines arrive (StatusText), per run
+        self._status = None  # the status line's text as the command's lines arrive (StatusText), made per run
         self._connectedNode = None  # the parameter node whose GUI connection is live
 
     def setup(self) -> None:
@@ -219,7 +219,6 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.ensureDependencies():
             return
         from PDIQSMLib.errors import InputError
-        from PDIQSMLib.slicer_logic import StatusText
 
         self._request = self.logic.request(self._parameterNode)
         try:
@@ -242,7 +241,7 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         process.connect("errorOccurred(QProcess::ProcessError)", self._onProcessError)
         self._process = process
         self._buffer = ""
-        self._status = StatusText()
+        self._status = None  # a new run's status line starts afresh (_onOutput)
         process.start(self._job.args[0], self._job.args[1:])
 
     def _onOutput(self) -> None:

@@ -81,10 +81,11 @@ def main() -> None:
     timed: dict[str, list[str]] = {}  # with --vi: each PDI-VI's seconds per brain over MEDI's
     for seed in args.seeds:
         s = make_volume(np.random.default_rng(seed), config)
-        chosen = runs(args.weights, args.reflections)
         if args.vi:
             chosen = [("pdi bundled", Settings(method="pdi", device="cpu")), (medi, Settings(method="medi"))] + \
                 vi_runs(not args.no_ablation, not args.no_vi2)
+        else:
+            chosen = runs(args.weights, args.reflections)
         rows, _ = compare_methods(s.field, s.mask, s.geometry, s.chi, chosen)
         for m, r in rows.items():
             per_method.setdefault(m, []).append(r)
