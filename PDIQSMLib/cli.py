@@ -473,13 +473,16 @@ def cmd_stats(args, progress: Progress) -> int:
 
 
 def cmd_fieldstats(args, progress: Progress) -> int:
-    from .fieldstats import field_stats
+    from .fieldstats import NoStatistics, field_stats
     from .io import write_json_atomic
     from .pipeline import load_inputs
 
     inputs = load_inputs(args.field, args.mask, units=args.units, b0=args.b0, te=args.te, b0_dir=args.b0_dir,
                          params_path=args.params)
-    stats = field_stats(inputs.field_ppm, inputs.mask, inputs.geometry).as_dict()
+    try:
+        stats = field_stats(inputs.field_ppm, inputs.mask, inputs.geometry).as_dict()
+    except NoStatistics as exc:  # too small a mask, a grid without a cone
+        raise InputError(str(args.mask if exc.role == "mask" else args.field), str(exc)) from None
     stats.update(voxel_size_mm=list(inputs.geometry.voxel_size), b0_dir=list(inputs.geometry.b0_dir))
     width = max(len(k) for k in stats)
     for key, value in stats.items():

@@ -56,13 +56,17 @@ def _half_weights(shape) -> torch.Tensor:
     return w.reshape(1, 1, -1)
 
 
+def _sphere_and_cone(shape, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``_kspace_sphere``, the magic-angle cone |D(k)| < CONE_THRESHOLD) on the half-k-space grid."""
+    return _kspace_sphere(shape, geometry), dipole_kernel(shape, geometry, True, torch.float64).abs() < CONE_THRESHOLD
+
+
 def cone_share(field: np.ndarray, mask: np.ndarray, geometry: Geometry) -> tuple[float, float]:
     """(share of the masked, demeaned field's power in the cone, the cone's share of the k-space sphere)."""
     m = np.asarray(mask) > 0
     f = np.where(m, np.asarray(field, np.float64) - float(np.asarray(field, np.float64)[m].mean()), 0.0)
     power = torch.fft.rfftn(torch.from_numpy(f)).abs() ** 2
-    inside = _kspace_sphere(f.shape, geometry)
-    cone = dipole_kernel(f.shape, geometry, True, torch.float64).abs() < CONE_THRESHOLD
+    inside, cone = _sphere_and_cone(f.shape, geometry)
     w = _half_weights(f.shape).expand_as(power)
     total = float((power * w)[inside].sum())
     share = float((power * w)[inside & cone].sum()) / max(total, 1e-300)
@@ -88,13 +92,54 @@ def second_difference_noise(field: np.ndarray, mask: np.ndarray) -> float:
     return float(1.4826 * r.median() / math.sqrt(216.0)) if r.numel() else float("nan")
 
 
-def field_stats(field: np.ndarray, mask: np.ndarray, geometry: Geometry) -> FieldStats:
-    """The real-field statistics of ``field`` (ppm) inside ``mask``."""
+MIN_VOXELS = 27  # a mask smaller than one 3x3x3 block has no field statistics
+
+
+class NoStatistics(ValueError):
+    """A field whose statistics cannot be read; ``role`` names the input at fault ('mask' or 'field')."""
+
+    def __init__(self, role: str, problem: str) -> None:
+        super().__init__(problem)
+        self.role = role
+
+
+def _too_small(m: np.ndarray) -> str | None:
+    n = int(m.sum())
+    return (f"the mask holds {n} voxel{'' if n == 1 else 's'}, fewer than {MIN_VOXELS}: no field statistics"
+            if n < MIN_VOXELS else None)
+
+
+def _no_cone(shape) -> str:
+    return (f"a grid of {' x '.join(str(n) for n in shape)} voxels has no k-space sample in the magic-angle cone "
+            f"(|D| < {CONE_THRESHOLD}), so the field's noise level cannot be read off it: too few slices for a 3-D "
+            "dipole inversion")
+
+
+def noise_problem(field: np.ndarray, mask: np.ndarray, geometry: Geometry) -> tuple[str, str] | None:
+    """Why the field's own noise level (``cone_noise``) cannot be read, as (the input at fault, 'mask' or 'field';
+    the problem), or None: a mask under MIN_VOXELS voxels, a grid so thin along some axis that no k-space sample
+    inside the sphere lies in the cone, or a field constant inside the mask (nothing in it to explain)."""
     m = np.asarray(mask) > 0
-    if m.sum() < 27:
-        raise ValueError("the mask holds fewer than 27 voxels: no field statistics")
+    if _too_small(m) is not None:
+        return "mask", _too_small(m)
+    inside, cone = _sphere_and_cone(m.shape, geometry)
+    if not bool((inside & cone).any()):
+        return "field", _no_cone(m.shape)
+    if float(np.asarray(field, np.float64)[m].std()) == 0.0:
+        return "field", "the field is constant inside the mask: there is nothing to invert and no noise level to read"
+    return None
+
+
+def field_stats(field: np.ndarray, mask: np.ndarray, geometry: Geometry) -> FieldStats:
+    """The real-field statistics of ``field`` (ppm) inside ``mask``; NoStatistics for a mask under MIN_VOXELS
+    voxels or a grid without a cone (``noise_problem``)."""
+    m = np.asarray(mask) > 0
+    if _too_small(m) is not None:
+        raise NoStatistics("mask", _too_small(m))
     std = float(np.asarray(field, np.float64)[m].std())
     share, volume = cone_share(field, m, geometry)
+    if volume == 0.0:
+        raise NoStatistics("field", _no_cone(m.shape))
     return FieldStats(std, share, volume, second_difference_noise(field, m), std * math.sqrt(share / volume))
 
 

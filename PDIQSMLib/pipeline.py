@@ -128,6 +128,7 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
     if not m.any():
         raise InputError("mask", "the mask is empty (no voxel > 0)")
     check_finite(field_ppm, m, "field")
+    check_noise_readable(field_ppm, m, geometry, settings)
     torch.manual_seed(settings.seed)
     t0 = time.perf_counter()
     b = torch.from_numpy(np.where(m, field_ppm, 0.0).astype(np.float32))
@@ -312,6 +313,30 @@ def check_finite(field_ppm: np.ndarray, mask: np.ndarray, name: str) -> None:
         raise InputError(name, "contains NaN or Inf inside the mask")
 
 
+def reads_noise_level(settings: Settings) -> bool:
+    """Whether a run reads the field's own noise level (``fieldstats.cone_noise``): PDI's prior channel and
+    PDI-VI always; Tikhonov and MEDI for their automatic lambda or PDI's edges; TKD never."""
+    if settings.method in ("tikhonov", "medi"):
+        return settings.lam is None or (settings.method == "medi" and settings.medi_edges == "pdi")
+    return settings.method != "tkd"
+
+
+def check_noise_readable(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, settings: Settings,
+                         files: dict | None = None) -> None:
+    """InputError before any work where the run needs the field's noise level and cannot read it
+    (``fieldstats.noise_problem``: a mask under 27 voxels, a grid of too few slices, a constant field), naming
+    the input at fault: its file from ``files`` ({'field': path, 'mask': path}), else 'field' or 'mask'."""
+    if not reads_noise_level(settings):
+        return
+    from .fieldstats import noise_problem
+
+    found = noise_problem(field_ppm, mask, geometry)
+    if found is not None:
+        fixed = not reads_noise_level(replace(settings, lam=1.0))
+        source = str((files or {}).get(found[0], found[0]))
+        raise InputError(source, found[1] + ("; a fixed --lambda does without it" if fixed else ""))
+
+
 def vi_edges(settings: Settings) -> str:
     """Where PDI-VI's edge mask comes from: ``settings.vi_edges`` for PDI-VI1; PDI-VI2 has no TV term to mask."""
     return settings.vi_edges if settings.method == "pdi-vi1" else "magnitude"
@@ -458,6 +483,7 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
 
     def prepared(i: int, field_path, mask_path, noise_path=None, magnitude_path=None):
         inp = load_inputs(field_path, mask_path, magnitude_path, noise_path, **load_kwargs)
+        check_noise_readable(inp.field_ppm, inp.mask, inp.geometry, settings, {"field": field_path, "mask": mask_path})
         progress.status(f"field {i}: {inp.field.data.shape}, voxel {inp.geometry.voxel_size} mm")
         noise, found = noise_map(inp.field_ppm, inp.mask, inp.noise_std, settings)
         if found:
@@ -578,7 +604,13 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
     outputs = OutputSet(paths, protect=inputs, overwrite=overwrite)
     outputs.check()  # before the work: a run that cannot publish fails in a second, not after an hour
     progress.status(f"{settings.method}: field {field.data.shape}, voxel {geometry.voxel_size} mm, B0 {geometry.b0_dir}")
-    result = reconstruct(field_ppm, mask, geometry, settings, inputs_.magnitude, inputs_.noise_std, progress)
+    try:
+        result = reconstruct(field_ppm, mask, geometry, settings, inputs_.magnitude, inputs_.noise_std, progress)
+    except InputError as exc:  # the library names its inputs by role; here they have files
+        files = {"field": field_path, "mask": mask_path}
+        if exc.source in files:
+            raise InputError(str(files[exc.source]), exc.problem) from None
+        raise
     stats = None
     if labels is not None:
         model = regions.error_model_for(result.std is not None, settings.weights, result.info.get("weights_sha256"),

@@ -463,7 +463,7 @@ def estimate_noise_level(volumes: list[VolumeData], kind: str = "white") -> floa
         weighted, inside = (v.field[0, 0] * v.weight[0, 0]).double().cpu().numpy(), (v.mask[0, 0] > 0).cpu().numpy()
         try:
             level = cone_noise(weighted, inside, v.geometry) if kind == "cone" else second_difference_noise(weighted, inside)
-        except ValueError:  # field_stats: fewer than 27 mask voxels
+        except ValueError:  # field_stats: too few mask voxels, or a grid without a cone
             level = float("nan")
         if not level > 0:
             raise InputError("mask", "too small or thin to estimate the noise level from the field; give --noise-level")

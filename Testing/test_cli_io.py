@@ -354,3 +354,42 @@ def test_a_training_share_outside_zero_to_one_is_refused_before_anything_is_writ
     code, _, err = run(base + ["--bleed-fraction", "0.5", "--simulator", "clean"], capsys)
     assert code == 2 and "--bleed-fraction: bleeds are put into the realistic simulator's anatomical brains" in err
     assert not any(tmp_path.iterdir())
+
+
+def unreadable_case(small_case, tmp_path, kind):
+    """(field, mask) files whose noise level cannot be read, and the file the error must name."""
+    field = nib.load(str(small_case["field"]))
+    data, aff = field.get_fdata(), field.affine
+    mask = nib.load(str(small_case["mask"])).get_fdata()
+    if kind == "three slices":  # 1.5 mm: kz = 0.22 / mm needs |k| > 0.34 for the cone, beyond the sphere's 1 / 3
+        f = write_nifti(tmp_path / "slab.nii.gz", data[:, :, 10:13], aff)
+        return f, write_nifti(tmp_path / "slab_mask.nii.gz", mask[:, :, 10:13], aff), f
+    if kind == "constant":
+        f = write_nifti(tmp_path / "flat.nii.gz", np.where(mask > 0, 0.02, 0.0), aff)
+        return f, small_case["mask"], f
+    m = np.zeros_like(mask)
+    m[15:17, 15:17, 11:13] = 1  # 8 voxels
+    mpath = write_nifti(tmp_path / "small_mask.nii.gz", m, aff)
+    return small_case["field"], mpath, mpath
+
+
+@pytest.mark.parametrize("kind", ["three slices", "constant", "tiny mask"])
+def test_a_field_whose_noise_level_cannot_be_read_is_refused_naming_the_input(small_case, capsys, tmp_path, kind):
+    """PDI (its Tikhonov channel), PDI-VI and MEDI/Tikhonov's automatic lambda read the field's noise level off the
+    magic-angle cone: where there is none to read, one line naming the file at fault, before any work; a fixed
+    lambda does without it, and TKD never needs it."""
+    field, mask, culprit = unreadable_case(small_case, tmp_path, kind)
+    base = ["reconstruct", str(field), "--mask", str(mask), "--progress", "none"]
+    for method in ("pdi", "medi"):
+        out = tmp_path / method
+        code, _, err = run(base + ["--method", method, "--out-dir", str(out)], capsys)
+        assert code == 2 and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith(f"pdiqsm reconstruct: error: {culprit}: ")
+        assert ("a fixed --lambda does without it" in err) == (method == "medi")
+        assert not out.exists() or not any(out.iterdir())
+    for extra in (["--method", "medi", "--lambda", "1e-3"], ["--method", "tkd"]):
+        code, _, _ = run(base + extra + ["--out-dir", str(tmp_path / extra[1])], capsys)
+        assert code == 0
+    code, _, err = run(["fieldstats", str(field), "--mask", str(mask)], capsys)  # a constant field reads 0
+    assert code == (0 if kind == "constant" else 2)
+    assert code == 0 or err.strip().splitlines()[-1].startswith(f"pdiqsm fieldstats: error: {culprit}: ")
