@@ -255,6 +255,8 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._buffer += decode_output(self._process.readAllStandardError())
         *lines, self._buffer = self._buffer.split("\n")
         for line in lines:
+            if self._job is not None:  # the command names its private input files; the user knows the nodes
+                line = self._job.readable(line)
             self.ui.logTextEdit.appendPlainText(line)
             step = parse_line(line)
             if step:
@@ -289,7 +291,7 @@ class PDIQSMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:  # cancelled
             return
         message = process_outcome(int(exitCode), exitStatus == qt.QProcess.CrashExit,
-                                  self.ui.logTextEdit.toPlainText() + "\n" + self._buffer)
+                                  self.ui.logTextEdit.toPlainText() + "\n" + self._buffer, job)
         if message is not None:
             self.logic.engine.discard(job)
             self.ui.statusLabel.text = _("Failed")

@@ -64,15 +64,15 @@ def decode_output(data) -> str:
     return bytes(data).decode("utf-8", errors="replace")
 
 
-def process_outcome(exit_code: int, crashed: bool, stderr_tail: str) -> str | None:
-    """None when a finished ``pdiqsm`` process succeeded; else the message for the user. A crash (killed,
-    e.g. out of memory) is never a success, whatever exit code Qt reports with it."""
+def process_outcome(exit_code: int, crashed: bool, stderr_tail: str, job: Job | None = None) -> str | None:
+    """None when a finished ``pdiqsm`` process succeeded; else the message for the user, its input files named by
+    their nodes (``job.readable``). A crash (killed, e.g. out of memory) is never a success, whatever exit code Qt
+    reports with it."""
+    said = last_error(stderr_tail, exit_code) if job is None else job.readable(last_error(stderr_tail, exit_code))
     if crashed:
-        return ("the pdiqsm process crashed or was killed (out of memory?); " + last_error(stderr_tail, exit_code)
+        return ("the pdiqsm process crashed or was killed (out of memory?); " + said
                 if stderr_tail.strip() else "the pdiqsm process crashed or was killed (out of memory?)")
-    if exit_code != 0:
-        return last_error(stderr_tail, exit_code)
-    return None
+    return said if exit_code != 0 else None
 
 MEAN_WINDOW_PPM = (-0.15, 0.15)
 STD_OPACITY = 0.5
@@ -388,6 +388,13 @@ class Job:
     args: list[str]
     method: str = "medi"
     env: dict[str, str] = field(default_factory=lambda: process_environment())
+    names: dict[str, str] = field(default_factory=dict)  # an input file's path: what it holds ("mask 'Brain'")
+
+    def readable(self, text: str) -> str:
+        """``text`` (the command's words) with the job's private input files named by the nodes they hold."""
+        for path, name in self.names.items():
+            text = text.replace(path, name)
+        return text
 
     @property
     def outputs(self) -> tuple[Path, Path]:
@@ -424,7 +431,8 @@ class Logic:
             raise InputError(request.field.GetName() if request.field is not None else "field", "; ".join(found))
         work = Path(tempfile.mkdtemp(prefix="pdiqsm-"))
         try:
-            return Job(work, self._command(request, work), request.method)
+            names: dict[str, str] = {}
+            return Job(work, self._command(request, work, names), request.method, names=names)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -457,13 +465,15 @@ class Logic:
             if cancel.is_set():
                 raise Cancelled("reconstruction cancelled")
             if code != 0:
-                raise RuntimeError(last_error(tail, code))
+                raise RuntimeError(job.readable(last_error(tail, code)))
         except BaseException:
             self.discard(job)
             raise
         return self.finish(job, request)
 
-    def _command(self, request: Request, work: Path) -> list[str]:
+    def _command(self, request: Request, work: Path, names: dict[str, str]) -> list[str]:
+        """The ``pdiqsm reconstruct`` command for ``request``, its inputs written under ``work``; ``names`` gets each
+        input file's path and the node it holds."""
         from .io import Volume, save_volume
 
         affine = node_affine(request.field)
@@ -479,11 +489,13 @@ class Logic:
             else:
                 data = node_array(node).astype(np.float32)
             paths[role] = save_volume(work / f"{role}.nii.gz", data, Volume(data, affine, None))
+            names[str(paths[role])] = f"{'noise std' if role == 'noise' else role} '{node.GetName()}'"
         region_args = []
         if request.regions is not None:
             labels, names = segmentation_labels(request.regions, request.field)
             labels_path = save_volume(work / "labels.nii.gz", labels.astype(np.float32),
                                       Volume(labels.astype(np.float32), affine, None))
+            names[str(labels_path)] = f"regions '{request.regions.GetName()}'"
             from .regions import names_tsv
 
             (work / "labels.tsv").write_text(names_tsv(names))

@@ -22,8 +22,8 @@ import pytest
 
 from PDIQSMLib import defaults
 from PDIQSMLib.cli import build_parser, reconstruct_settings
-from PDIQSMLib.slicer_logic import (PANEL_DEVICES, PANEL_EDGES, PANEL_METHODS, PANEL_UNITS, PANEL_VI_WHERE, Request,
-                                    decode_output, edge_args, label_of, noisy_region_args, process_outcome,
+from PDIQSMLib.slicer_logic import (PANEL_DEVICES, PANEL_EDGES, PANEL_METHODS, PANEL_UNITS, PANEL_VI_WHERE, Job,
+                                    Request, decode_output, edge_args, label_of, noisy_region_args, process_outcome,
                                     request_from_panel, vi_sampling_args, vi_where_args)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -428,11 +428,29 @@ def test_a_crashed_run_adds_nothing_and_says_so(monkeypatch):
     module, errors = load_module_with_stand_ins(monkeypatch)
     w = make_widget(module)
     w._parameterNode = FakeParameterNode("t")
-    w._process, w._job = FakeProcess(b"PROGRESS 1/4 pdi\n"), "job"
+    job = Job(Path("/tmp/pdiqsm-x"), [])
+    w._process, w._job = FakeProcess(b"PROGRESS 1/4 pdi\n"), job
     w._onFinished(0, module.qt.QProcess.CrashExit)  # killed by the OOM killer: Qt may say code 0
-    assert w._discarded == ["job"] and w._process is None
+    assert w._discarded == [job] and w._process is None
     assert errors and "crashed or was killed" in errors[-1]
     assert "PROGRESS 1/4 pdi" in w.ui.logTextEdit.text  # the pipe's last lines reached the log
+
+
+def test_a_failed_run_names_the_nodes_not_their_temporary_copies(monkeypatch):
+    """The command reads private copies of the nodes (``Logic.prepare`` writes them); its warnings in the log and its
+    error in the message box name the nodes the user picked."""
+    module, errors = load_module_with_stand_ins(monkeypatch)
+    w = make_widget(module)
+    w._parameterNode = FakeParameterNode("t")
+    job = Job(Path("/tmp/pdiqsm-x"), [], names={"/tmp/pdiqsm-x/field.nii.gz": "field 'Phase local'",
+                                                 "/tmp/pdiqsm-x/mask.nii.gz": "mask 'Brain'"})
+    w._process, w._job = FakeProcess(b"pdiqsm: warning: /tmp/pdiqsm-x/field.nii.gz: 99th percentile of |field| is 75\n"
+                                     b"pdiqsm reconstruct: error: /tmp/pdiqsm-x/mask.nii.gz: the mask holds 8 voxels"
+                                     b"\n"), job
+    w._onFinished(2, module.qt.QProcess.NormalExit)
+    assert w._discarded == [job] and errors[-1].endswith("error: mask 'Brain': the mask holds 8 voxels")
+    assert "warning: field 'Phase local': 99th percentile" in w.ui.logTextEdit.text
+    assert "/tmp/pdiqsm-x" not in w.ui.logTextEdit.text
 
 
 def test_the_status_line_keeps_a_loops_time_left_beside_its_count(monkeypatch):
