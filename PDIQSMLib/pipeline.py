@@ -600,7 +600,7 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
 
         labels, labels_note = regions.load_labels(labels_path, field)
         names = regions.read_names(names_path) if names_path else regions.default_names(labels_path)
-        regions.resolve_reference(reference, names, [int(v) for v in np.unique(labels[mask]) if v > 0])
+        regions.resolve_reference(reference, names, regions.present_labels(labels, mask, str(labels_path)))
     outputs = OutputSet(paths, protect=inputs, overwrite=overwrite)
     outputs.check()  # before the work: a run that cannot publish fails in a second, not after an hour
     progress.status(f"{settings.method}: field {field.data.shape}, voxel {geometry.voxel_size} mm, B0 {geometry.b0_dir}")

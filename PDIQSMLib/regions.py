@@ -224,6 +224,14 @@ COLUMNS = ("label", "name", "voxels", "volume_ml", "mean_ppm", "median_ppm", "sp
            "ci95_low_ppm", "ci95_high_ppm", "std_of_mean_independent_ppm", "voxels_outside_mask")
 
 
+def present_labels(labels: np.ndarray, mask: np.ndarray, source: str = "labels") -> list[int]:
+    """The labels (> 0) with a voxel inside ``mask``; InputError naming ``source`` (the label file) when none has."""
+    present = [int(v) for v in np.unique(labels[np.asarray(mask) > 0]) if v > 0]
+    if not present:
+        raise InputError(source, "no label (> 0) has a voxel inside the mask")
+    return present
+
+
 def resolve_reference(reference, names: dict[int, str], present: list[int]) -> int | str:
     """'whole-brain', 'none', or a label number (given as a number or a name)."""
     ref = str(reference)
@@ -253,14 +261,12 @@ def region_stats(chi: np.ndarray, mask: np.ndarray, labels: np.ndarray, voxel_si
     m = np.asarray(mask) > 0
     chi = np.asarray(chi, np.float64)
     model = model or NAIVE
-    present = [int(v) for v in np.unique(labels[m]) if v > 0]
+    present = present_labels(labels, m)
     all_labels = [int(v) for v in np.unique(labels) if v > 0]
     notes = []
     empty = [v for v in all_labels if v not in present]
     if empty:
         notes.append(f"labels with no voxel inside the mask (left out): {', '.join(map(str, empty))}")
-    if not present:
-        raise InputError("labels", "no label (> 0) has a voxel inside the mask")
     ref = resolve_reference(reference, names, present)
     if ref == "whole-brain":
         ref_weights, ref_text = m / m.sum(), "mean over the whole mask"
@@ -369,6 +375,7 @@ def stats_for_files(chi: Volume, mask: np.ndarray, labels_path, std: np.ndarray 
     """``region_stats`` for a map read from disk, with the labels (resampled when on another sampling) and
     names read here; the notes say what was done."""
     labels, note = load_labels(labels_path, chi)
+    present_labels(labels, mask, str(labels_path))
     names = read_names(names_path) if names_path else default_names(labels_path)
     stats = region_stats(chi.data, mask, labels, chi.voxel_size, std, names, reference, model, samples)
     if note:

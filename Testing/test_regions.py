@@ -147,6 +147,26 @@ def test_stats_and_reconstruct_write_the_same_table(small_case, tmp_path, capsys
     assert "whole numbers" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
+def test_labels_with_no_voxel_in_the_mask_are_refused_naming_the_file_before_the_work(small_case, tmp_path, capsys,
+                                                                                        monkeypatch):
+    import PDIQSMLib.pipeline as pipeline
+    from PDIQSMLib.cli import main
+
+    img = nib.load(str(small_case["chi"]))
+    labels = np.zeros(img.shape)
+    labels[0, 0, 0] = 3  # a corner: outside the sphere's mask
+    lab = write_nifti(tmp_path / "corner.nii.gz", labels, img.affine)
+    ran = []
+    monkeypatch.setattr(pipeline, "reconstruct", lambda *a, **k: ran.append(1))
+    assert main(["reconstruct", str(small_case["field"]), "--mask", str(small_case["mask"]), "--method", "pdi",
+                 "--labels", str(lab), "--out-dir", str(tmp_path / "o"), "--progress", "none"]) == 2
+    assert f"{lab}: no label (> 0) has a voxel inside the mask" in capsys.readouterr().err and not ran
+    assert main(["stats", str(small_case["chi"]), "--labels", str(lab), "--mask", str(small_case["mask"]), "--out",
+                 str(tmp_path / "t.tsv"), "--progress", "none"]) == 2
+    assert f"{lab}: no label (> 0) has a voxel inside the mask" in capsys.readouterr().err
+    assert not (tmp_path / "t.tsv").exists()
+
+
 def test_folder_mode_writes_a_table_per_subject_and_one_across_them(small_case, tmp_path, capsys):
     import shutil
 
