@@ -67,7 +67,9 @@ def load_model(path: Path | None = None, device: str = "cpu") -> tuple[PDINet, d
         manifest = json.loads(mpath.read_text())
         config = UNetConfig.from_dict(manifest["architecture"])
         expected = manifest["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise InputError(str(mpath), f"malformed weights manifest: no {exc} entry") from None
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise InputError(str(mpath), f"malformed weights manifest: {exc}") from None
     actual = sha256(path)
     if actual != expected:

@@ -132,6 +132,9 @@ def test_weights_checksum_and_architecture_are_checked(tmp_path):
     (tmp_path / "lonely.safetensors").write_bytes(b"x")
     with pytest.raises(InputError, match="manifest"):
         load_model(tmp_path / "lonely.safetensors")
+    (tmp_path / "lonely.json").write_text("{}")
+    with pytest.raises(InputError, match="lonely.json: malformed weights manifest: no 'architecture' entry"):
+        load_model(tmp_path / "lonely.safetensors")
 
 
 def test_the_model_card_and_region_calibration_name_the_shipped_weights():
