@@ -77,6 +77,8 @@ class OutputSet:
         self.last = last
         self.staged: dict[str, Path] = {}
         self.stage: Path | None = None
+        self.created: list[Path] = []  # folders check() made, deepest first: a run that publishes nothing removes them
+        self.published = False
 
     # -- before the work --------------------------------------------------------------------------
     def check(self) -> None:
@@ -86,8 +88,10 @@ class OutputSet:
         folder = self.folder
         if folder.exists() and not folder.is_dir():
             raise InputError(str(folder), "the output folder is a file; choose another --out-dir")
+        missing = [f for f in (folder, *folder.parents) if not f.exists()]
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            self.created = self.created or missing
         except OSError as exc:
             raise InputError(str(folder), f"cannot create the output folder ({exc.strerror or exc})") from None
         if not os.access(folder, os.W_OK | os.X_OK):
@@ -101,6 +105,18 @@ class OutputSet:
     def existing(self) -> list[Path]:
         return [p for p in self.paths.values() if p.exists() or p.is_symlink()]
 
+    def abandon(self) -> None:
+        """After a run that published nothing: remove the folders ``check()`` made while they are empty (a failed
+        subject leaves no empty output folder that looks like a result's)."""
+        if self.published:
+            return
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another run's files) or gone: stop there
+                break
+        self.created = []
+
     # -- staging ----------------------------------------------------------------------------------
     def __enter__(self) -> "OutputSet":
         self.check()
@@ -112,6 +128,7 @@ class OutputSet:
         if self.stage is not None:
             shutil.rmtree(self.stage, ignore_errors=True)
             self.stage = None
+        self.abandon()
         return False
 
     def _target(self, role: str) -> Path:
@@ -182,6 +199,7 @@ class OutputSet:
                 for aside, final in moved_aside:
                     os.replace(aside, final)
                 raise
+        self.published = True
         return [self.paths[role] for role in order]
 
 

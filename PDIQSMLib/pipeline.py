@@ -606,19 +606,20 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
     progress.status(f"{settings.method}: field {field.data.shape}, voxel {geometry.voxel_size} mm, B0 {geometry.b0_dir}")
     try:
         result = reconstruct(field_ppm, mask, geometry, settings, inputs_.magnitude, inputs_.noise_std, progress)
-    except InputError as exc:  # the library names its inputs by role; here they have files
-        files = {"field": field_path, "mask": mask_path}
-        if exc.source in files:
+        stats = None
+        if labels is not None:
+            model = regions.error_model_for(result.std is not None, settings.weights,
+                                            result.info.get("weights_sha256"), method=settings.method)
+            stats = regions.region_stats(result.mean, mask, labels, geometry.voxel_size, result.std, names,
+                                         reference, model)
+            if labels_note:
+                stats["notes"].insert(0, labels_note)
+    except BaseException as exc:
+        outputs.abandon()  # no empty output folder left behind
+        files = {"field": field_path, "mask": mask_path}  # the library names its inputs by role; here they have files
+        if isinstance(exc, InputError) and exc.source in files:
             raise InputError(str(files[exc.source]), exc.problem) from None
         raise
-    stats = None
-    if labels is not None:
-        model = regions.error_model_for(result.std is not None, settings.weights, result.info.get("weights_sha256"),
-                                        method=settings.method)
-        stats = regions.region_stats(result.mean, mask, labels, geometry.voxel_size, result.std, names, reference,
-                                     model)
-        if labels_note:
-            stats["notes"].insert(0, labels_note)
     with outputs:
         written = [outputs.volume("mean", result.mean, field, f"PDIQSM {settings.method} chi ppm")]
         if result.std is not None:

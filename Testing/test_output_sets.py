@@ -152,7 +152,7 @@ def test_a_full_disk_gives_one_line_and_no_partial_set(tmp_path):
     err = done.stderr.strip()
     assert done.returncode == 2, err
     assert len(err.splitlines()) == 1 and "field_tkd_chi-mean.nii.gz" in err and "cannot be written" in err
-    assert list(out.iterdir()) == []  # no map, no record, no staging folder
+    assert not out.exists()  # no map, no record, no staging folder, nor the folder the run made for them
 
 
 @pytest.mark.parametrize("method,sig,code", [("medi", signal.SIGINT, 130), ("pdi-vi2", signal.SIGTERM, 143)])
@@ -175,7 +175,7 @@ def test_an_interrupted_run_leaves_nothing(small_case, tmp_path, method, sig, co
     assert child.wait(timeout=120) == code, "".join(seen) + rest
     said = [x for x in rest.splitlines() if not x.startswith(("PROGRESS", "STATUS"))]
     assert len(said) == 1 and ("interrupted" if code == 130 else "terminated (SIGTERM)") in said[0]
-    assert not out.exists() or list(out.iterdir()) == []
+    assert not out.exists()  # nor the folder the run made for its outputs
 
 
 def make_subject(root: Path, name: str, case, field_data=None, with_mask=True) -> None:
@@ -203,7 +203,7 @@ def test_a_cohort_survives_broken_subjects_and_resumes(small_case, tmp_path, cap
     assert "sub-02_localfield.nii.gz: failed: no mask" in captured.out
     assert "sub-03_localfield.nii.gz: failed:" in captured.out and "NaN" in captured.out
     assert (out / "sub-01" / "anat" / "sub-01_desc-tkd_Chimap.nii.gz").exists()
-    assert not (out / "sub-03").exists() or not any((out / "sub-03").rglob("*"))  # a failure leaves nothing
+    assert not (out / "sub-03").exists()  # a failure leaves nothing, not even an empty folder
     # mend the broken ones: the rerun does only them
     shutil.copy(small_case["mask"], raw / "sub-02" / "anat" / "sub-02_mask.nii.gz")
     write_nifti(raw / "sub-03" / "anat" / "sub-03_localfield.nii.gz", good, nib.load(str(small_case["field"])).affine)
@@ -222,6 +222,25 @@ def test_a_cohort_survives_broken_subjects_and_resumes(small_case, tmp_path, cap
     anat = out / "sub-01" / "anat"
     assert sorted(p.name for p in anat.iterdir()) == ["sub-01_desc-tikhonov_Chimap.json", "sub-01_desc-tikhonov_Chimap.nii.gz",
                                                      "sub-01_desc-tkd_Chimap.json", "sub-01_desc-tkd_Chimap.nii.gz"]
+
+
+def test_a_run_that_fails_in_the_work_removes_only_the_empty_folders_it_made(small_case, tmp_path, capsys):
+    """The output folder is made before the work (to fail fast when it cannot be); a run that then fails removes the
+    folders it made, and never a folder that was there before it or holds anything."""
+    aff = nib.load(str(small_case["field"])).affine
+    mask = nib.load(str(small_case["mask"])).get_fdata()
+    flat = write_nifti(tmp_path / "flat.nii.gz", np.where(mask > 0, 0.02, 0.0), aff)  # PDI finds no noise level
+    args = ["reconstruct", str(flat), "--mask", str(small_case["mask"]), "--method", "pdi", "--progress", "none"]
+    assert main(args + ["--out-dir", str(tmp_path / "a" / "b" / "c")]) == 2
+    assert "constant" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    (tmp_path / "kept" / "b").mkdir(parents=True)
+    assert main(args + ["--out-dir", str(tmp_path / "kept" / "b" / "c")]) == 2
+    assert (tmp_path / "kept" / "b").is_dir() and not (tmp_path / "kept" / "b" / "c").exists()
+    out = OutputSet({"mean": tmp_path / "x" / "m.nii.gz", "record": tmp_path / "x" / "r.json"})
+    out.check()
+    (tmp_path / "x" / "other.txt").write_text("another run's")
+    out.abandon()
+    assert (tmp_path / "x" / "other.txt").exists()
 
 
 def captured_lines(capsys) -> str:
