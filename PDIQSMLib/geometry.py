@@ -30,7 +30,7 @@ def check_voxel_size(voxel_size, source: str = "voxel size") -> tuple[float, flo
     if vs.size != 3:
         raise InputError(source, f"expected 3 voxel sizes, got {vs.size}")
     if not np.all(np.isfinite(vs)) or np.any(vs <= 0):
-        raise InputError(source, f"voxel sizes must be positive and finite, got {tuple(vs)}")
+        raise InputError(source, f"voxel sizes must be positive and finite, got {' '.join(f'{v:g}' for v in vs)}")
     return tuple(float(v) for v in vs)
 
 

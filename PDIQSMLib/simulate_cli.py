@@ -10,7 +10,7 @@ import numpy as np
 
 from . import phantoms
 from .errors import InputError
-from .geometry import Geometry, normalise_b0_dir
+from .geometry import Geometry, check_voxel_size, normalise_b0_dir
 from .io import Volume, load_mask, load_volume
 from .outputs import OutputSet
 from .progress import Progress
@@ -18,6 +18,7 @@ from .simulation import add_noise, field_of
 
 DEFAULT_TE = 0.02
 DEFAULT_B0 = 3.0
+MIN_SIDE = 8  # voxels along each axis: a thinner grid holds no k-space sample of the magic-angle cone, or hardly any
 
 
 def shared_data_dir() -> Path:
@@ -84,6 +85,11 @@ def simulate(args, progress: Progress) -> list[Path]:
 
     out = Path(args.out_dir)
     b0_dir = normalise_b0_dir(args.b0_dir)
+    check_voxel_size(args.voxel_size, "--voxel-size")
+    if args.kind != "ich" and min(args.shape) < MIN_SIDE:
+        raise InputError("--shape", f"at least {MIN_SIDE} voxels along each axis, got {' '.join(map(str, args.shape))}")
+    if not (np.isfinite(args.noise) and args.noise >= 0):
+        raise InputError("--noise", f"a noise standard deviation in ppm, >= 0, got {args.noise:g}")
     labels = noise = None
     if args.kind == "ich":
         chi, mask, noise, like = load_ich(args.data_dir)
@@ -102,6 +108,10 @@ def simulate(args, progress: Progress) -> list[Path]:
         chi, mask = ph.chi, ph.mask
         field = add_noise(field_of(chi, mask, geometry, pad=2.0), mask, args.noise, np.random.default_rng(args.seed + 1))
         like = Volume(chi, affine_for_b0(geometry.voxel_size, b0_dir), nib.Nifti1Header())
+    if int(np.count_nonzero(mask)) < MIN_SIDE**3 // 16:  # 32 voxels: nothing a reconstruction could use
+        raise InputError("--shape", f"the {args.kind} phantom's mask on {' x '.join(map(str, chi.shape))} voxels of "
+                                    f"{' x '.join(f'{v:g}' for v in geometry.voxel_size)} mm holds "
+                                    f"{int(np.count_nonzero(mask))} voxels: give a larger field of view")
     progress.status(f"simulated {args.kind}: shape {chi.shape}, B0 {geometry.b0_dir}, noise {args.noise} ppm")
     names = {"noise_std": "noise_std.nii.gz", "chi": "chi.nii.gz", "mask": "mask.nii.gz", "field": "field.nii.gz",
              "labels": "labels.nii.gz", "names": "labels.tsv", "record": "params.json"}

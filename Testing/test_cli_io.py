@@ -393,3 +393,16 @@ def test_a_field_whose_noise_level_cannot_be_read_is_refused_naming_the_input(sm
     code, _, err = run(["fieldstats", str(field), "--mask", str(mask)], capsys)  # a constant field reads 0
     assert code == (0 if kind == "constant" else 2)
     assert code == 0 or err.strip().splitlines()[-1].startswith(f"pdiqsm fieldstats: error: {culprit}: ")
+
+
+@pytest.mark.parametrize("extra,phrase", [
+    (["sphere", "--shape", "0", "10", "10"], "--shape: at least 8 voxels along each axis, got 0 10 10"),
+    (["shapes", "--shape", "16", "16", "3"], "--shape: at least 8 voxels along each axis"),  # was 'high - low < 0'
+    (["sphere", "--noise", "-1"], "--noise: a noise standard deviation in ppm, >= 0, got -1"),  # was |noise|
+    (["sphere", "--voxel-size", "0", "1", "1"], "--voxel-size: voxel sizes must be positive and finite, got 0 1 1"),
+    (["realistic", "--shape", "12", "12", "12"], "holds 0 voxels: give a larger field of view"),  # was an empty mask
+])
+def test_simulate_refuses_what_would_give_no_usable_phantom(capsys, tmp_path, extra, phrase):
+    code, _, err = run(["simulate", *extra, "--out-dir", str(tmp_path / "s"), "--progress", "none"], capsys)
+    assert code == 2 and phrase in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
