@@ -58,6 +58,10 @@ class Settings:
             raise InputError("--method", f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.lam is not None and (not np.isfinite(self.lam) or self.lam < 0):
             raise InputError("--lambda", f"must be a finite number >= 0, got {self.lam}")
+        if self.method == "tikhonov" and self.lam == 0:
+            raise InputError("--lambda", "Tikhonov needs a weight > 0 (0 leaves the cone's null space undetermined)")
+        if self.method == "tkd" and not 0 < self.threshold < 2 / 3:
+            raise InputError("--threshold", f"TKD's truncation of |D| must lie in (0, 2/3), got {self.threshold}")
         if self.samples < 1:
             raise InputError("--samples", f"must be >= 1, got {self.samples}")
         if self.iterations is not None and self.iterations < 1:

@@ -4,8 +4,9 @@ A local field in ppm is small: tissue susceptibility differences of a few tenths
 fields whose 99th percentile of |value| inside the brain is typically 0.02-0.2 ppm (a large bleed or
 the sinus edge may reach ~1 ppm). A field read as ppm with a 99th percentile above ``PPM_LIMIT`` is
 almost certainly in Hz (1 ppm is 128 Hz at 3 T) or radians (bounded by pi when wrapped). A "field" with
-two distinct values inside the mask is a mask; a "mask" with many values is a field, a probability map
-or a label image. The run goes on (the user may know better); the warning says what to pass instead.
+two distinct values inside the mask is a mask; one whose 99th percentile is below ``PPM_FLOOR`` after conversion is
+in other units again (a fraction of B0 rather than ppm, TE in ms given as seconds, B0 in mT); a "mask" with many
+values is a field, a probability map or a label image. The run goes on (the user may know better); the warning says what to pass instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import warnings
 import numpy as np
 
 PPM_LIMIT = 1.0  # |field| 99th percentile (ppm) above which the units are doubted
+PPM_FLOOR = 1e-3  # ... and below which they are (20 to 200 times under a brain's typical 0.02-0.2 ppm)
 
 
 class InputWarning(UserWarning):
@@ -49,6 +51,12 @@ def field_warnings(values_in_mask: np.ndarray, ppm_per_unit: float, units: str, 
         else:
             said.append(f"{name}: 99th percentile of |field| inside the mask is {p99_ppm:.3g} ppm after conversion from "
                         f"{units}, implausible for a local field (typically < 0.2 ppm): check --units, --b0 and --te")
+    elif 0 < p99_ppm < PPM_FLOOR:
+        hint = ("a field in units of B0 (not ppm) reads a million times too small: multiply it by 1e6"
+                if units == "ppm" else "check --units, --b0 (tesla) and --te (seconds: 20 ms is 0.02)")
+        said.append(f"{name}: 99th percentile of |field| inside the mask is {p99_ppm:.3g} ppm"
+                    f"{'' if units == 'ppm' else ' after conversion from ' + units}, implausibly small for a local "
+                    f"field (typically 0.02-0.2 ppm); {hint}")
     return said
 
 

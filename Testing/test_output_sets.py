@@ -316,7 +316,7 @@ def test_bad_weights_are_refused_in_one_line_before_anything_is_loaded(small_cas
     code = main(recon(small_case, out, "pdi", "--weights", str(weights), "--device", "cpu"))
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and phrase in err and weights.name in err
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("method", ["pdi", "pdi-vi2", "medi"])
@@ -381,7 +381,7 @@ def test_a_volume_too_big_for_the_memory_is_refused_up_front_or_tiled(small_case
     assert main(recon(small_case, tmp_path / "t", "tkd")) == 2
     err = capsys.readouterr().err
     assert "needs about 3 MiB" in err and f"{side}^3" in err
-    assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
+    assert not (tmp_path / "t").exists()
     assert main(recon(small_case, tmp_path / "p", "pdi", "--device", "cpu")) == 0
     record = json.loads((tmp_path / "p" / "field_pdi_run.json").read_text())
     assert record["result"]["tile"] == 64
