@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import InputError
 from .memory import reuse_freed_memory
 from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, fast_layout, gaussian_nll, use_bf16
 from .network_io import clamp_logvar, network_inputs, to_input
@@ -201,7 +202,7 @@ def train(config: TrainConfig, checkpoint: Path, log: Callable[[dict], None] = p
     ema_state = None
     origin = None  # what a resumed checkpoint's weights were made of, when not by this loop alone
     if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        state = read_checkpoint(checkpoint, device)
         if state["preset"] != config.preset:
             raise ValueError(f"{checkpoint}: checkpoint is preset {state['preset']!r}, not {config.preset!r}")
         origin = started_from(json.loads(state["config"]), int(state["step"]))
@@ -324,7 +325,7 @@ def warm_start(net: PDINet, source: Path) -> list[str]:
 
         state = load_file(str(source))
     else:
-        saved = torch.load(source, map_location="cpu", weights_only=True)
+        saved = read_checkpoint(source)
         state = saved.get("ema") or saved["model"]
     own, copied = net.state_dict(), set()
     for name, value in state.items():
@@ -443,6 +444,26 @@ def kept_history(history: list[dict]) -> list[dict]:
     return [r for r in history if "validation" in r]
 
 
+CHECKPOINT_KEYS = ("step", "preset", "config", "model", "history")  # what ``train`` writes and every reader needs
+
+
+def read_checkpoint(path, device: str = "cpu") -> dict:
+    """A training checkpoint (``train``'s .pt), read without unpickling code (``weights_only``); InputError naming the
+    file when it is missing, unreadable or not one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(str(path), "checkpoint file does not exist")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # a pickle with code, a truncated or foreign file (torch's text is pages about pickles)
+        raise InputError(str(path), "not a training checkpoint that loads as plain tensors (torch.load: "
+                                    f"{type(exc).__name__})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise InputError(str(path), f"not a pdiqsm training checkpoint (no {', '.join(missing)})")
+    return state
+
+
 def checkpoint_net(state: dict) -> PDINet:
     """The network of a loaded training checkpoint: its weights' moving average when kept, else the last step's."""
     net = PDINet(PRESETS[state["preset"]])
@@ -456,7 +477,9 @@ def export(checkpoint: Path, out: Path, recalibrate: bool = True, calibrate: boo
     sigma rescaled on held-apart simulated brains (``calibrate_std``) when ``calibrate``."""
     from .weights import save_weights
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if Path(out).suffix.lower() != ".safetensors":
+        raise InputError(str(out), "the exported weights must be a .safetensors file (its manifest goes beside it)")
+    state = read_checkpoint(checkpoint)
     net = checkpoint_net(state)
     recalibrate = recalibrate and any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
     if recalibrate:

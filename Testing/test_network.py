@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -703,3 +704,19 @@ def test_variance_only_finetuning_moves_sigma_and_leaves_the_mean_untouched():
     with torch.no_grad():
         mean1, logvar1 = net(x)
     assert torch.equal(mean0, mean1) and not torch.allclose(logvar0, logvar1)
+
+
+def test_export_refuses_what_is_not_a_checkpoint_and_writes_only_safetensors(tmp_path):
+    """One line naming the file for a missing file, a pickle torch will not load as plain tensors, a dict that is not
+    ``train``'s; an output that is not .safetensors is refused before anything is written."""
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    cases = {"gone.pt": "checkpoint file does not exist", "text.pt": "loads as plain tensors",
+             "other.pt": "not a pdiqsm training checkpoint (no step, preset, config, history)"}
+    for name, phrase in cases.items():
+        with pytest.raises(InputError, match=re.escape(phrase)) as raised:
+            export(tmp_path / name, tmp_path / "w.safetensors")
+        assert raised.value.source == str(tmp_path / name)
+    with pytest.raises(InputError, match="must be a .safetensors file"):
+        export(tmp_path / "other.pt", tmp_path / "w.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt", "text.pt"]
