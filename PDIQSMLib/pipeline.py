@@ -22,7 +22,7 @@ from .errors import InputError
 from .geometry import Geometry, geometry_from_affine, normalise_b0_dir
 from .io import Params, Volume, check_same_grid, finite_in_mask, load_mask, load_volume, nifti_stem, read_params
 from .progress import Progress
-from .plausibility import field_warnings, warn
+from .plausibility import field_warnings, magnitude_warnings, warn
 from .units import ppm_per_unit, to_ppm
 from .weighting import data_weight, gradient_mask, noisy_regions
 
@@ -576,6 +576,11 @@ def load_inputs(field_path, mask_path, magnitude_path=None, noise_path=None, uni
             vol = load_volume(path, role, finite=False)
             check_same_grid(field, vol, role)
             ignored[role] = finite_in_mask(vol, mask, role)
+            if role == "noise std" and np.any(vol.data[mask] <= 0):
+                raise InputError(str(path), f"noise standard deviation must be > 0 inside the mask (the data weight is "
+                                            f"mask / N_std); {int(np.sum(vol.data[mask] <= 0))} voxels are not")
+            for note in magnitude_warnings(vol.data[mask], str(path)) if role == "magnitude" else ():
+                warn(note)
             extras[role] = vol.data
     return Inputs(field, field_ppm, mask, geometry, extras.get("magnitude"), extras.get("noise std"), b0, te,
                   {role: n for role, n in ignored.items() if n})
@@ -620,7 +625,8 @@ def reconstruct_files(field_path, mask_path, out_dir, settings: Settings, magnit
                 stats["notes"].insert(0, labels_note)
     except BaseException as exc:
         outputs.abandon()  # no empty output folder left behind
-        files = {"field": field_path, "mask": mask_path}  # the library names its inputs by role; here they have files
+        files = {"field": field_path, "mask": mask_path, "magnitude": magnitude_path, "noise std": noise_path}
+        files = {role: path for role, path in files.items() if path is not None}  # the library names inputs by role
         if isinstance(exc, InputError) and exc.source in files:
             raise InputError(str(files[exc.source]), exc.problem) from None
         raise

@@ -60,6 +60,17 @@ def field_warnings(values_in_mask: np.ndarray, ppm_per_unit: float, units: str, 
     return said
 
 
+def magnitude_warnings(values_in_mask: np.ndarray, name: str) -> list[str]:
+    """A "magnitude" that cannot be one: negative values (a phase or a field?), or one value all over the brain
+    (its edges, which MEDI's and PDI-VI1's TV spare, would be nowhere)."""
+    v = np.asarray(values_in_mask, dtype=np.float64)
+    if v.size and v.min() < 0:
+        return [f"{name}: the magnitude holds negative values inside the mask: is it a phase or a field?"]
+    if v.size and v.max() == v.min():
+        return [f"{name}: the magnitude is {v.min():g} all over the mask: it marks no edges (TV everywhere)"]
+    return []
+
+
 def mask_warnings(data: np.ndarray, name: str) -> list[str]:
     """A mask that is not binary: thresholded at > 0 (say so), with a stronger note when it looks like a field."""
     d = np.asarray(data)

@@ -124,6 +124,12 @@ def bad_case(small_case, tmp_path, kind):
         return args + ["--units", "rad", "--b0", "3"], "TE"
     if kind == "zero b0 dir":
         return args + ["--b0-dir", "0", "0", "0"], "zero"
+    if kind == "noise std zero":
+        noise = np.ones_like(data)
+        noise[16, 16, 12] = 0.0  # the sphere's centre: a weight of 1 / 0
+        args[args.index("tkd")] = "medi"
+        return args + ["--noise-std", str(write_nifti(tmp_path / "n.nii.gz", noise, aff))], \
+            "n.nii.gz: noise standard deviation must be > 0 inside the mask"
     if kind == "tkd threshold":
         return args + ["--threshold", "0.7"], "--threshold: TKD's truncation of |D| must lie in (0, 2/3), got 0.7"
     if kind == "tikhonov lambda 0":
@@ -143,7 +149,8 @@ def bad_case(small_case, tmp_path, kind):
 
 
 BAD = ["nan", "empty mask", "mask shape", "mask affine", "2d", "4d", "not nifti", "corrupt", "zero voxel",
-       "units", "hz without b0", "rad without te", "zero b0 dir", "missing", "tkd threshold", "tikhonov lambda 0"]
+       "units", "hz without b0", "rad without te", "zero b0 dir", "missing", "tkd threshold", "tikhonov lambda 0",
+       "noise std zero"]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -298,7 +305,8 @@ def test_progress_bar_and_lines(capsys):
     assert "10/10" in buf.getvalue() and buf.getvalue().endswith("\n")
 
 
-@pytest.mark.parametrize("kind", ["hz", "rad", "mask as field", "field as mask", "fraction", "te in ms"])
+@pytest.mark.parametrize("kind", ["hz", "rad", "mask as field", "field as mask", "fraction", "te in ms",
+                                  "phase as magnitude"])
 def test_implausible_inputs_are_named_in_one_warning_line(small_case, capsys, tmp_path, kind):
     """A field in Hz or radians read as ppm, a field in units of B0, a phase whose TE was given in ms, a mask given
     as the field and a field given as the mask run, but each says on one line what it looks like and what to pass."""
@@ -322,6 +330,9 @@ def test_implausible_inputs_are_named_in_one_warning_line(small_case, capsys, tm
         args[1] = str(write_nifti(tmp_path / "phase.nii.gz", phase, img.affine))
         args += ["--units", "rad", "--b0", "3", "--te", "20"]
         phrase = "after conversion from rad, implausibly small"
+    elif kind == "phase as magnitude":
+        args += ["--magnitude", str(write_nifti(tmp_path / "mag.nii.gz", field - 0.05, img.affine))]
+        phrase = "mag.nii.gz: the magnitude holds negative values inside the mask: is it a phase or a field?"
     elif kind == "mask as field":
         args[1] = str(small_case["mask"])
         phrase = "is this a mask rather than a field"
@@ -331,7 +342,8 @@ def test_implausible_inputs_are_named_in_one_warning_line(small_case, capsys, tm
     code, _, err = run(args, capsys)
     warned = [x for x in err.splitlines() if x.startswith("pdiqsm: warning:")]
     assert code == 0 and len(warned) == 1 and phrase in warned[0], err
-    assert Path(args[1 if kind != "field as mask" else 3]).name in warned[0]  # names the file
+    named = {"field as mask": args[3], "phase as magnitude": args[-1]}.get(kind, args[1])
+    assert Path(named).name in warned[0]  # names the file
 
 
 def test_a_plausible_field_gives_no_warning(small_case, capsys, tmp_path):
