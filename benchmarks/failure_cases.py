@@ -2,7 +2,8 @@
 
 Each case runs ``pdiqsm`` in a fresh process on a small simulated field in its own folder (inputs written
 first, their bytes recorded), then reports the exit code, the last line on stderr, the files the run left
-(anything new or changed besides the inputs) and whether every input is byte-identical afterwards.
+(anything new or changed besides the inputs, and any folder it made and left empty) and whether every input is
+byte-identical afterwards.
 Writes benchmarks/results/failure_cases.md.
 """
 
@@ -72,6 +73,20 @@ def inputs(folder: Path) -> dict:
     far[:3, 3] = 500.0
     files["labels_far"] = save(folder / "labels_far.nii.gz", mask, far)
     (folder / "taken").write_text("a file where the output folder should be")
+    files["slab"] = save(folder / "slab.nii.gz", field[:, :, 14:17])  # 3 slices: no k-space sample in the cone
+    files["slab_mask"] = save(folder / "slab_mask.nii.gz", mask[:, :, 14:17])
+    files["flat"] = save(folder / "flat.nii.gz", np.where(mask, 0.02, 0.0))
+    tiny = np.zeros(shape)
+    tiny[19:21, 19:21, 15:17] = 1
+    files["tiny_mask"] = save(folder / "tiny_mask.nii.gz", tiny)
+    corner = np.zeros(shape)
+    corner[0, 0, 0] = 4
+    files["labels_out"] = save(folder / "labels_outside.nii.gz", corner)
+    holed = np.ones(shape)
+    holed[20, 20, 16] = 0.0
+    files["noise_zero"] = save(folder / "noise_zero.nii.gz", holed)
+    (folder / "bare.safetensors").write_bytes(data)
+    (folder / "bare.json").write_text("{}")
     return files
 
 
@@ -105,19 +120,33 @@ CASES = [
     ("weights: another architecture", recon("--weights", "foreign.safetensors", method="pdi"), {}),
     ("labels: not integers", recon("--labels", "labels_float.nii.gz"), {}),
     ("labels: another space", recon("--labels", "labels_far.nii.gz"), {}),
+    ("labels: none inside the mask (refused before the reconstruction)",
+     recon("--labels", "labels_outside.nii.gz", method="pdi"), {}),
+    ("weights: manifest without its entries", recon("--weights", "bare.safetensors", method="pdi"), {}),
+    ("a field of 3 slices (no k-space sample in the magic-angle cone), PDI, output folder out/a/b",
+     recon(field="slab.nii.gz", mask="slab_mask.nii.gz", method="pdi", out="out/a/b"), {}),
+    ("a field constant in the mask, MEDI with its automatic lambda", recon(field="flat.nii.gz", method="medi"), {}),
+    ("a mask of 8 voxels, PDI", recon(mask="tiny_mask.nii.gz", method="pdi"), {}),
+    ("a noise std map with a zero inside the mask, MEDI", recon("--noise-std", "noise_zero.nii.gz", method="medi"), {}),
     ("disk full while writing (RLIMIT_FSIZE 40 kB)", recon(), {"preexec": limit_file_size}),
     ("too little memory for TKD (PDIQSM_MEMORY_GB=0.001)", recon(), {"env": {"PDIQSM_MEMORY_GB": "0.001"}}),
     ("Ctrl-C during MEDI", recon("--iterations", "100000", "--lambda", "1e-4", "--progress", "lines", method="medi",
                                  field="noisy.nii.gz"), {"signal": signal.SIGINT}),
     ("SIGTERM during PDI-VI", recon("--iterations", "100000", "--progress", "lines", "--device", "cpu", "--vi-where",
                                     "everywhere", method="pdi-vi2"), {"signal": signal.SIGTERM}),
+    ("export: a file that is not a checkpoint", ["export", "notes.txt", "--out", "w.safetensors"], {}),
+    ("export: weights not named .safetensors", ["export", "model.pt", "--out", "w.bin"], {}),
+    ("simulate: 3 slices", ["simulate", "shapes", "--shape", "16", "16", "3", "--out-dir", "sim", "--progress", "none"],
+     {}),
     ("folder of 3 subjects, one without a mask, one with NaN", ["reconstruct", "rawdata", "--method", "tkd", "--out-dir",
                                                                 "derivatives", "--progress", "none"], {"prepare": "cohort"}),
 ]
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file's bytes, and every empty folder (None)."""
+    return {str(p.relative_to(folder)) + ("" if p.is_file() else "/"): p.read_bytes() if p.is_file() else None
+            for p in folder.rglob("*") if p.is_file() or not any(p.iterdir())}
 
 
 def cohort(folder: Path) -> None:
