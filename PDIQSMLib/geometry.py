@@ -24,6 +24,21 @@ class Geometry:
         object.__setattr__(self, "b0_dir", normalise_b0_dir(self.b0_dir))
 
 
+def network_axes(geometry: Geometry) -> tuple[int, int, int]:
+    """The voxel axes in the order PDI's network reads them: the axis nearest B0 last, the other two in their order.
+    The network was trained with B0 within 20 degrees of its third axis (``simulation.SimulationConfig.max_tilt_deg``);
+    relabelling the axes is exact (the dipole kernel follows them), so a volume whose B0 lies along another axis
+    (a sagittal or coronal acquisition's voxel order) is read as one from its training. Ties keep the third axis."""
+    b = np.abs(np.asarray(geometry.b0_dir))
+    k = 2 if b[2] >= b.max() - 1e-9 else int(np.argmax(b))
+    return tuple(i for i in range(3) if i != k) + (k,)
+
+
+def permuted(geometry: Geometry, order) -> Geometry:
+    """``geometry`` of the volume whose voxel axes are this one's taken in ``order`` (``np.transpose(x, order)``)."""
+    return Geometry(tuple(geometry.voxel_size[i] for i in order), tuple(geometry.b0_dir[i] for i in order))
+
+
 def check_voxel_size(voxel_size, source: str = "voxel size") -> tuple[float, float, float]:
     """Return the voxel size as three positive finite floats, or raise InputError."""
     vs = np.asarray(voxel_size, dtype=float).ravel()

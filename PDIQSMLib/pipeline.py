@@ -207,7 +207,14 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     """PDI, or PDI-VI fine-tuned on this field: (mean tensor, std array); fills ``info``. ``refill``: where the noise
     map marks voxels unreliable, their field in the network's inputs is predicted by PDI's own map
     (``network_io.REFILLS``; PDI runs again, PDI-VI starts from those inputs; only for a noise map given, not one
-    read off the field: there it gained nothing, benchmarks/results/refill_*.md)."""
+    read off the field: there it gained nothing, benchmarks/results/refill_*.md). A volume whose B0 lies nearest
+    another voxel axis than the third is read relabelled (``geometry.network_axes``, ``_pdi_relabelled``)."""
+    from .geometry import network_axes
+
+    order = network_axes(geometry)
+    if order != (0, 1, 2):  # B0 nearest another voxel axis: the network reads the volume relabelled, maps come back
+        return _pdi_relabelled(order, field_ppm, mask, geometry, settings, magnitude, noise_std, progress, info, tile,
+                               refill)
     from .inference import pick_device
     from .weights import load_model
 
@@ -276,6 +283,28 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         mean = blend * mean + (1.0 - blend) * first
         std = np.sqrt(blend * std**2 + (1.0 - blend) * first_std**2).astype(std.dtype)
     return torch.from_numpy(mean), std
+
+
+def relabel(order, *arrays):
+    """Each array (or None) with its voxel axes taken in ``order``, contiguous (``geometry.network_axes``)."""
+    return tuple(None if a is None else np.ascontiguousarray(np.transpose(np.asarray(a), order)) for a in arrays)
+
+
+def _pdi_relabelled(order, field_ppm, mask, geometry, settings, magnitude, noise_std, progress, info, tile, refill):
+    """``_pdi`` on the volume with its axes in ``order`` (B0's nearest axis last, where the network learnt it), its
+    maps put back in the input's order."""
+    from .geometry import permuted
+
+    k = order[2]
+    info["network_axes"] = {"order": list(order), "why": f"B0 lies nearest voxel axis {k}; the network was trained "
+                                                         "with B0 near its third axis (maps in the input's order)"}
+    progress.status(f"B0 lies nearest voxel axis {k}: the network reads the volume with that axis last")
+    field_r, mask_r, magnitude_r, noise_r = relabel(order, field_ppm, mask, magnitude, noise_std)
+    mean, std = _pdi(field_r, mask_r, permuted(geometry, order), settings, magnitude_r, noise_r, progress, info, tile,
+                     refill)
+    back = tuple(int(i) for i in np.argsort(order))
+    mean_b, std_b = relabel(back, mean.numpy(), std)
+    return torch.from_numpy(mean_b), std_b
 
 
 def _pdi_map(net, field_ppm, mask, geometry, reflections: int, weight, refills: int, tile, device,
@@ -457,6 +486,7 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
     never modified, and ``out`` may not be any input file. Returns the manifest written.
     """
     from . import vi
+    from .geometry import network_axes, permuted
     from .inference import pick_device
     from .weights import DEFAULT_WEIGHTS, load_model, save_weights
 
@@ -492,7 +522,13 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
         noise, found = noise_map(inp.field_ppm, inp.mask, inp.noise_std, settings)
         if found:
             progress.status(f"field {i}: {found} voxels whose field is noise are down-weighted")
-        return vi_volume(net, inp.field_ppm, inp.mask, inp.geometry, inp.magnitude, noise, device, vi_edges(settings))
+        arrays, geometry = (inp.field_ppm, inp.mask, inp.magnitude, noise), inp.geometry
+        order = network_axes(geometry)
+        if order != (0, 1, 2):  # as reconstruct's network reads it (_pdi_relabelled)
+            arrays, geometry = relabel(order, *arrays), permuted(geometry, order)
+            progress.status(f"field {i}: B0 lies nearest voxel axis {order[2]}: tuned on with that axis last")
+        field_r, mask_r, magnitude_r, noise_r = arrays
+        return vi_volume(net, field_r, mask_r, geometry, magnitude_r, noise_r, device, vi_edges(settings))
 
     volumes = [prepared(i + 1, f, m, (noise_paths or [None] * len(field_paths))[i],
                         (magnitude_paths or [None] * len(field_paths))[i])

@@ -720,3 +720,28 @@ def test_export_refuses_what_is_not_a_checkpoint_and_writes_only_safetensors(tmp
     with pytest.raises(InputError, match="must be a .safetensors file"):
         export(tmp_path / "other.pt", tmp_path / "w.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt", "text.pt"]
+
+
+@pytest.mark.parametrize("method", ["pdi", "pdi-vi1"])
+def test_a_volume_stored_with_b0_along_its_first_axis_is_read_as_one_with_b0_along_the_third(method):
+    """The network learnt B0 within 20 degrees of its third axis. A brain stored with its axes in another order (B0
+    along the first, as a sagittal acquisition's voxel order may put it) is read relabelled (``network_axes``): its
+    maps are the relabelled maps of the same brain stored with B0 along the third axis, to the bit, and the record
+    says so; a brain stored that way is not relabelled."""
+    from PDIQSMLib.geometry import network_axes, permuted
+    from PDIQSMLib.pipeline import Settings, reconstruct
+    from PDIQSMLib.simulation import simulated_brain
+
+    s = simulated_brain((32, 36, 28), (1.0, 1.0, 1.5), seed=3, noise_ppm=2e-3)
+    order = (2, 0, 1)  # stored with the third axis first
+
+    def stored(x):
+        return np.ascontiguousarray(np.transpose(x, order))
+
+    g = permuted(s.geometry, order)
+    assert g.voxel_size == (1.5, 1.0, 1.0) and network_axes(g) == (1, 2, 0) and network_axes(s.geometry) == (0, 1, 2)
+    settings = Settings(method=method, device="cpu", iterations=2, vi_where="everywhere", vi_precision="fp32")
+    aligned = reconstruct(s.field, s.mask, s.geometry, settings)
+    other = reconstruct(stored(s.field), stored(s.mask), g, settings)
+    assert np.array_equal(other.mean, stored(aligned.mean)) and np.array_equal(other.std, stored(aligned.std))
+    assert other.info["network_axes"]["order"] == [1, 2, 0] and "network_axes" not in aligned.info
