@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import InputError
-from .geometry import check_voxel_size
+from .geometry import check_voxel_size, normalise_b0_dir
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -182,6 +182,7 @@ class Params:
     voxel_size: tuple[float, float, float] | None = None
     b0: float | None = None
     te: float | None = None
+    source: str = "params.json"  # the file they came from, for messages
 
 
 def read_params(path) -> Params:
@@ -201,8 +202,16 @@ def read_params(path) -> Params:
         te = te[0] if te else None
     b0dir, vs, b0 = pick("B0_dir", "b0_dir"), pick("voxel_size", "VoxelSize"), pick("B0", "MagneticFieldStrength")
     try:
-        return Params(tuple(map(float, b0dir)) if b0dir is not None else None,
-                      tuple(map(float, vs)) if vs is not None else None,
-                      float(b0) if b0 is not None else None, float(te) if te is not None else None)
+        params = Params(tuple(map(float, b0dir)) if b0dir is not None else None,
+                        tuple(map(float, vs)) if vs is not None else None,
+                        float(b0) if b0 is not None else None, float(te) if te is not None else None, str(p))
     except (TypeError, ValueError) as exc:
         raise InputError(str(p), f"malformed value: {exc}") from None
+    if params.b0_dir is not None:
+        normalise_b0_dir(params.b0_dir, f"{p} (B0_dir)")
+    if params.voxel_size is not None:
+        check_voxel_size(params.voxel_size, f"{p} (voxel_size)")
+    for key, value, unit in (("B0", params.b0, "tesla"), ("TE", params.te, "seconds")):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise InputError(str(p), f"{key} must be > 0 {unit}, got {value:g}")
+    return params

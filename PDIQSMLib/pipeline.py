@@ -572,7 +572,8 @@ def resolve_geometry(field: Volume, params: Params | None, b0_dir=None) -> Geome
     direction = b0_dir if b0_dir is not None else (params.b0_dir if params and params.b0_dir else None)
     geo = geometry_from_affine(field.affine, normalise_b0_dir(direction) if direction is not None else None)
     if params and params.voxel_size and not np.allclose(params.voxel_size, geo.voxel_size, rtol=1e-3):
-        raise InputError("params.json", f"voxel_size {params.voxel_size} differs from the NIfTI header's {geo.voxel_size}")
+        raise InputError(params.source, f"voxel_size {' x '.join(f'{v:g}' for v in params.voxel_size)} mm differs from "
+                                        f"the NIfTI header's {' x '.join(f'{v:.4g}' for v in geo.voxel_size)} mm")
     return geo
 
 

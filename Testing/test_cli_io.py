@@ -241,6 +241,16 @@ def test_params_json(tmp_path):
     p.write_text("{broken")
     with pytest.raises(InputError, match="JSON"):
         read_params(p)
+    for bad, phrase in (({"B0_dir": [0, 0, 0]}, r"params.json \(B0_dir\): the vector is zero"),
+                        ({"B0": -3}, "params.json: B0 must be > 0 tesla, got -3"),
+                        ({"TE": [20, 40], "B0": 3}, None), ({"TE": 0}, "params.json: TE must be > 0 seconds"),
+                        ({"voxel_size": [1, 0, 1]}, r"params.json \(voxel_size\): voxel sizes must be positive")):
+        p.write_text(json.dumps(bad))
+        if phrase is None:  # implausible (TE in ms) but readable: the field's own check warns after conversion
+            assert read_params(p).te == 20.0
+            continue
+        with pytest.raises(InputError, match=phrase):
+            read_params(p)
 
 
 def test_params_b0_dir_reaches_the_reconstruction(small_case, capsys, tmp_path):
