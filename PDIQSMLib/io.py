@@ -58,7 +58,13 @@ def load_volume(path, role: str = "volume", volume_index: int | None = None, fin
         raise InputError(str(p), f"{role} is not a NIfTI file (expected .nii or .nii.gz)")
     try:
         img = nib.load(str(p))
+        kind = img.get_data_dtype()
+        if np.issubdtype(kind, np.complexfloating):
+            raise InputError(str(p), f"{role} holds complex values ({kind}): give the real {role} image, not a complex "
+                                     "one (for a complex GRE image, take its phase through a QSM pipeline first)")
         data = np.asarray(img.dataobj, dtype=np.float64)
+    except InputError:
+        raise
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise InputError(str(p), f"cannot read {role} as NIfTI: {exc}") from None
     if data.ndim == 4 and data.shape[3] == 1:

@@ -97,6 +97,11 @@ def bad_case(small_case, tmp_path, kind):
         shifted[0, 3] = 5.0
         args[3] = str(write_nifti(tmp_path / "m.nii.gz", np.ones_like(data), shifted))
         return args, "affine"
+    if kind == "complex":
+        img = nib.Nifti1Image(data.astype(np.complex64), aff)
+        nib.save(img, str(tmp_path / "complex.nii.gz"))
+        args[1] = str(tmp_path / "complex.nii.gz")
+        return args, "complex.nii.gz: field holds complex values (complex64)"
     if kind == "2d":
         args[1] = str(write_nifti(tmp_path / "flat.nii.gz", data[:, :, 0], aff))
         return args, "3D"
@@ -150,7 +155,7 @@ def bad_case(small_case, tmp_path, kind):
 
 BAD = ["nan", "empty mask", "mask shape", "mask affine", "2d", "4d", "not nifti", "corrupt", "zero voxel",
        "units", "hz without b0", "rad without te", "zero b0 dir", "missing", "tkd threshold", "tikhonov lambda 0",
-       "noise std zero"]
+       "noise std zero", "complex"]
 
 
 @pytest.mark.parametrize("kind", BAD)
