@@ -235,7 +235,7 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
                                        "prior's)")
     if settings.method == "pdi":
         mean, std, _, _ = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight, refills, tile,
-                                   device, progress)
+                                   device, progress, finest_trained(manifest), info)
         return torch.from_numpy(mean), std
     from . import vi
 
@@ -247,7 +247,7 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
                                 residual_over_cone, weighted_residual)
 
         first, first_std, inputs, one_pass = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight,
-                                                      refills, tile, device, progress)
+                                                      refills, tile, device, progress, finest_trained(manifest), info)
         residual = weighted_residual(field_ppm, mask, geometry, weight, first)
         if where == "gated":  # discrepant where PDI explains the field to its noise floor: see residual_over_cone
             ratio = residual_over_cone(field_ppm, mask, geometry, weight, residual)
@@ -285,6 +285,14 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     return torch.from_numpy(mean), std
 
 
+def finest_trained(manifest: dict) -> float | None:
+    """The finest voxel side (mm) the weights were trained on, from their manifest's simulation settings (None when
+    the manifest does not say)."""
+    simulation = (manifest.get("train_config") or {}).get("simulation") or {}
+    sides = [simulation[k][0] for k in ("in_plane_mm", "slice_mm") if isinstance(simulation.get(k), (list, tuple))]
+    return float(min(sides)) if sides else None
+
+
 def relabel(order, *arrays):
     """Each array (or None) with its voxel axes taken in ``order``, contiguous (``geometry.network_axes``)."""
     return tuple(None if a is None else np.ascontiguousarray(np.transpose(np.asarray(a), order)) for a in arrays)
@@ -308,11 +316,14 @@ def _pdi_relabelled(order, field_ppm, mask, geometry, settings, magnitude, noise
 
 
 def _pdi_map(net, field_ppm, mask, geometry, reflections: int, weight, refills: int, tile, device,
-             progress: Progress):
+             progress: Progress, finest_mm: float | None = None, info: dict | None = None):
     """PDI's map (``reflections`` passes averaged), its std, the network's inputs it was read from (refilled
-    ``refills`` times) and the unmirrored pass's map of them (PDI-VI1's edges, ``vi_volume``)."""
+    ``refills`` times) and the unmirrored pass's map of them (PDI-VI1's edges, ``vi_volume``). On a grid finer than
+    ``finest_mm`` (the training's finest voxel) the map's coarse band comes from the network's map of the
+    block-averaged field (``scales``; recorded in ``info['fine_grid']``); the std is the fine run's."""
     from .inference import predict
     from .network_io import network_inputs, refilled
+    from .scales import block_mean, coarse_factors, combined
 
     passes: list = []
 
@@ -328,7 +339,26 @@ def _pdi_map(net, field_ppm, mask, geometry, reflections: int, weight, refills: 
         progress.status(f"running PDI on {device} again, the replaced voxels' field from its first map")
         inputs = refilled(inputs, mask, geometry, weight, mean)
         mean, std = run(inputs)
-    return mean, std, inputs, passes[0][0]
+    one_pass = passes[0][0]
+    f = coarse_factors(geometry.voxel_size, finest_mm)
+    if f is not None:
+        from .fieldstats import noise_problem
+
+        coarse_geometry = Geometry(tuple(v * k for v, k in zip(geometry.voxel_size, f)), geometry.b0_dir)
+        field_c, mask_c = block_mean(field_ppm, mask, f)
+        if noise_problem(field_c, mask_c, coarse_geometry) is not None:  # too small or thin a volume for blocks
+            f = None
+    if f is not None:
+        progress.status(f"the grid is finer than the network's training ({finest_mm:g} mm): its coarse band from PDI "
+                        f"on {' x '.join(f'{v:g}' for v in coarse_geometry.voxel_size)} mm blocks")
+        weight_c = None if weight is None else block_mean(weight, mask, f)[0]
+        coarse, _ = predict(net, field_c, mask_c, device, tile=tile, geometry=coarse_geometry, weight=weight_c,
+                            reflections=reflections)
+        mean = combined(mean, coarse, mask_c, mask, f)
+        if info is not None:
+            info["fine_grid"] = {"finest_trained_mm": finest_mm, "blocks": list(f),
+                                 "coarse_voxel_mm": [round(v, 4) for v in coarse_geometry.voxel_size]}
+    return mean, std, inputs, one_pass
 
 
 def noise_map(field_ppm: np.ndarray, mask: np.ndarray, noise_std: np.ndarray | None,
