@@ -6,8 +6,9 @@ other grids too: 0.5 mm at 7 T, 4-5 mm clinical slices, oblique slabs. Here the 
 on fixed grids inside and outside that range (``simulation.realistic_brain``: MNI152 anatomy with the non-dipolar
 terms of real fields, a field of view of at most the training's 144 x 144 x 96 voxels, or the --big-shape for the
 finest grids) and reconstructed with each method's defaults (PDI: a volume stored with B0 along another axis is read
-relabelled, ``geometry.network_axes``; a grid finer than 0.6 mm takes its coarse band from 1 mm blocks, ``scales``). Demeaned NRMSE % (the QSM-CI board's), mean over the
-seeds; PDI's 2-sigma coverage beside it. Writes benchmarks/results/domain.md (--name).
+relabelled, ``geometry.network_axes``; a grid finer than 0.6 mm takes its coarse band from 1 mm blocks,
+``scales``). Demeaned NRMSE % (the QSM-CI board's), mean over the seeds; PDI's 2-sigma coverage beside it; a row's
+wall time for all methods and seeds. Writes benchmarks/results/domain.md (--name).
 """
 
 from __future__ import annotations
