@@ -492,13 +492,13 @@ class Logic:
             names[str(paths[role])] = f"{'noise std' if role == 'noise' else role} '{node.GetName()}'"
         region_args = []
         if request.regions is not None:
-            labels, names = segmentation_labels(request.regions, request.field)
+            labels, segment_names = segmentation_labels(request.regions, request.field)
             labels_path = save_volume(work / "labels.nii.gz", labels.astype(np.float32),
                                       Volume(labels.astype(np.float32), affine, None))
             names[str(labels_path)] = f"regions '{request.regions.GetName()}'"
             from .regions import names_tsv
 
-            (work / "labels.tsv").write_text(names_tsv(names))
+            (work / "labels.tsv").write_text(names_tsv(segment_names))
             region_args = ["--labels", str(labels_path), "--names", str(work / "labels.tsv"), "--reference",
                            request.reference]
         args = [python_executable(), "-m", "PDIQSMLib.cli", "reconstruct", str(paths["field"]), "--mask",

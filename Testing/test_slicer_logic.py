@@ -286,6 +286,16 @@ def test_segmentations_as_mask_and_regions_give_a_table_node(any_frame):
     assert column("mean_ppm")[1] == pytest.approx(0.0, abs=1e-9) and column("mean_ppm")[0] > 0.1
     assert table.GetColumnUnitLabel("mean_ppm") == "ppm" and "upper shell" in table.GetAttribute("PDIQSM.reference")
     assert logic.reconstruct(Request(nodes["field"], nodes["mask"], method="tkd"))[1] is None and logic.last_table is None
+    from PDIQSMLib.regions import read_names
+
+    job = logic.prepare(Request(nodes["field"], seg_mask, method="tkd", regions=seg_regions))
+    try:  # the command's names file holds the segments' names only; the job names each private file by its node
+        assert read_names(job.work / "labels.tsv") == {1: "sphere", 2: "upper shell"}
+        assert job.names == {str(job.work / "field.nii.gz"): f"field '{nodes['field'].GetName()}'",
+                             str(job.work / "mask.nii.gz"): "mask 'brain'",
+                             str(job.work / "labels.nii.gz"): "regions 'regions'"}
+    finally:
+        logic.discard(job)
 
 
 def test_segmentation_problems_are_named(case):
