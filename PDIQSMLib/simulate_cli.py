@@ -10,6 +10,7 @@ import numpy as np
 
 from . import phantoms
 from .errors import InputError
+from .fieldstats import MIN_VOXELS
 from .geometry import Geometry, check_voxel_size, normalise_b0_dir
 from .io import Volume, load_mask, load_volume
 from .outputs import OutputSet
@@ -108,7 +109,7 @@ def simulate(args, progress: Progress) -> list[Path]:
         chi, mask = ph.chi, ph.mask
         field = add_noise(field_of(chi, mask, geometry, pad=2.0), mask, args.noise, np.random.default_rng(args.seed + 1))
         like = Volume(chi, affine_for_b0(geometry.voxel_size, b0_dir), nib.Nifti1Header())
-    if int(np.count_nonzero(mask)) < MIN_SIDE**3 // 16:  # 32 voxels: nothing a reconstruction could use
+    if int(np.count_nonzero(mask)) < MIN_VOXELS:  # what reconstruct would refuse (no field statistics)
         raise InputError("--shape", f"the {args.kind} phantom's mask on {' x '.join(map(str, chi.shape))} voxels of "
                                     f"{' x '.join(f'{v:g}' for v in geometry.voxel_size)} mm holds "
                                     f"{int(np.count_nonzero(mask))} voxels: give a larger field of view")
