@@ -120,8 +120,8 @@ def noise_problem(field: np.ndarray, mask: np.ndarray, geometry: Geometry) -> tu
     the problem), or None: a mask under MIN_VOXELS voxels, a grid so thin along some axis that no k-space sample
     inside the sphere lies in the cone, or a field constant inside the mask (nothing in it to explain)."""
     m = np.asarray(mask) > 0
-    if _too_small(m) is not None:
-        return "mask", _too_small(m)
+    if (small := _too_small(m)) is not None:
+        return "mask", small
     inside, cone = _sphere_and_cone(m.shape, geometry)
     if not bool((inside & cone).any()):
         return "field", _no_cone(m.shape)
@@ -134,8 +134,8 @@ def field_stats(field: np.ndarray, mask: np.ndarray, geometry: Geometry) -> Fiel
     """The real-field statistics of ``field`` (ppm) inside ``mask``; NoStatistics for a mask under MIN_VOXELS
     voxels or a grid without a cone (``noise_problem``)."""
     m = np.asarray(mask) > 0
-    if _too_small(m) is not None:
-        raise NoStatistics("mask", _too_small(m))
+    if (small := _too_small(m)) is not None:
+        raise NoStatistics("mask", small)
     std = float(np.asarray(field, np.float64)[m].std())
     share, volume = cone_share(field, m, geometry)
     if volume == 0.0:

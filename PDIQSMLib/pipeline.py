@@ -24,7 +24,7 @@ from .io import Params, Volume, check_same_grid, finite_in_mask, load_mask, load
 from .progress import Progress
 from .plausibility import field_warnings, magnitude_warnings, warn
 from .units import ppm_per_unit, to_ppm
-from .weighting import data_weight, gradient_mask, noisy_regions
+from .weighting import check_noise_std, data_weight, gradient_mask, noisy_regions
 
 
 @dataclass
@@ -209,12 +209,9 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     (``network_io.REFILLS``; PDI runs again, PDI-VI starts from those inputs; only for a noise map given, not one
     read off the field: there it gained nothing, benchmarks/results/refill_*.md). A volume whose B0 lies nearest
     another voxel axis than the third is read relabelled (``geometry.network_axes``, ``_pdi_relabelled``)."""
-    from .geometry import network_axes
-
-    order = network_axes(geometry)
+    order, geometry_r, arrays = network_frame(geometry, field_ppm, mask, magnitude, noise_std)
     if order != (0, 1, 2):  # B0 nearest another voxel axis: the network reads the volume relabelled, maps come back
-        return _pdi_relabelled(order, field_ppm, mask, geometry, settings, magnitude, noise_std, progress, info, tile,
-                               refill)
+        return _pdi_relabelled(order, geometry_r, arrays, settings, progress, info, tile, refill)
     from .inference import pick_device
     from .weights import load_model
 
@@ -298,18 +295,26 @@ def relabel(order, *arrays):
     return tuple(None if a is None else np.ascontiguousarray(np.transpose(np.asarray(a), order)) for a in arrays)
 
 
-def _pdi_relabelled(order, field_ppm, mask, geometry, settings, magnitude, noise_std, progress, info, tile, refill):
-    """``_pdi`` on the volume with its axes in ``order`` (B0's nearest axis last, where the network learnt it), its
-    maps put back in the input's order."""
-    from .geometry import permuted
+def network_frame(geometry: Geometry, *arrays) -> tuple[tuple[int, int, int], Geometry, tuple]:
+    """(the axis order PDI's network reads this volume in, ``geometry`` and ``arrays`` in that order): B0's nearest
+    axis last (``geometry.network_axes``); as given when that is already the third."""
+    from .geometry import network_axes, permuted
 
+    order = network_axes(geometry)
+    if order == (0, 1, 2):
+        return order, geometry, arrays
+    return order, permuted(geometry, order), relabel(order, *arrays)
+
+
+def _pdi_relabelled(order, geometry, arrays, settings, progress, info, tile, refill):
+    """``_pdi`` on the volume relabelled by ``network_frame`` (``order``, its ``geometry`` and its field, mask,
+    magnitude and noise std), its maps put back in the input's order."""
     k = order[2]
     info["network_axes"] = {"order": list(order), "why": f"B0 lies nearest voxel axis {k}; the network was trained "
                                                          "with B0 near its third axis (maps in the input's order)"}
     progress.status(f"B0 lies nearest voxel axis {k}: the network reads the volume with that axis last")
-    field_r, mask_r, magnitude_r, noise_r = relabel(order, field_ppm, mask, magnitude, noise_std)
-    mean, std = _pdi(field_r, mask_r, permuted(geometry, order), settings, magnitude_r, noise_r, progress, info, tile,
-                     refill)
+    field_r, mask_r, magnitude_r, noise_r = arrays
+    mean, std = _pdi(field_r, mask_r, geometry, settings, magnitude_r, noise_r, progress, info, tile, refill)
     back = tuple(int(i) for i in np.argsort(order))
     mean_b, std_b = relabel(back, mean.numpy(), std)
     return torch.from_numpy(mean_b), std_b
@@ -516,7 +521,6 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
     never modified, and ``out`` may not be any input file. Returns the manifest written.
     """
     from . import vi
-    from .geometry import network_axes, permuted
     from .inference import pick_device
     from .weights import DEFAULT_WEIGHTS, load_model, save_weights
 
@@ -552,10 +556,8 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
         noise, found = noise_map(inp.field_ppm, inp.mask, inp.noise_std, settings)
         if found:
             progress.status(f"field {i}: {found} voxels whose field is noise are down-weighted")
-        arrays, geometry = (inp.field_ppm, inp.mask, inp.magnitude, noise), inp.geometry
-        order = network_axes(geometry)
+        order, geometry, arrays = network_frame(inp.geometry, inp.field_ppm, inp.mask, inp.magnitude, noise)
         if order != (0, 1, 2):  # as reconstruct's network reads it (_pdi_relabelled)
-            arrays, geometry = relabel(order, *arrays), permuted(geometry, order)
             progress.status(f"field {i}: B0 lies nearest voxel axis {order[2]}: tuned on with that axis last")
         field_r, mask_r, magnitude_r, noise_r = arrays
         return vi_volume(net, field_r, mask_r, geometry, magnitude_r, noise_r, device, vi_edges(settings))
@@ -643,9 +645,8 @@ def load_inputs(field_path, mask_path, magnitude_path=None, noise_path=None, uni
             vol = load_volume(path, role, finite=False)
             check_same_grid(field, vol, role)
             ignored[role] = finite_in_mask(vol, mask, role)
-            if role == "noise std" and np.any(vol.data[mask] <= 0):
-                raise InputError(str(path), f"noise standard deviation must be > 0 inside the mask (the data weight is "
-                                            f"mask / N_std); {int(np.sum(vol.data[mask] <= 0))} voxels are not")
+            if role == "noise std":
+                check_noise_std(vol.data[mask], str(path))
             for note in magnitude_warnings(vol.data[mask], str(path)) if role == "magnitude" else ():
                 warn(note)
             extras[role] = vol.data

@@ -15,6 +15,15 @@ from .errors import InputError
 from .gradient import grad
 
 
+def check_noise_std(inside: np.ndarray, source: str) -> None:
+    """Refuse a noise std map (its values inside the mask) that is not a finite number > 0 at every voxel: the
+    data weight is mask / N_std."""
+    bad = int(np.count_nonzero(~(np.isfinite(inside) & (np.asarray(inside) > 0))))
+    if bad:
+        raise InputError(source, f"noise standard deviation must be > 0 inside the mask (positive and finite: the data "
+                                 f"weight is mask / N_std); {bad} voxels are not")
+
+
 def data_weight(mask: np.ndarray, noise_std: np.ndarray | None = None, source: str = "noise std") -> np.ndarray:
     """W = mask / N_std, normalised to mean 1 inside the mask; float32."""
     m = np.asarray(mask) > 0
@@ -26,8 +35,7 @@ def data_weight(mask: np.ndarray, noise_std: np.ndarray | None = None, source: s
     if n.shape != m.shape:
         raise InputError(source, f"shape {n.shape} differs from the mask's {m.shape}")
     inside = n[m]
-    if not np.all(np.isfinite(inside)) or np.any(inside <= 0):
-        raise InputError(source, "noise standard deviation must be positive and finite inside the mask")
+    check_noise_std(inside, source)
     w = np.zeros(m.shape, np.float64)
     w[m] = 1.0 / inside
     w /= w[m].mean()
