@@ -251,8 +251,9 @@ def resolve_reference(reference, names: dict[int, str], present: list[int]) -> i
 
 def region_stats(chi: np.ndarray, mask: np.ndarray, labels: np.ndarray, voxel_size, std: np.ndarray | None = None,
                  names: dict[int, str] | None = None, reference="whole-brain", model: ErrorModel | None = None,
-                 samples: int = 0, seed: int = 0) -> dict:
-    """The table of every label (> 0) inside the mask; returns {"rows": [...], "reference": ..., notes}.
+                 samples: int = 0, seed: int = 0, source: str = "labels") -> dict:
+    """The table of every label (> 0) inside the mask; returns {"rows": [...], "reference": ..., notes}; InputError
+    naming ``source`` (the label file) when no label has a voxel inside the mask.
 
     Means, medians and the interval are relative to the reference (its own uncertainty included, and its
     covariance with the region when they overlap). ``samples`` > 0: the interval is also read off that
@@ -261,7 +262,7 @@ def region_stats(chi: np.ndarray, mask: np.ndarray, labels: np.ndarray, voxel_si
     m = np.asarray(mask) > 0
     chi = np.asarray(chi, np.float64)
     model = model or NAIVE
-    present = present_labels(labels, m)
+    present = present_labels(labels, m, source)
     all_labels = [int(v) for v in np.unique(labels) if v > 0]
     notes = []
     empty = [v for v in all_labels if v not in present]
@@ -375,9 +376,9 @@ def stats_for_files(chi: Volume, mask: np.ndarray, labels_path, std: np.ndarray 
     """``region_stats`` for a map read from disk, with the labels (resampled when on another sampling) and
     names read here; the notes say what was done."""
     labels, note = load_labels(labels_path, chi)
-    present_labels(labels, mask, str(labels_path))
     names = read_names(names_path) if names_path else default_names(labels_path)
-    stats = region_stats(chi.data, mask, labels, chi.voxel_size, std, names, reference, model, samples)
+    stats = region_stats(chi.data, mask, labels, chi.voxel_size, std, names, reference, model, samples,
+                         source=str(labels_path))
     if note:
         stats["notes"].insert(0, note)
     return stats
