@@ -232,7 +232,7 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
                                        "prior's)")
     if settings.method == "pdi":
         mean, std, _, _ = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight, refills, tile,
-                                   device, progress, finest_trained(manifest), info)
+                                   device, progress, trained_voxels(manifest), info)
         return torch.from_numpy(mean), std
     from . import vi
 
@@ -244,7 +244,7 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
                                 residual_over_cone, weighted_residual)
 
         first, first_std, inputs, one_pass = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight,
-                                                      refills, tile, device, progress, finest_trained(manifest), info)
+                                                      refills, tile, device, progress, trained_voxels(manifest), info)
         residual = weighted_residual(field_ppm, mask, geometry, weight, first)
         if where == "gated":  # discrepant where PDI explains the field to its noise floor: see residual_over_cone
             ratio = residual_over_cone(field_ppm, mask, geometry, weight, residual)
@@ -282,12 +282,17 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     return torch.from_numpy(mean), std
 
 
-def finest_trained(manifest: dict) -> float | None:
-    """The finest voxel side (mm) the weights were trained on, from their manifest's simulation settings (None when
-    the manifest does not say)."""
+def trained_voxels(manifest: dict) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
+    """(the finest, the coarsest) voxel side (mm) the weights were trained on along each of the network's axes (in
+    plane, in plane, slices: B0's axis), from their manifest's simulation settings; an axis the manifest is silent on
+    takes the other's range; None when it gives neither."""
     simulation = (manifest.get("train_config") or {}).get("simulation") or {}
-    sides = [simulation[k][0] for k in ("in_plane_mm", "slice_mm") if isinstance(simulation.get(k), (list, tuple))]
-    return float(min(sides)) if sides else None
+    ranges = {k: (float(simulation[k][0]), float(simulation[k][-1])) for k in ("in_plane_mm", "slice_mm")
+              if isinstance(simulation.get(k), (list, tuple))}
+    if not ranges:
+        return None
+    plane, thick = ranges.get("in_plane_mm", ranges.get("slice_mm")), ranges.get("slice_mm", ranges.get("in_plane_mm"))
+    return (plane[0], plane[0], thick[0]), (plane[1], plane[1], thick[1])
 
 
 def relabel(order, *arrays):
@@ -321,11 +326,12 @@ def _pdi_relabelled(order, geometry, arrays, settings, progress, info, tile, ref
 
 
 def _pdi_map(net, field_ppm, mask, geometry, reflections: int, weight, refills: int, tile, device,
-             progress: Progress, finest_mm: float | None = None, info: dict | None = None):
+             progress: Progress, trained: tuple | None = None, info: dict | None = None):
     """PDI's map (``reflections`` passes averaged), its std, the network's inputs it was read from (refilled
     ``refills`` times) and the unmirrored pass's map of them (PDI-VI1's edges, ``vi_volume``). On a grid finer than
-    ``finest_mm`` (the training's finest voxel) the map's coarse band comes from the network's map of the
-    block-averaged field (``scales``; recorded in ``info['fine_grid']``); the std is the fine run's."""
+    ``trained`` (the training's (finest, coarsest) voxel sides per axis, ``trained_voxels``) the map's coarse band comes
+    from the network's map of the block-averaged field (``scales``; recorded in ``info['fine_grid']``); the std is the
+    fine run's."""
     from .inference import predict
     from .network_io import network_inputs, refilled
     from .scales import block_mean, coarse_factors, combined
@@ -345,7 +351,7 @@ def _pdi_map(net, field_ppm, mask, geometry, reflections: int, weight, refills: 
         inputs = refilled(inputs, mask, geometry, weight, mean)
         mean, std = run(inputs)
     one_pass = passes[0][0]
-    f = coarse_factors(geometry.voxel_size, finest_mm)
+    f = coarse_factors(geometry.voxel_size, *trained) if trained else None
     if f is not None:
         from .fieldstats import noise_problem
 
@@ -354,14 +360,16 @@ def _pdi_map(net, field_ppm, mask, geometry, reflections: int, weight, refills: 
         if noise_problem(field_c, mask_c, coarse_geometry) is not None:  # too small or thin a volume for blocks
             f = None
     if f is not None:
-        progress.status(f"the grid is finer than the network's training ({finest_mm:g} mm): its coarse band from PDI "
-                        f"on {' x '.join(f'{v:g}' for v in coarse_geometry.voxel_size)} mm blocks")
+        finest = trained[0]
+        progress.status(f"the grid is finer than the network's training ({finest[0]:g} mm in plane, {finest[2]:g} mm "
+                        "along B0's axis at the finest): its coarse band "
+                        f"from PDI on {' x '.join(f'{v:g}' for v in coarse_geometry.voxel_size)} mm blocks")
         weight_c = None if weight is None else block_mean(weight, mask, f)[0]
         coarse, _ = predict(net, field_c, mask_c, device, tile=tile, geometry=coarse_geometry, weight=weight_c,
                             reflections=reflections)
         mean = combined(mean, coarse, mask_c, mask, f)
         if info is not None:
-            info["fine_grid"] = {"finest_trained_mm": finest_mm, "blocks": list(f),
+            info["fine_grid"] = {"finest_trained_mm": list(finest), "blocks": list(f),
                                  "coarse_voxel_mm": [round(v, 4) for v in coarse_geometry.voxel_size]}
     return mean, std, inputs, one_pass
 

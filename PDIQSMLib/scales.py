@@ -6,7 +6,13 @@ brain twice its size, and on realistic simulated brains at 0.5 mm it lost its le
 demeaned, against 2.9-7.6 points ahead on its own grids; ``benchmarks/results/domain.md``). So on a finer grid the
 field is also block-averaged by an integer factor per axis onto a grid the network knows, the network maps that,
 and its map replaces the fine map's coarse band: ``U(PDI(coarse)) + PDI(fine) - U(B(PDI(fine)))``, with B the
-masked block mean and U the trilinear upsampling normalised by the mask's. The fine run keeps every detail finer
+masked block mean and U the trilinear upsampling normalised by the mask's. Each axis is read against its own
+training range: in plane 0.6-1.2 mm, but the third axis (B0's, the slices) 1-3 mm. The blocks take one factor for all
+axes when that keeps every side in range (0.5 x 0.5 x 1 mm -> 1 x 1 x 2, the voxel's shape kept), else the least
+per axis (a 0.64 mm isotropic grid -> 0.64 x 0.64 x 1.28). Chosen on realistic brains of seeds 45000-45003: at
+0.64-0.9 mm iso, 1 x 1 x 2 blocks 0.2-5.7 points better than none on all 16, and than 2 x 2 x 2 on 15; at
+0.5 x 0.5 x 1 mm, 2 x 2 x 2 blocks 0.8-1.9 better than 2 x 2 x 1 on all 4; checked on five others in
+``benchmarks/results/domain.md``. The fine run keeps every detail finer
 than a block; the coarse run sets everything coarser. The forward model is linear and shift-invariant, so the
 block-averaged field is the field of the block-averaged map (0.6 % apart inside a simulated brain, the two grids'
 discrete kernels; ``test_scales.py``): the coarse field is a field the network can read.
@@ -21,13 +27,22 @@ import torch
 import torch.nn.functional as F
 
 
-def coarse_factors(voxel_size, finest_mm: float | None) -> tuple[int, int, int] | None:
-    """Integer block sizes per axis that bring every voxel side to at least ``finest_mm`` (the finest the network
-    was trained on), or None when the grid is no finer than that."""
+def coarse_factors(voxel_size, finest_mm, coarsest_mm=None) -> tuple[int, int, int] | None:
+    """Integer block sizes per axis that bring each voxel side to at least ``finest_mm`` (the finest the network was
+    trained on: one side for all axes, or one per axis, in the network's axis order), or None when no axis is finer
+    than that. Where one factor for all three axes keeps every side within ``coarsest_mm`` (the training's coarsest,
+    likewise), that is taken instead: the blocks then keep the voxel's shape, so the coarse grid is the same volume
+    at a coarser scale (the dipole kernel depends on k's direction only)."""
     if not finest_mm:
         return None
-    f = tuple(max(1, math.ceil(finest_mm / float(v) - 1e-9)) for v in voxel_size)
-    return f if any(x > 1 for x in f) else None
+    sides = lambda x: (x,) * 3 if isinstance(x, (int, float)) else tuple(x)  # noqa: E731
+    f = tuple(max(1, math.ceil(float(t) / float(v) - 1e-9)) for v, t in zip(voxel_size, sides(finest_mm)))
+    if not any(x > 1 for x in f):
+        return None
+    k = max(f)
+    if coarsest_mm and all(k * float(v) <= float(c) + 1e-9 for v, c in zip(voxel_size, sides(coarsest_mm))):
+        return (k, k, k)
+    return f
 
 
 def _padded(x: np.ndarray, f) -> np.ndarray:

@@ -749,18 +749,26 @@ def test_a_volume_stored_with_b0_along_its_first_axis_is_read_as_one_with_b0_alo
 
 
 def test_pdi_on_a_grid_finer_than_its_training_takes_the_coarse_band_from_blocks():
-    """The bundled weights were trained on voxels of 0.6 mm and up (their manifest says so): on a 0.5 mm grid PDI also
-    maps the field averaged over 2x2x2 blocks and the record says so; on 1 mm (isotropic: the same physics, the same
-    network input) it does not, and the two maps differ by a coarse band (``scales.combined``)."""
-    from PDIQSMLib.pipeline import Settings, finest_trained, reconstruct
+    """The bundled weights were trained on voxels of 0.6 mm and up in plane and slices of 1 mm and up (their manifest
+    says so): on a 0.5 mm grid PDI also maps the field averaged over 2x2x2 blocks and the record says so, on 0.8 mm
+    over 1x1x2 (its slices are finer than the training's; 2x2x2 would make 1.6 mm in plane, coarser than it), on
+    0.5 x 0.5 x 1 mm over 2x2x2 (the voxel's shape kept); on 1 mm (isotropic: the same physics, the same network
+    input) it does not, and the two maps differ by a coarse band (``scales.combined``)."""
+    from PDIQSMLib.pipeline import Settings, reconstruct, trained_voxels
     from PDIQSMLib.simulation import simulated_brain
     from PDIQSMLib.weights import DEFAULT_WEIGHTS
 
-    assert finest_trained(json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())) == 0.6
-    assert finest_trained({"train_config": {}}) is None
+    bundled = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert trained_voxels(bundled) == ((0.6, 0.6, 1.0), (1.2, 1.2, 3.0))
+    assert trained_voxels({"train_config": {}}) is None
+    assert trained_voxels({"train_config": {"simulation": {"slice_mm": [0.8, 2]}}}) == ((0.8,) * 3, (2.0,) * 3)
     s = simulated_brain((48, 52, 40), (0.5, 0.5, 0.5), seed=2, noise_ppm=1e-3)
     fine = reconstruct(s.field, s.mask, s.geometry, Settings(method="pdi", device="cpu"))
-    assert fine.info["fine_grid"] == {"finest_trained_mm": 0.6, "blocks": [2, 2, 2], "coarse_voxel_mm": [1.0, 1.0, 1.0]}
+    assert fine.info["fine_grid"] == {"finest_trained_mm": [0.6, 0.6, 1.0], "blocks": [2, 2, 2],
+                                      "coarse_voxel_mm": [1.0, 1.0, 1.0]}
+    for voxel, blocks, coarse_mm in [((0.8, 0.8, 0.8), [1, 1, 2], [0.8, 0.8, 1.6]), ((0.5, 0.5, 1.0), [2, 2, 2], [1.0, 1.0, 2.0])]:
+        other = reconstruct(s.field, s.mask, replace(s.geometry, voxel_size=voxel), Settings(method="pdi", device="cpu"))
+        assert other.info["fine_grid"]["blocks"] == blocks and other.info["fine_grid"]["coarse_voxel_mm"] == coarse_mm
     coarse = reconstruct(s.field, s.mask, replace(s.geometry, voxel_size=(1.0, 1.0, 1.0)),
                          Settings(method="pdi", device="cpu"))
     assert "fine_grid" not in coarse.info

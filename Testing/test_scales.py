@@ -13,6 +13,18 @@ def test_block_sizes_bring_every_side_to_the_finest_trained():
     assert coarse_factors((0.5, 0.5, 2.0), 0.6) == (2, 2, 1)
     assert coarse_factors((0.25, 0.3, 1.0), 0.6) == (3, 2, 1)
     assert coarse_factors((0.6, 0.6, 1.0), 0.6) is None and coarse_factors((0.5, 0.5, 0.5), None) is None
+    # one finest side per axis: the bundled network saw slices (its third axis) of 1 mm and up, in plane 0.6 mm and up
+    per_axis = (0.6, 0.6, 1.0)
+    assert coarse_factors((0.64, 0.64, 0.64), per_axis) == (1, 1, 2)
+    assert coarse_factors((0.5, 0.5, 0.5), per_axis) == (2, 2, 2) and coarse_factors((0.9, 0.9, 0.45), per_axis) == (1, 1, 3)
+    assert coarse_factors((1.0, 1.0, 1.0), per_axis) is None and coarse_factors((0.6, 0.6, 2.0), per_axis) is None
+    # one factor for all axes where it keeps every side within the training's coarsest: the voxel's shape kept
+    coarsest = (1.2, 1.2, 3.0)
+    assert coarse_factors((0.5, 0.5, 1.0), per_axis, coarsest) == (2, 2, 2)  # 1 x 1 x 2 mm
+    assert coarse_factors((0.5, 0.5, 2.0), per_axis, coarsest) == (2, 2, 1)  # 2 x 2 x 2 would make 4 mm slices
+    assert coarse_factors((0.64, 0.64, 0.64), per_axis, coarsest) == (1, 1, 2)  # 2 x 2 x 2: 1.28 mm in plane
+    assert coarse_factors((0.5, 0.5, 0.5), per_axis, coarsest) == (2, 2, 2)
+    assert coarse_factors((1.0, 1.0, 1.0), per_axis, coarsest) is None
 
 
 def ramp(shape, slope=(0.01, -0.02, 0.005), offset=0.1):

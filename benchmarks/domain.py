@@ -6,8 +6,8 @@ other grids too: 0.5 mm at 7 T, 4-5 mm clinical slices, oblique slabs. Here the 
 on fixed grids inside and outside that range (``simulation.realistic_brain``: MNI152 anatomy with the non-dipolar
 terms of real fields, a field of view of at most the training's 144 x 144 x 96 voxels, or the --big-shape for the
 finest grids) and reconstructed with each method's defaults (PDI: a volume stored with B0 along another axis is read
-relabelled, ``geometry.network_axes``; a grid finer than 0.6 mm takes its coarse band from 1 mm blocks,
-``scales``). Demeaned NRMSE % (the QSM-CI board's), mean over the seeds; PDI's 2-sigma coverage beside it; a row's
+relabelled, ``geometry.network_axes``; a grid with an axis finer than the training's, 0.6 mm in plane or 1 mm
+slices, takes its coarse band from blocks inside that range, ``scales``). Demeaned NRMSE % (the QSM-CI board's), mean over the seeds; PDI's 2-sigma coverage beside it; a row's
 wall time for all methods and seeds. Writes benchmarks/results/domain.md (--name).
 """
 
@@ -29,7 +29,7 @@ from PDIQSMLib.pipeline import Settings  # noqa: E402
 from PDIQSMLib import geometry, pipeline  # noqa: E402
 from PDIQSMLib.simulation import realistic_brain  # noqa: E402
 
-relabelled, finest = geometry.network_axes, pipeline.finest_trained
+relabelled, trained = geometry.network_axes, pipeline.trained_voxels
 
 # (label, voxel size in mm, B0's tilt from the third axis towards the first in degrees, inside the training range);
 # rows marked "as stored" run without the network's axis relabelling, "fine run only" without the coarse band from
@@ -43,8 +43,12 @@ GRIDS = [
     ("1 x 1 x 1 mm, tilt 45", (1.0, 1.0, 1.0), 45.0, False),
     ("0.5 x 0.5 x 0.5 mm (7 T), coarse band from 1 mm blocks", (0.5, 0.5, 0.5), 0.0, False),
     ("0.5 x 0.5 x 0.5 mm (7 T), fine run only", (0.5, 0.5, 0.5), 0.0, False),
-    ("0.5 x 0.5 x 1 mm, coarse band from 1 mm blocks", (0.5, 0.5, 1.0), 0.0, False),
+    ("0.5 x 0.5 x 1 mm, coarse band from 1 x 1 x 2 mm blocks", (0.5, 0.5, 1.0), 0.0, False),
     ("0.5 x 0.5 x 1 mm, fine run only", (0.5, 0.5, 1.0), 0.0, False),
+    ("0.64 x 0.64 x 0.64 mm, coarse band from 0.64 x 0.64 x 1.28 mm blocks", (0.64, 0.64, 0.64), 0.0, False),
+    ("0.64 x 0.64 x 0.64 mm, fine run only", (0.64, 0.64, 0.64), 0.0, False),
+    ("0.8 x 0.8 x 0.8 mm, coarse band from 0.8 x 0.8 x 1.6 mm blocks", (0.8, 0.8, 0.8), 0.0, False),
+    ("0.8 x 0.8 x 0.8 mm, fine run only", (0.8, 0.8, 0.8), 0.0, False),
     ("1 x 1 x 4 mm", (1.0, 1.0, 4.0), 0.0, False),
     ("1.5 x 1.5 x 1.5 mm", (1.5, 1.5, 1.5), 0.0, False),
 ]
@@ -66,7 +70,7 @@ def main() -> None:
         t0 = time.perf_counter()
         b0 = (math.sin(math.radians(tilt)), 0.0, math.cos(math.radians(tilt)))
         geometry.network_axes = (lambda g: (0, 1, 2)) if "as stored" in label else relabelled
-        pipeline.finest_trained = (lambda manifest: None) if "fine run only" in label else finest
+        pipeline.trained_voxels = (lambda manifest: None) if "fine run only" in label else trained
         shape = tuple(args.big_shape) if min(vs) < 0.8 else (144, 144, 96)
         scores: dict[str, list[float]] = {}
         voxels = []
