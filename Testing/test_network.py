@@ -766,8 +766,10 @@ def test_pdi_on_a_grid_finer_than_its_training_takes_the_coarse_band_from_blocks
     fine = reconstruct(s.field, s.mask, s.geometry, Settings(method="pdi", device="cpu"))
     assert fine.info["fine_grid"] == {"finest_trained_mm": [0.6, 0.6, 1.0], "blocks": [2, 2, 2],
                                       "coarse_voxel_mm": [1.0, 1.0, 1.0]}
-    for voxel, blocks, coarse_mm in [((0.8, 0.8, 0.8), [1, 1, 2], [0.8, 0.8, 1.6]), ((0.5, 0.5, 1.0), [2, 2, 2], [1.0, 1.0, 2.0])]:
-        other = reconstruct(s.field, s.mask, replace(s.geometry, voxel_size=voxel), Settings(method="pdi", device="cpu"))
+    for voxel, blocks, coarse_mm in [((0.8, 0.8, 0.8), [1, 1, 2], [0.8, 0.8, 1.6]),
+                                     ((0.5, 0.5, 1.0), [2, 2, 2], [1.0, 1.0, 2.0])]:
+        other = reconstruct(s.field, s.mask, replace(s.geometry, voxel_size=voxel),
+                            Settings(method="pdi", device="cpu"))
         assert other.info["fine_grid"]["blocks"] == blocks and other.info["fine_grid"]["coarse_voxel_mm"] == coarse_mm
     coarse = reconstruct(s.field, s.mask, replace(s.geometry, voxel_size=(1.0, 1.0, 1.0)),
                          Settings(method="pdi", device="cpu"))

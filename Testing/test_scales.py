@@ -16,7 +16,8 @@ def test_block_sizes_bring_every_side_to_the_finest_trained():
     # one finest side per axis: the bundled network saw slices (its third axis) of 1 mm and up, in plane 0.6 mm and up
     per_axis = (0.6, 0.6, 1.0)
     assert coarse_factors((0.64, 0.64, 0.64), per_axis) == (1, 1, 2)
-    assert coarse_factors((0.5, 0.5, 0.5), per_axis) == (2, 2, 2) and coarse_factors((0.9, 0.9, 0.45), per_axis) == (1, 1, 3)
+    assert coarse_factors((0.5, 0.5, 0.5), per_axis) == (2, 2, 2)
+    assert coarse_factors((0.9, 0.9, 0.45), per_axis) == (1, 1, 3)
     assert coarse_factors((1.0, 1.0, 1.0), per_axis) is None and coarse_factors((0.6, 0.6, 2.0), per_axis) is None
     # one factor for all axes where it keeps every side within the training's coarsest: the voxel's shape kept
     coarsest = (1.2, 1.2, 3.0)

@@ -7,8 +7,9 @@ on fixed grids inside and outside that range (``simulation.realistic_brain``: MN
 terms of real fields, a field of view of at most the training's 144 x 144 x 96 voxels, or the --big-shape for the
 finest grids) and reconstructed with each method's defaults (PDI: a volume stored with B0 along another axis is read
 relabelled, ``geometry.network_axes``; a grid with an axis finer than the training's, 0.6 mm in plane or 1 mm
-slices, takes its coarse band from blocks inside that range, ``scales``). Demeaned NRMSE % (the QSM-CI board's), mean over the seeds; PDI's 2-sigma coverage beside it; a row's
-wall time for all methods and seeds. Writes benchmarks/results/domain.md (--name).
+slices, takes its coarse band from blocks inside that range, ``scales``). Demeaned NRMSE % (the QSM-CI board's),
+mean over the seeds; PDI's 2-sigma coverage beside it; a row's wall time for all methods and seeds. Writes
+benchmarks/results/domain.md (--name).
 """
 
 from __future__ import annotations
