@@ -29,7 +29,9 @@ torch.set_num_threads({threads})
 g = np.ogrid[tuple(slice(0, n) for n in shape)]
 mask = sum(((x - (n - 1) / 2) / (0.45 * n)) ** 2 for x, n in zip(g, shape)) <= 1.0
 field = (np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 0.01) * mask
-settings = Settings(method=method, device="cpu", iterations=iters, lam=1e-3 if method in ("medi", "tikhonov") else None)
+settings = Settings(method=method, device="cpu", iterations=iters, lam=1e-3 if method in ("medi", "tikhonov") else None,
+                    **({{"vi_precision": {precision!r}, "vi_where": "everywhere"}}  # its worst case: tuned everywhere
+                       if method.startswith("pdi-vi") else {{}}))
 if method == "pdi":
     from PDIQSMLib.weights import load_model
     load_model(None, "cpu")  # the network's own memory is not the method's
@@ -43,8 +45,9 @@ print(json.dumps(dict(seconds=seconds, peak=peak, before=before, box=box, iterat
 """
 
 
-def run(shape, method, iters, threads):
+def run(shape, method, iters, threads, precision="auto"):
     code = CHILD.format(root=str(Path(__file__).resolve().parents[1]), shape=tuple(shape), method=method, iters=iters,
+                        precision=precision,
                         threads=threads)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
@@ -58,6 +61,8 @@ def main() -> None:
     ap.add_argument("--methods", default="tkd,medi,pdi")
     ap.add_argument("--medi-iterations", type=int, default=3, help="iterations of MEDI (and PDI-VI when measured)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vi-precision", default="auto", help="PDI-VI's precision: auto, bf16 or fp32")
+    ap.add_argument("--name", default="memory_cpu", help="the table's name: benchmarks/results/NAME.md")
     args = ap.parse_args()
     lines = ["| method | shape | voxels (M) | mask box (M) | peak above inputs (GiB) | bytes / voxel | seconds | note |",
              "|---|---|---|---|---|---|---|---|"]
@@ -65,7 +70,8 @@ def main() -> None:
         shape = tuple(int(v) for v in size.split("x"))
         n = shape[0] * shape[1] * shape[2]
         for method in args.methods.split(","):
-            r = run(shape, method, args.medi_iterations if method in ("medi", "pdi-vi1", "pdi-vi2") else None, args.threads)
+            iters = args.medi_iterations if method in ("medi", "pdi-vi1", "pdi-vi2") else None
+            r = run(shape, method, iters, args.threads, args.vi_precision)
             if "error" in r:
                 lines.append(f"| {method} | {size} | {n / 1e6:.1f} | | | | | failed: {r['error'][:80]} |")
             else:
@@ -79,7 +85,7 @@ def main() -> None:
                 lines.append(f"| {method} | {size} | {n / 1e6:.1f} | {r['box'] / 1e6:.1f} | {used / 2**30:.2f} | {per:.0f} | "
                              f"{r['seconds']:.1f} | {note} |")
             print(lines[-1], flush=True)
-    write_table("memory_cpu", "Peak memory and time against the volume size (CPU)", __doc__.split("\n\n", 1)[1].strip()
+    write_table(args.name, "Peak memory and time against the volume size (CPU)", __doc__.split("\n\n", 1)[1].strip()
                 + "\n\n" + "\n".join(lines) + "\n\nbytes / voxel: per voxel of the padded grid (TKD, Tikhonov: 1.5 per axis), of the volume (MEDI) or of the mask's "
                 "bounding box (PDI and PDI-VI run on the box).")
 
