@@ -12,7 +12,7 @@ axes when that keeps every side in range (0.5 x 0.5 x 1 mm -> 1 x 1 x 2, the vox
 per axis (a 0.64 mm isotropic grid -> 0.64 x 0.64 x 1.28). Chosen on realistic brains of seeds 45000-45003: at
 0.64-0.9 mm iso, 1 x 1 x 2 blocks 0.2-5.7 points better than none on all 16, and than 2 x 2 x 2 on 15; at
 0.5 x 0.5 x 1 mm, 2 x 2 x 2 blocks 0.8-1.9 better than 2 x 2 x 1 on all 4; checked on five others in
-``benchmarks/results/domain.md``. The fine run keeps every detail finer
+``benchmarks/results/domain_slices.md``. The fine run keeps every detail finer
 than a block; the coarse run sets everything coarser. The forward model is linear and shift-invariant, so the
 block-averaged field is the field of the block-averaged map (0.6 % apart inside a simulated brain, the two grids'
 discrete kernels; ``test_scales.py``): the coarse field is a field the network can read.
