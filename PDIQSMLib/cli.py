@@ -348,7 +348,8 @@ def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
     p.add_argument("--vi-precision", choices=defaults.PRECISIONS, default="auto",
                    help="PDI-VI: the network's passes in fp32 or bf16 (autocast; as accurate, faster on some CPUs and "
                         "slower on others); auto (default): bf16 on a GPU, and on a CPU with bf16 arithmetic whichever "
-                        "ran its timed iterations faster (the run record says which)")
+                        "ran its timed iterations faster, or bf16 where only bf16 fits in memory (the run record says "
+                        "which)")
 
 
 def _noise_level(text: str) -> float | str:

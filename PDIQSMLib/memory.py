@@ -1,12 +1,13 @@
 """How much memory a reconstruction needs, measured, and what to do when it does not fit.
 
 Peak memory above the inputs, per voxel, measured on this project's CPU code by
-``benchmarks/bench_memory.py`` (table: benchmarks/results/memory_cpu.md), rounded up: TKD and Tikhonov
-work on the padded grid (1.5x per axis by default), MEDI on the volume (pad 1), PDI and PDI-VI on the
-mask's bounding box (PDI-VI keeps activations for the backward pass). Before a run, ``check`` compares
-the estimate with the memory available (``MemAvailable``, or ``PDIQSM_MEMORY_GB`` to set a budget): PDI
-then runs in tiles small enough to fit (tiles of a U-Net are blended over their overlap, see
-inference.predict); the other methods refuse up front with the estimate and the largest cube that fits.
+``benchmarks/bench_memory.py`` (tables: benchmarks/results/memory_cpu.md, memory_cpu_vi.md), rounded up: TKD and
+Tikhonov work on the padded grid (1.5x per axis by default), MEDI on the volume (pad 1), PDI and PDI-VI on the
+mask's bounding box (PDI-VI keeps activations for the backward pass: its figure depends on the network's precision
+and on the part of it tuned). Before a run, ``check`` compares the estimate with the memory available
+(``MemAvailable``, or ``PDIQSM_MEMORY_GB`` to set a budget): PDI then runs in tiles small enough to fit (tiles of a
+U-Net are blended over their overlap, see inference.predict); PDI-VI at auto precision takes bf16 where only that
+fits (``pipeline.vi_memory_precision``); the others refuse up front with the estimate and the largest cube that fits.
 """
 
 from __future__ import annotations
@@ -23,8 +24,15 @@ import numpy as np
 from .errors import InputError
 
 # MEDI and PDI-VI keep freed memory while they iterate (reuse_freed_memory): at 160x160x96 (1 thread, session 13)
-# MEDI 273 bytes per voxel against 244 without, PDI-VI1 2250 against 1735 (its box), hence 300 and 2600.
-BYTES_PER_VOXEL = {"tkd": 40, "tikhonov": 40, "medi": 300, "pdi": 720, "pdi-vi1": 2600, "pdi-vi2": 2600}  # per working voxel
+# MEDI 273 bytes per voxel against 244 without, hence 300.
+BYTES_PER_VOXEL = {"tkd": 40, "tikhonov": 40, "medi": 300, "pdi": 720}  # per working voxel
+# PDI-VI per working voxel by (the part of the network tuned, the precision of its passes): fine-tuned everywhere (its
+# worst case) for 100 iterations at 160x160x96 (AMD EPYC, session 38; benchmarks/results/memory_cpu_vi.md): decoders
+# fp32 826, bf16 566; the whole network fp32 1061, bf16 894; rounded up by about a fifth (the heap grows slowly with
+# the iterations: fp32 784 / 831 / 864 after 3 / 30 / 100 in session 37). Tuning the last layers keeps no more than
+# the decoders. Session 13's 2600 (tuned whole, before bf16) held until session 38.
+VI_BYTES_PER_VOXEL = {("decoders", "fp32"): 1000, ("decoders", "bf16"): 700, ("full", "fp32"): 1300,
+                      ("full", "bf16"): 1100}
 HEADROOM = 0.8  # of the available memory: the rest is for the inputs, outputs and the system
 
 
@@ -54,15 +62,26 @@ def working_voxels(method: str, shape, mask: np.ndarray | None, pad: float | Non
     return int(np.prod([math.ceil(n * p) for n in shape]))
 
 
-def estimate_bytes(method: str, shape, mask: np.ndarray | None = None, pad: float | None = None) -> int:
-    return BYTES_PER_VOXEL[method] * working_voxels(method, shape, mask, pad)
+def bytes_per_voxel(method: str, precision: str = "fp32", variant: str | None = None) -> int:
+    """Peak bytes per working voxel; for PDI-VI by the network's ``precision`` ('fp32' or 'bf16') and the ``variant``
+    tuned (None: its default, the decoders)."""
+    if method.startswith("pdi-vi"):
+        return VI_BYTES_PER_VOXEL["full" if variant == "full" else "decoders", precision]
+    return BYTES_PER_VOXEL[method]
 
 
-def largest_cube(method: str, budget: int, pad: float | None = None) -> int:
+def estimate_bytes(method: str, shape, mask: np.ndarray | None = None, pad: float | None = None,
+                   precision: str = "fp32", variant: str | None = None) -> int:
+    return bytes_per_voxel(method, precision, variant) * working_voxels(method, shape, mask, pad)
+
+
+def largest_cube(method: str, budget: int, pad: float | None = None, precision: str = "fp32",
+                 variant: str | None = None) -> int:
     """The side of the largest cubic volume whose estimate fits ``budget`` bytes."""
     p = pad if pad is not None else (1.5 if method in ("tkd", "tikhonov") else 1.0)
-    side = int((budget / BYTES_PER_VOXEL[method]) ** (1.0 / 3.0) / (p if not method.startswith("pdi") else 1.0)) + 1
-    while side > 1 and estimate_bytes(method, (side,) * 3, None, pad) > budget:  # the padded size rounds up
+    per = bytes_per_voxel(method, precision, variant)
+    side = int((budget / per) ** (1.0 / 3.0) / (p if not method.startswith("pdi") else 1.0)) + 1
+    while side > 1 and estimate_bytes(method, (side,) * 3, None, pad, precision, variant) > budget:  # rounds up
         side -= 1
     return side
 
@@ -73,22 +92,32 @@ def tile_for(budget: int, method: str = "pdi") -> int:
     return max(side, 64)
 
 
-def check(method: str, shape, need: int, pad: float | None, source: str = "field") -> int | None:
-    """None when ``need`` bytes (``estimate_bytes``) fit; a tile side for PDI when they do not; InputError for
-    the others."""
+def budget_bytes() -> int | None:
+    """What a run may take: ``HEADROOM`` of ``available_bytes``; None if unknown."""
     available = available_bytes()
-    if available is None:
-        return None
-    budget = int(HEADROOM * available)
-    if need <= budget:
+    return None if available is None else int(HEADROOM * available)
+
+
+def fits(need: int) -> bool:
+    budget = budget_bytes()
+    return budget is None or need <= budget
+
+
+def check(method: str, shape, need: int, pad: float | None, source: str = "field", precision: str = "fp32",
+          variant: str | None = None) -> int | None:
+    """None when ``need`` bytes (``estimate_bytes``) fit; a tile side for PDI when they do not; InputError for
+    the others (for PDI-VI the largest volume named at ``precision`` and ``variant``, as estimated)."""
+    budget = budget_bytes()
+    if budget is None or need <= budget:
         return None
     gib = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"  # noqa: E731
     if method == "pdi":
         return tile_for(budget)
-    raise InputError(source, f"{method} on shape {tuple(shape)} needs about {gib(need)}, more than the {gib(budget)} "
-                             f"this machine can give it; the largest volume that fits is about "
-                             f"{largest_cube(method, budget, pad)}^3 voxels (crop the field to the brain, or run on a "
-                             "machine with more memory" + ("; PDI runs in tiles" if method != "pdi" else "") + ")")
+    how = f" in {precision}" if method.startswith("pdi-vi") else ""
+    raise InputError(source, f"{method} on shape {tuple(shape)} needs about {gib(need)}{how}, more than the "
+                             f"{gib(budget)} this machine can give it; the largest volume that fits is about "
+                             f"{largest_cube(method, budget, pad, precision, variant)}^3 voxels (crop the field to the "
+                             "brain, or run on a machine with more memory; PDI runs in tiles)")
 
 
 # glibc's mallopt parameters and their defaults (malloc.h): large blocks are mmap'ed and unmapped on free.

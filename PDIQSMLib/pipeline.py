@@ -141,8 +141,13 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
     std = None
     from . import memory
 
-    need = memory.estimate_bytes(settings.method, m.shape, m, settings.pad)
-    tile = memory.check(settings.method, m.shape, need, settings.pad)  # refuses what cannot fit; PDI: tiles
+    vi = settings.method.startswith("pdi-vi")
+    precision = vi_memory_precision(settings, m.shape, m, info, progress) if vi else "fp32"
+    if "vi_precision_for_memory" in info:  # fp32 would not fit, bf16 does: the run takes it
+        settings = replace(settings, vi_precision=precision)
+    need = memory.estimate_bytes(settings.method, m.shape, m, settings.pad, precision, settings.vi_variant)
+    tile = memory.check(settings.method, m.shape, need, settings.pad, precision=precision,
+                        variant=settings.vi_variant)  # refuses what cannot fit; PDI: tiles
     info["memory_estimate_gib"] = round(need / 2**30, 2)
     if tile is not None:
         info["tile"] = tile
@@ -181,6 +186,36 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
         chi, std = _pdi(field_ppm, m, geometry, settings, magnitude, noise_std, progress, info, tile, refill=given)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return Result(chi.numpy().astype(np.float32), std, info)
+
+
+def vi_memory_precision(settings: Settings, shape, mask, info: dict, progress: Progress) -> str:
+    """The precision PDI-VI's memory is estimated at ('fp32' or 'bf16'): as asked; for 'auto', bf16 where the network
+    runs in bf16 throughout (a GPU that has it), fp32 on a CPU (its timing trial runs fp32 first,
+    ``vi.PrecisionTrial``), unless fp32 would not fit and the CPU has bf16: then the run takes bf16 (recorded in
+    ``info`` and said), or is refused with bf16's figures (``memory.check``)."""
+    from . import memory
+    from .inference import pick_device
+    from .network import use_bf16
+
+    if settings.vi_precision != "auto":
+        return settings.vi_precision
+    device = pick_device(settings.device)
+    if not use_bf16("auto", device):
+        return "fp32"
+    if device != "cpu":
+        return "bf16"
+    fp32, bf16 = (memory.estimate_bytes(settings.method, shape, mask, settings.pad, p, settings.vi_variant)
+                  for p in ("fp32", "bf16"))
+    if memory.fits(fp32):
+        return "fp32"
+    if memory.fits(bf16):  # else memory.check refuses, naming the largest volume that fits in bf16
+        gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+        info["vi_precision_for_memory"] = (f"bf16: in fp32 the fine-tuning would need about {gib(fp32)}, more than "
+                                           f"the {gib(memory.budget_bytes())} this machine can give it; in bf16 "
+                                           f"{gib(bf16)}")
+        progress.status(f"{settings.method} runs in bf16 (--vi-precision auto): in fp32 it would need about "
+                        f"{gib(fp32)}, more than this machine can give it")
+    return "bf16"
 
 
 def _pdi_edges(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, progress: Progress,

@@ -394,6 +394,43 @@ def test_a_volume_too_big_for_the_memory_is_refused_up_front_or_tiled(small_case
     assert np.allclose(a, b, atol=1e-6)
 
 
+def test_pdi_vi_takes_bf16_when_only_bf16_fits_and_refuses_naming_the_precision(small_case, tmp_path, capsys,
+                                                                               monkeypatch):
+    """PDI-VI's memory follows its precision. With a budget between its bf16 and fp32 estimates, on a CPU with bf16:
+    --vi-precision auto runs in bf16 and says why in the record; fp32 asked for is refused up front, naming fp32
+    and writing nothing; so is auto on a CPU without bf16. Below the bf16 estimate, auto is refused naming bf16
+    and the larger volume bf16 would fit."""
+    import PDIQSMLib.network as network
+    from PDIQSMLib import memory
+    from PDIQSMLib.io import load_volume
+
+    mask = load_volume(small_case["mask"]).data > 0
+    fp32, bf16 = (memory.estimate_bytes("pdi-vi1", mask.shape, mask, None, p) for p in ("fp32", "bf16"))
+    assert bf16 < fp32
+    set_budget = lambda b: monkeypatch.setenv("PDIQSM_MEMORY_GB", str(b / memory.HEADROOM / 2**30))  # noqa: E731
+    has_bf16 = [True]
+    monkeypatch.setattr(network, "use_bf16", lambda precision, device: precision == "bf16" or has_bf16[0])
+    run = ["--device", "cpu", "--iterations", "3", "--vi-where", "everywhere"]
+    set_budget((fp32 + bf16) / 2)
+    assert main(recon(small_case, tmp_path / "a", "pdi-vi1", *run)) == 0
+    result = json.loads((tmp_path / "a" / "field_pdi-vi1_run.json").read_text())["result"]
+    assert result["precision"] == "bf16" and result["vi_precision_for_memory"].startswith("bf16: in fp32")
+    assert result["memory_estimate_gib"] == round(bf16 / 2**30, 2)
+    capsys.readouterr()
+    assert main(recon(small_case, tmp_path / "f", "pdi-vi1", *run, "--vi-precision", "fp32")) == 2
+    assert "in fp32, more than" in capsys.readouterr().err and not (tmp_path / "f").exists()
+    has_bf16[0] = False
+    assert main(recon(small_case, tmp_path / "n", "pdi-vi1", *run)) == 2
+    assert "in fp32, more than" in capsys.readouterr().err and not (tmp_path / "n").exists()
+    has_bf16[0] = True
+    set_budget(bf16 * 0.9)
+    assert main(recon(small_case, tmp_path / "b", "pdi-vi1", *run)) == 2
+    err = capsys.readouterr().err
+    side = memory.largest_cube("pdi-vi1", memory.budget_bytes(), None, "bf16")
+    assert "in bf16, more than" in err and f"about {side}^3" in err and not (tmp_path / "b").exists()
+    assert side > memory.largest_cube("pdi-vi1", memory.budget_bytes(), None, "fp32")
+
+
 def _faults_of_a_reallocation(mb: int = 64) -> int:
     """Minor page faults of allocating and touching ``mb`` MiB again right after the same block was freed (a
     torch tensor, as the methods allocate: numpy asks for huge pages, which hide the faults)."""
