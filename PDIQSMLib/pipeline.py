@@ -243,7 +243,10 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     map marks voxels unreliable, their field in the network's inputs is predicted by PDI's own map
     (``network_io.REFILLS``; PDI runs again, PDI-VI starts from those inputs; only for a noise map given, not one
     read off the field: there it gained nothing, benchmarks/results/refill_*.md). A volume whose B0 lies nearest
-    another voxel axis than the third is read relabelled (``geometry.network_axes``, ``_pdi_relabelled``)."""
+    another voxel axis than the third is read relabelled (``geometry.network_axes``, ``_pdi_relabelled``). PDI-VI
+    fine-tunes on the grid as given: on one finer than the training's its map takes no coarse band from blocks
+    (``_pdi_map``), the field's fidelity sets it (0.8 mm iso, seeds 45000-45002, session 38: the fine-tuned map alone
+    57.6 % demeaned NRMSE on average, with the tuned network's band from blocks 58.6, with PDI's 58.1, PDI 58.1)."""
     order, geometry_r, arrays = network_frame(geometry, field_ppm, mask, magnitude, noise_std)
     if order != (0, 1, 2):  # B0 nearest another voxel axis: the network reads the volume relabelled, maps come back
         return _pdi_relabelled(order, geometry_r, arrays, settings, progress, info, tile, refill)
@@ -289,6 +292,8 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
                             + ("everywhere" if where == "everywhere" else "only where the field disagrees with PDI's")
                             + f" (--vi-where gated: there within {GATE_BAND[0]:g}-{GATE_BAND[1]:g})")
     info["vi_where"]["kept"] = where
+    if "fine_grid" in info and where == "everywhere":  # the gate's PDI pass took blocks; the map returned does not
+        info["fine_grid"]["in_map_returned"] = "no: the fine-tuned map, its coarse band set by the field's fidelity"
     if where == "discrepant":
         blend = discrepant_region(field_ppm, mask, geometry, weight, first, residual=residual)
         taken = int((blend > 0.5).sum())

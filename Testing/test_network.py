@@ -748,6 +748,23 @@ def test_a_volume_stored_with_b0_along_its_first_axis_is_read_as_one_with_b0_alo
     assert other.info["network_axes"]["order"] == [1, 2, 0] and "network_axes" not in aligned.info
 
 
+def test_pdi_vi_fine_tuned_everywhere_on_a_fine_grid_records_that_its_map_took_no_blocks(monkeypatch):
+    """On a 0.5 mm grid PDI-VI1's gate runs PDI, which takes its coarse band from blocks; where the gate then keeps
+    the fine-tuned map everywhere, that map (tuned on the fine grid) has none, and the record says so; where PDI's
+    map is kept outside a region, it does not."""
+    from PDIQSMLib import weighting
+    from PDIQSMLib.pipeline import Settings, reconstruct
+    from PDIQSMLib.simulation import simulated_brain
+
+    s = simulated_brain((48, 52, 40), (0.5, 0.5, 0.5), seed=2, noise_ppm=1e-3)
+    settings = Settings(method="pdi-vi1", device="cpu", iterations=2)
+    for kept in ("everywhere", "discrepant"):
+        monkeypatch.setattr(weighting, "gated", lambda ratio: kept)
+        r = reconstruct(s.field, s.mask, s.geometry, settings)
+        assert r.info["vi_where"]["kept"] == kept and r.info["fine_grid"]["blocks"] == [2, 2, 2]
+        assert ("in_map_returned" in r.info["fine_grid"]) == (kept == "everywhere")
+
+
 def test_pdi_on_a_grid_finer_than_its_training_takes_the_coarse_band_from_blocks():
     """The bundled weights were trained on voxels of 0.6 mm and up in plane and slices of 1 mm and up (their manifest
     says so): on a 0.5 mm grid PDI also maps the field averaged over 2x2x2 blocks and the record says so, on 0.8 mm
