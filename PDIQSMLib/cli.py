@@ -42,6 +42,9 @@ NOISY_REGIONS_HELP = ("without a noise std map, for MEDI and PDI(-VI): auto (def
                       "not a steep dipole field) and down-weights it as a noise map would (run.json counts the voxels; "
                       "on 16 healthy simulated brains it marked 2 voxels in one, none in the rest); off trusts every "
                       "mask voxel")
+FIELD_MEAN_HELP = ("remove (default): the field's mean in the mask (weighted by the noise map's inverse variance) is "
+                   "taken off before any method (a constant is harmonic: it cannot be told from background, e.g. an "
+                   "unwrapping's 2 pi n; run.json gives it; benchmarks/results/field_offset.md); keep: as given")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--magnitude", type=Path, help="magnitude image: edges are spared by MEDI's TV (gradient mask)")
     r.add_argument("--noise-std", type=Path, help="field noise standard deviation map: data weight W = mask / N_std")
     r.add_argument("--noisy-regions", choices=defaults.NOISY_REGIONS, default="auto", help=NOISY_REGIONS_HELP)
+    r.add_argument("--field-mean", choices=defaults.FIELD_MEAN, default="remove", help=FIELD_MEAN_HELP)
     r.add_argument("--medi-edges", choices=defaults.MEDI_EDGES, default="magnitude",
                    help="MEDI's edge mask: from --magnitude (default; without one, TV everywhere) or from PDI's map of "
                         "the same field (pdi: its 0.7 N strongest gradient components are spared, lambda 8x; ten realistic "
@@ -227,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--noise-std", type=Path, nargs="+", help="one field noise std map per field (data weight W)")
     f.add_argument("--magnitudes", type=Path, nargs="+", help="one magnitude image per field (TV edge mask M)")
     f.add_argument("--noisy-regions", choices=defaults.NOISY_REGIONS, default="auto", help=NOISY_REGIONS_HELP)
+    f.add_argument("--field-mean", choices=defaults.FIELD_MEAN, default="remove", help=FIELD_MEAN_HELP)
     f.add_argument("--out", type=Path, required=True, help="adapted weights, NAME.safetensors (NAME.json beside it)")
     f.add_argument("--validation-field", type=Path, help="a field kept apart: the weights with its lowest loss are kept")
     f.add_argument("--validation-mask", type=Path, help="the validation field's mask")
@@ -380,7 +385,8 @@ def reconstruct_settings(args) -> Settings:
     return Settings(method=args.method, lam=args.lam, iterations=args.iterations, pad=args.pad,
                     threshold=args.threshold, device=args.device, medi_edges=args.medi_edges,
                     weights=str(args.weights) if args.weights else None, seed=args.seed,
-                    reflections=args.reflections, noisy_regions=args.noisy_regions, **_vi_settings(args))
+                    reflections=args.reflections, noisy_regions=args.noisy_regions, field_mean=args.field_mean,
+                    **_vi_settings(args))
 
 
 def cmd_reconstruct(args, progress: Progress) -> int:
@@ -538,7 +544,7 @@ def cmd_finetune(args, progress: Progress) -> int:
         raise InputError("--validation-field", "give --validation-field and --validation-mask together")
     settings = Settings(method=args.method, lam=args.lam, iterations=args.iterations, device=args.device,
                         weights=str(args.weights) if args.weights else None, seed=args.seed,
-                        noisy_regions=args.noisy_regions, **_vi_settings(args))
+                        noisy_regions=args.noisy_regions, field_mean=args.field_mean, **_vi_settings(args))
     validation = (args.validation_field, args.validation_mask) if args.validation_field else None
     finetune_files(args.fields, args.masks, args.out, settings, args.noise_std, args.magnitudes, validation,
                    progress, units=args.units, b0=args.b0, te=args.te, b0_dir=args.b0_dir)

@@ -378,3 +378,44 @@ def test_residual_over_cone_compares_what_the_map_leaves_with_what_no_map_explai
     assert GATE_BAND[0] < ratio(field(chi), chi) < GATE_BAND[1]  # measured 1.08-1.09: at the noise floor
     assert ratio(field(truth), truth) < 0.6 * GATE_BAND[0]  # measured 0.39
     assert ratio(field(truth), chi) > 2.5 * GATE_BAND[1]  # measured 5.1
+
+
+def test_the_fields_mean_is_its_inverse_variance_weighted_mean_so_a_noisy_regions_field_does_not_set_it():
+    """``without_mean``: a constant c in the brain plus a 50 ppm error in a region whose noise std is 1000 times the
+    brain's: the mean removed is c to 1e-4 (the plain mean would be 50 times the region's share off); without a noise
+    map it is the plain mean; outside the mask the field is zero."""
+    from PDIQSMLib.pipeline import without_mean
+
+    mask = np.zeros((20, 20, 20), bool)
+    mask[2:18, 2:18, 2:18] = True
+    region = np.zeros_like(mask)
+    region[5:9, 5:9, 5:9] = True
+    field = np.where(mask, 0.3 + 50.0 * region, 7.0)
+    noise = np.where(region, 1000.0, 1.0)
+    out, c = without_mean(field, mask, noise)
+    assert abs(c - 0.3) < 1e-4 and np.all(out[~mask] == 0)
+    assert np.allclose(out[mask & ~region], 0.3 - c, atol=1e-6)
+    out, c = without_mean(field, mask)
+    assert math.isclose(c, 0.3 + 50.0 * region.sum() / mask.sum(), rel_tol=1e-9)
+    assert abs(float(out[mask].mean())) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["tikhonov", "pdi"])
+def test_a_constant_added_to_the_field_leaves_the_map_as_it_was_unless_kept(method):
+    """A constant is harmonic inside the brain (an unwrapping's 2 pi n: 0.39 ppm at 3 T, TE 20 ms): with the field's
+    mean removed (the default), the map of field + 0.39 ppm equals the map of the field and the record gives the
+    mean taken off (0.39 more); with ``field_mean='keep'`` the map changes by far more than that equality's rounding."""
+    from PDIQSMLib.pipeline import Settings, reconstruct
+    from PDIQSMLib.simulation import simulated_brain
+
+    s = simulated_brain((40, 44, 32), (1.0, 1.0, 1.5), seed=3, noise_ppm=1e-3)
+    m = s.mask > 0
+    shifted = np.where(m, s.field + 0.39, 0.0).astype(np.float32)
+    settings = Settings(method=method, device="cpu", lam=3e-3 if method == "tikhonov" else None)
+    a, b = (reconstruct(f, s.mask, s.geometry, settings) for f in (s.field, shifted))
+    assert math.isclose(b.info["field_mean_removed_ppm"] - a.info["field_mean_removed_ppm"], 0.39, abs_tol=1e-5)
+    scale = float(np.abs(a.mean[m]).max())
+    assert np.abs(b.mean - a.mean).max() < 1e-3 * scale
+    kept = reconstruct(shifted, s.mask, s.geometry, Settings(**{**settings.__dict__, "field_mean": "keep"}))
+    assert "field_mean_removed_ppm" not in kept.info
+    assert np.abs(kept.mean - a.mean)[m].mean() > 0.05 * np.abs(a.mean[m]).mean()
