@@ -24,7 +24,7 @@ from .io import Params, Volume, check_same_grid, finite_in_mask, load_mask, load
 from .progress import Progress
 from .plausibility import field_warnings, magnitude_warnings, warn
 from .units import ppm_per_unit, to_ppm
-from .weighting import check_noise_std, data_weight, gradient_mask, noisy_regions
+from .weighting import check_noise_std, data_weight, gradient_mask, noisy_regions, without_mean
 
 
 @dataclass
@@ -418,21 +418,6 @@ def _pdi_map(net, field_ppm, mask, geometry, reflections: int, weight, refills: 
             info["fine_grid"] = {"finest_trained_mm": list(finest), "blocks": list(f),
                                  "coarse_voxel_mm": [round(v, 4) for v in coarse_geometry.voxel_size]}
     return mean, std, inputs, one_pass
-
-
-def without_mean(field_ppm: np.ndarray, mask: np.ndarray,
-                 noise_std: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """(the field less its mean in ``mask``, zero outside; that mean, ppm), the mean weighted by the inverse noise
-    variance where a noise map is given (a bleed's noise does not set it). A constant is harmonic: a field's mean
-    in the brain cannot be told from background (an unwrapping's 2 pi n, a removal that left it), and no method's
-    map should follow it. Measured (seeds 45000-45003, 1 mm iso, session 38): 0.005 ppm added cost PDI 2.6 points
-    of demeaned NRMSE and Tikhonov 5.8; removed, nothing; removing it from fields without one changed PDI by 0.00
-    and Tikhonov by 0.08 on average (benchmarks/results/field_offset.md on held-out brains)."""
-    m = np.asarray(mask) > 0
-    f = np.asarray(field_ppm, np.float64)
-    w = None if noise_std is None else data_weight(m, noise_std).astype(np.float64)[m] ** 2
-    offset = float(np.average(f[m], weights=w))
-    return np.where(m, f - offset, 0.0).astype(np.float32), offset
 
 
 def noise_map(field_ppm: np.ndarray, mask: np.ndarray, noise_std: np.ndarray | None,

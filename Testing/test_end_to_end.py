@@ -156,7 +156,7 @@ def test_medi_can_take_its_edges_from_pdis_map(cases, tmp_path, capsys):
     from PDIQSMLib import solvers
     from PDIQSMLib.fieldstats import cone_noise
     from PDIQSMLib.geometry import Geometry
-    from PDIQSMLib.weighting import gradient_mask
+    from PDIQSMLib.weighting import gradient_mask, without_mean
 
     sim = cases["aligned"]
     field, mask_path = sim / "field.nii.gz", sim / "mask.nii.gz"
@@ -167,7 +167,7 @@ def test_medi_can_take_its_edges_from_pdis_map(cases, tmp_path, capsys):
     params = json.loads((sim / "params.json").read_text())
     geometry = Geometry(tuple(params["voxel_size"]), tuple(params["B0_dir"]))
     m = nib.load(str(mask_path)).get_fdata() > 0
-    b = np.where(m, nib.load(str(field)).get_fdata(), 0.0).astype(np.float32)
+    b = without_mean(nib.load(str(field)).get_fdata(), m)[0]  # as every method reads it (--field-mean remove)
     lam = 400.0 * cone_noise(b, m, geometry) ** 2
     assert record["result"]["lambda"] == pytest.approx(lam, rel=1e-4)
     edges = gradient_mask(m, pdi, geometry.voxel_size, solvers.PDI_EDGE_FRACTION)

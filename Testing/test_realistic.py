@@ -483,11 +483,11 @@ def test_pdi_refills_a_given_noise_maps_unreliable_voxels_from_its_own_map(monke
     from PDIQSMLib.weighting import data_weight
     from PDIQSMLib.weights import load_model
 
-    chi, mask, field, noise, bleed, g = bleed_phantom()
+    chi, mask, field, noise, bleed, g = bleed_phantom()  # the field as given (its mean kept), as built by hand below
     fed = []  # the input channels of each PDI run
     predict = inference.predict
     monkeypatch.setattr(inference, "predict", lambda *a, **k: fed.append(k.get("inputs")) or predict(*a, **k))
-    given = reconstruct(field, mask, g, Settings(method="pdi"), noise_std=noise)
+    given = reconstruct(field, mask, g, Settings(method="pdi", field_mean="keep"), noise_std=noise)
     assert network_io.REFILLS == 1 and len(fed) == 2 and "field_replaced_from" in given.info
     w = data_weight(mask, noise)
     assert np.array_equal(fed[0], network_inputs("tikhonov-auto", field, mask, g, w))
@@ -496,11 +496,11 @@ def test_pdi_refills_a_given_noise_maps_unreliable_voxels_from_its_own_map(monke
     assert np.array_equal(fed[1][1], fed[0][1])  # the prior channel is not solved again
     assert not np.allclose(given.mean, first, atol=1e-3)
     fed.clear()
-    uniform = reconstruct(field, mask, g, Settings(method="pdi"), noise_std=np.ones_like(noise))
+    uniform = reconstruct(field, mask, g, Settings(method="pdi", field_mean="keep"), noise_std=np.ones_like(noise))
     assert len(fed) == 1 and "field_replaced_from" not in uniform.info
     fed.clear()
     loud = np.where(bleed, field + 0.5 * np.random.default_rng(1).standard_normal(field.shape), field)
-    found = reconstruct(loud.astype(np.float32), mask, g, Settings(method="pdi"))
+    found = reconstruct(loud.astype(np.float32), mask, g, Settings(method="pdi", field_mean="keep"))
     assert found.info["noisy_regions"]["voxels"] > 0 and len(fed) == 1
 
 
@@ -525,9 +525,9 @@ def test_pdi_vi_fine_tunes_from_the_refilled_inputs_given_a_noise_map(monkeypatc
         raise Prepared
 
     monkeypatch.setattr(vi, "prepare", prepared)
-    chi, mask, field, noise, bleed, g = bleed_phantom()
+    chi, mask, field, noise, bleed, g = bleed_phantom()  # the field as given (its mean kept), as built by hand below
     with pytest.raises(Prepared):
-        reconstruct(field, mask, g, Settings(method="pdi-vi1"), noise_std=noise)
+        reconstruct(field, mask, g, Settings(method="pdi-vi1", field_mean="keep"), noise_std=noise)
     w = data_weight(mask, noise)
     prior = network_inputs("tikhonov-auto", field, mask, g, w)
     first = predict(load_model()[0], field, mask, geometry=g, weight=w, reflections=2, inputs=prior)[0]
@@ -536,7 +536,7 @@ def test_pdi_vi_fine_tunes_from_the_refilled_inputs_given_a_noise_map(monkeypatc
     assert np.array_equal(fed[0][:, ~bad], prior[:, ~bad]) and np.abs(fed[0][0][bad] - prior[0][bad]).max() > 1e-3
     loud = np.where(bleed, field + 0.5 * np.random.default_rng(1).standard_normal(field.shape), field)
     with pytest.raises(Prepared):
-        reconstruct(loud.astype(np.float32), mask, g, Settings(method="pdi-vi1"))
+        reconstruct(loud.astype(np.float32), mask, g, Settings(method="pdi-vi1", field_mean="keep"))
     found = data_weight(mask, noisy_regions(loud.astype(np.float32), mask))
     assert len(fed) == 2 and np.array_equal(fed[1], network_inputs("tikhonov-auto", loud, mask, g, found))
 

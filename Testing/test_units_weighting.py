@@ -384,7 +384,7 @@ def test_the_fields_mean_is_its_inverse_variance_weighted_mean_so_a_noisy_region
     """``without_mean``: a constant c in the brain plus a 50 ppm error in a region whose noise std is 1000 times the
     brain's: the mean removed is c to 1e-4 (the plain mean would be 50 times the region's share off); without a noise
     map it is the plain mean; outside the mask the field is zero."""
-    from PDIQSMLib.pipeline import without_mean
+    from PDIQSMLib.weighting import without_mean
 
     mask = np.zeros((20, 20, 20), bool)
     mask[2:18, 2:18, 2:18] = True

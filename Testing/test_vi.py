@@ -232,7 +232,7 @@ def test_pdi_vi1_reads_its_edges_from_the_pass_pdi_already_made(lesion_case, mon
     monkeypatch.setattr(vi, "finetune", stop)
     with pytest.raises(Stop):
         pipeline.reconstruct(field, mask, g, pipeline.Settings(method="pdi-vi1", device="cpu", vi_where="discrepant",
-                                                                         noisy_regions="off"))
+                                                                         noisy_regions="off", field_mean="keep"))
     assert len(runs) == 2  # PDI's two reflections, no third pass for the edges
     v = seen[0]
     x, y, z = v.size

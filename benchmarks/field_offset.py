@@ -3,7 +3,7 @@ mean in the mask removed first (``--field-mean remove``, the default since sessi
 
 A constant inside the brain is a harmonic function: no susceptibility inside the mask can be told to make it rather
 than a source outside, and a phase unwrapped up to 2 pi n carries one (at 3 T and TE 20 ms, 2 pi is 0.39 ppm). So
-``pipeline.without_mean`` takes the field's mean in the mask off before every method. A linear trend is harmonic
+``weighting.without_mean`` takes the field's mean in the mask off before every method. A linear trend is harmonic
 too, but a brain's own local field has a linear part: removing it cost PDI 0.7 and Tikhonov 1.2 points on clean
 fields (seeds 45000-45003, throwaway), so it is not removed and is shown here for what it costs. Realistic held-out
 brains (``simulation.realistic_brain``, 1 mm iso, B0 along z); demeaned NRMSE % (lower is better), mean over the
