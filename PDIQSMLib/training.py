@@ -28,7 +28,7 @@ from .network import CHI_SCALE, FIELD_SCALE, PRESETS, PDINet, fast_layout, gauss
 from .network_io import clamp_logvar, network_inputs, to_input
 from .schedules import cosine
 from .simulation import REALISTIC, Sample, SimulationConfig, make_volume, random_patch
-from .weighting import data_weight
+from .weighting import data_weight, without_mean
 
 
 @dataclass
@@ -55,10 +55,13 @@ class TrainConfig:
 
 
 def with_prior(sample: Sample, kind: str) -> Sample:
-    """``sample`` with its prior channel computed (unchanged when ``kind`` is 'none' or it has one): both channels as
-    inference builds them (network_io.network_inputs), so that training sees what the network is fed. With a noise
-    map (a bleed, simulation.add_bleed) that is the W-weighted prior and the field the reliable data predict where
-    the map says the field is noise; without one, the field (already zero outside the mask) stays as it was."""
+    """``sample`` with its field's mean in the mask taken off and its prior channel computed (unchanged when it has
+    one; no channel when ``kind`` is 'none'): both channels as the pipeline builds them (``weighting.without_mean``,
+    ``network_io.network_inputs``), so that training sees what the network is fed. With a noise map (a bleed,
+    simulation.add_bleed) that is the W-weighted prior and the field the reliable data predict where the map says the
+    field is noise; without one, the field (already zero outside the mask) less its mean."""
+    if sample.prior is None:  # the mean weighted as the pipeline weighs it; taking it off twice changes nothing
+        sample.field = without_mean(sample.field, sample.mask, sample.noise_map)[0]
     if kind != "none" and sample.prior is None:
         weight = None if sample.noise_map is None else data_weight(sample.mask, sample.noise_map)
         sample.field, sample.prior = network_inputs(kind, sample.field, sample.mask, sample.geometry, weight)
@@ -360,7 +363,8 @@ def validate(net: PDINet, samples: list[Sample], device: str = "cpu") -> dict:
     rmses, demeaned, cover = [], [], []
     net = net.to(memory_format=torch.contiguous_format)
     for s in samples:
-        mean, std = predict(net, s.field, s.mask, device=device, geometry=s.geometry)
+        field = without_mean(s.field, s.mask, s.noise_map)[0]  # as the pipeline feeds it (since session 38)
+        mean, std = predict(net, field, s.mask, device=device, geometry=s.geometry)
         rmses.append(nrmse(mean, s.chi, s.mask))
         demeaned.append(nrmse_demeaned(mean, s.chi, s.mask))
         cover.append(calibration(mean, std, s.chi, s.mask)["within_2sigma"])
