@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--noise-std", type=Path, help="field noise standard deviation map: data weight W = mask / N_std")
     r.add_argument("--noisy-regions", choices=defaults.NOISY_REGIONS, default="auto", help=NOISY_REGIONS_HELP)
     r.add_argument("--field-mean", choices=defaults.FIELD_MEAN, default="remove", help=FIELD_MEAN_HELP)
+    r.add_argument("--field-trend", choices=defaults.FIELD_TREND, default="keep",
+                   help="remove: a linear trend across the brain (harmonic: distant sources, background removal) "
+                        "fitted beside PDI's map of the field and taken off first, for any method (three extra PDI "
+                        "passes; run.json gives it; benchmarks/results/field_offset.md); keep (default): as given")
     r.add_argument("--medi-edges", choices=defaults.MEDI_EDGES, default="magnitude",
                    help="MEDI's edge mask: from --magnitude (default; without one, TV everywhere) or from PDI's map of "
                         "the same field (pdi: its 0.7 N strongest gradient components are spared, lambda 8x; ten realistic "
@@ -386,7 +390,7 @@ def reconstruct_settings(args) -> Settings:
                     threshold=args.threshold, device=args.device, medi_edges=args.medi_edges,
                     weights=str(args.weights) if args.weights else None, seed=args.seed,
                     reflections=args.reflections, noisy_regions=args.noisy_regions, field_mean=args.field_mean,
-                    **_vi_settings(args))
+                    field_trend=args.field_trend, **_vi_settings(args))
 
 
 def cmd_reconstruct(args, progress: Progress) -> int:

@@ -43,5 +43,6 @@ VI_EDGES = ("auto", "magnitude", "pdi")
 # on bleeds too; vi_where_vi2.md).
 VI_WHERE = ("auto", "gated", "everywhere", "discrepant")
 VI_WHERE_AUTO = {"pdi-vi1": "gated", "pdi-vi2": "discrepant"}
+FIELD_TREND = ("keep", "remove")  # a linear trend fitted beside PDI's map taken off first (pipeline.without_trend)
 FIELD_MEAN = ("remove", "keep")  # the field's mean in the mask removed before any method (weighting.without_mean)
 NOISY_REGIONS = ("auto", "off")  # without a noise map: noise found in the field (weighting.noisy_regions), or none

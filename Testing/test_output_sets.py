@@ -50,7 +50,7 @@ def test_methods_keep_their_own_files_and_replacing_needs_overwrite(small_case, 
     assert main(recon(small_case, out, "tkd", "--threshold", "0.1", "--overwrite")) == 0
     record = json.loads((out / "field_tkd_run.json").read_text())
     assert record["settings"] == {"method": "tkd", "threshold": 0.1, "pad": None,  # only what TKD reads
-                                  "field_mean": "remove"}
+                                  "field_mean": "remove", "field_trend": "keep"}
     after = snapshot(out)
     assert after["field_tkd_chi-mean.nii.gz"] != before["field_tkd_chi-mean.nii.gz"]
     assert {k: v for k, v in after.items() if "_pdi_" in k} == {k: v for k, v in before.items() if "_pdi_" in k}

@@ -43,22 +43,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="*", default=[31000, 31001, 31002, 31003, 31004])
     parser.add_argument("--name", default="field_offset", help="the table's name: benchmarks/results/NAME.md")
+    parser.add_argument("--modes", default="keep,remove", help="comma-separated: keep (the field as given), remove "
+                        "(its mean taken off), trend (--field-trend remove as well: pipeline.without_trend)")
+    parser.add_argument("--cases", type=int, nargs="*", help="rows of the cases to run (default: all)")
     args = parser.parse_args()
     cases = [("none", "offset", 0.0), ("offset 0.005 ppm", "offset", 0.005),
              ("offset 0.39 ppm (2 pi at 3 T, TE 20 ms)", "offset", 0.39),
              ("trend along B0 (z), +-0.005 ppm", "trend z", 0.005), ("trend along x, +-0.005 ppm", "trend x", 0.005)]
+    cases = [cases[i] for i in args.cases] if args.cases else cases
+    modes = {"keep": dict(field_mean="keep"), "remove": dict(field_mean="remove"),
+             "trend": dict(field_mean="remove", field_trend="remove")}
     names = [m for m, _ in METHODS]
     rows = ["| added to the field | field mean | " + " | ".join(names) + " | seconds |",
             "|---|---|" + "---|" * len(names) + "---|"]
     brains = [realistic_brain(seed, (1.0, 1.0, 1.0), (0.0, 0.0, 1.0), (144, 144, 96))[0] for seed in args.seeds]
     for label, kind, ppm in cases:
-        for mean in ("keep", "remove"):
+        for mean in args.modes.split(","):
             t0 = time.perf_counter()
             scores: dict[str, list[float]] = {}
             for seed, s in zip(args.seeds, brains):
                 field = np.where(s.mask, s.field + added(s.mask, kind, ppm), 0.0).astype(np.float32)
                 for method, extra in METHODS:
-                    r = reconstruct(field, s.mask, s.geometry, Settings(method=method, field_mean=mean, **extra))
+                    r = reconstruct(field, s.mask, s.geometry, Settings(method=method, **modes[mean], **extra))
                     scores.setdefault(method, []).append(nrmse_demeaned(r.mean, s.chi, s.mask))
                 print(label, mean, seed, {k: round(v[-1], 2) for k, v in scores.items()}, flush=True)
             rows.append(f"| {label} | {mean} | " + " | ".join(f"{np.mean(scores[m]):.2f}" for m in names)
