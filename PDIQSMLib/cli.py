@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--field-trend", choices=defaults.FIELD_TREND, default="keep",
                    help="remove: a linear trend across the brain (harmonic: distant sources, background removal) "
                         "fitted beside PDI's map of the field and taken off first, for any method (three extra PDI "
-                        "passes; run.json gives it; benchmarks/results/field_offset.md); keep (default): as given")
+                        "passes; run.json gives it; benchmarks/results/field_trend.md); keep (default): as given")
     r.add_argument("--medi-edges", choices=defaults.MEDI_EDGES, default="magnitude",
                    help="MEDI's edge mask: from --magnitude (default; without one, TV everywhere) or from PDI's map of "
                         "the same field (pdi: its 0.7 N strongest gradient components are spared, lambda 8x; ten realistic "
