@@ -11,6 +11,9 @@ seeded, in ppm, on the acquisition grid:
   truth, the rest is the term. dchi about 0.01-0.02 ppm (Li et al. 2012; Wharton and Bowtell 2012).
 - ``background_residue``: what background-field removal leaves: the harmonic field of sources just
   outside the brain (air, bone, vessels), strongest near the edge.
+- ``distant_harmonics``: what removal leaves of distant sources (sinuses, ear canals, the body, the shim): a field
+  harmonic across the whole brain, its low orders (linear and quadratic trends). Not in the bundled model's mix; a
+  +-0.005 ppm linear trend cost it up to 3.7 points (benchmarks/results/field_offset.md, session 38).
 - ``correlated_noise``: noise of the multi-echo fit and unwrapping is not white: white noise blurred
   over about a voxel (the second-difference estimate barely sees it, the cone does).
 - ``perturbed_mask``: the brain mask of a real pipeline misses or overhangs the brain by a voxel or two;
@@ -90,6 +93,26 @@ def background_residue(mask: np.ndarray, geometry: Geometry, rng: np.random.Gene
         chi[box][ball & ~m[box]] += rng.normal()
     ps = padded_shape(m.shape, pad)
     field = _crop_irfft(_rfft_padded(chi, ps) * dipole_kernel(ps, geometry, True, torch.float32), ps, m.shape)
+    field = np.where(m, field - field[m].mean(), 0.0)
+    return (field / max(float(field[m].std()), 1e-12)).astype(np.float32)
+
+
+def distant_harmonics(mask: np.ndarray, geometry: Geometry, rng: np.random.Generator,
+                      quadratic: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Field (unit std and zero mean in ``mask``, zero outside) of sources far outside the brain: a random sum of the
+    solid harmonics of degree 1 (x, y, z) and 2 (xy, yz, zx, x^2 - y^2, 2 z^2 - x^2 - y^2) in mm about the mask's
+    centre, every one harmonic (zero Laplacian); the quadratic ones weighted by a factor drawn from ``quadratic``
+    relative to the linear ones at 100 mm from the centre (a source at distance R gives degree l about (r / R)^l)."""
+    m = np.asarray(mask) > 0
+    if not m.any():
+        return np.zeros(m.shape, np.float32)
+    grids = np.indices(m.shape, dtype=np.float64)
+    centre = [g[m].mean() for g in grids]
+    x, y, z = ((g - c) * h / 100.0 for g, c, h in zip(grids, centre, geometry.voxel_size))
+    linear = (x, y, z)
+    square = (x * y, y * z, z * x, x**2 - y**2, (2 * z**2 - x**2 - y**2) / np.sqrt(3.0))
+    q = rng.uniform(*quadratic)
+    field = sum(rng.normal() * t for t in linear) + q * sum(rng.normal() * t for t in square)
     field = np.where(m, field - field[m].mean(), 0.0)
     return (field / max(float(field[m].std()), 1e-12)).astype(np.float32)
 

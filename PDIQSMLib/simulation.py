@@ -45,6 +45,8 @@ class SimulationConfig:
     mask_error_vox: float = 2.0  # mask edge moved by up to this (in 70 % of volumes)
     sharp_fraction: float = 0.0  # anatomical brains with one brain's tissue boundaries (anatomy.sharp_tissue)
     bleed_fraction: float = 0.0  # realistic anatomical brains given an acute bleed and its noise map (add_bleed)
+    distant_ppm: tuple[float, float] = (0.0, 0.0)  # distant sources' harmonic field, std in the mask (log-uniform;
+    # fieldterms.distant_harmonics); (0, 0): none, and no draw, so that a seed's brain and other terms stay as they were
 
 
 # The realistic recipe: what the bundled model is trained on (TrainConfig's default).
@@ -158,6 +160,8 @@ def realistic_sample(chi: np.ndarray, mask: np.ndarray, geometry: Geometry, rng:
     given = fieldterms.perturbed_mask(mask, vs, rng, config.mask_error_vox) if rng.random() < 0.7 else mask
     overhang = given & ~mask  # no tissue there: the low signal's noise
     extra += np.where(overhang, 3.0 * white * rng.standard_normal(chi.shape), 0.0).astype(np.float32)
+    if config.distant_ppm[1] > 0:  # drawn last: the terms above keep their draws
+        extra += log_uniform(rng, config.distant_ppm) * fieldterms.distant_harmonics(given, geometry, rng)
     field = np.where(given, dipole + extra, 0.0).astype(np.float32)
     truth = np.where(given, chi, 0.0).astype(np.float32)
     return Sample(truth, given, field, geometry, float(extra[given].std()))

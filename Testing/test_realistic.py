@@ -93,6 +93,40 @@ def test_background_residue_is_normalised_and_strongest_near_the_edge():
     assert np.abs(edge - edge.mean()).mean() > 1.5 * np.abs(deep - deep.mean()).mean()
 
 
+def _laplacian(f: np.ndarray, voxel_size) -> np.ndarray:
+    """The 7-point Laplacian (per mm^2) of ``f`` on the interior voxels."""
+    out = np.zeros(tuple(n - 2 for n in f.shape))
+    for axis, h in enumerate(voxel_size):
+        out += np.diff(f, 2, axis=axis)[tuple(slice(None) if a == axis else slice(1, -1) for a in range(3))] / h**2
+    return out
+
+
+def test_distant_harmonics_are_harmonic_normalised_and_drawn_last_in_a_realistic_field():
+    """``fieldterms.distant_harmonics``: unit std, zero mean in the mask, zero outside; harmonic (the 7-point Laplacian
+    of the unmasked sum vanishes on an anisotropic grid, while its second differences do not); seeded. In
+    ``realistic_sample`` it is drawn after every other term: with ``distant_ppm`` set, the same seed gives the same mask
+    and a field that differs from the one without by a harmonic field of the drawn std."""
+    from PDIQSMLib.simulation import realistic_sample, simulated_brain
+
+    g = Geometry((0.8, 0.8, 2.0), (0.2, 0.0, 0.98))
+    full = np.ones((40, 44, 30), bool)
+    f = fieldterms.distant_harmonics(full, g, np.random.default_rng(3), quadratic=(1.0, 1.0))
+    assert abs(f.mean()) < 1e-6 and abs(f.std() - 1.0) < 1e-5
+    curvature = np.abs(np.diff(f.astype(np.float64), 2, axis=2)).mean() / g.voxel_size[2] ** 2
+    # float32 rounding leaves ~1e-6; one quadratic term alone (x^2) would leave the curvature itself
+    assert curvature > 1e-4 and np.abs(_laplacian(f.astype(np.float64), g.voxel_size)).max() < 1e-2 * curvature
+    assert np.array_equal(f, fieldterms.distant_harmonics(full, g, np.random.default_rng(3), quadratic=(1.0, 1.0)))
+    mask = phantoms.sphere(full.shape, g.voxel_size, 14.0, 1.0) > 0
+    inside = fieldterms.distant_harmonics(mask, g, np.random.default_rng(4))
+    assert abs(inside[mask].mean()) < 1e-6 and abs(inside[mask].std() - 1.0) < 1e-5 and not inside[~mask].any()
+    b = simulated_brain((40, 44, 30), g.voxel_size, seed=1, noise_ppm=1e-3)
+    plain = realistic_sample(b.chi, b.mask, g, np.random.default_rng(9), REALISTIC)
+    distant = realistic_sample(b.chi, b.mask, g, np.random.default_rng(9), replace(REALISTIC, distant_ppm=(2e-3, 2e-3)))
+    assert np.array_equal(plain.mask, distant.mask)
+    d = (distant.field - plain.field).astype(np.float64)
+    assert abs(d[plain.mask].std() - 2e-3) < 1e-6 and not d[~plain.mask].any()
+
+
 def test_correlated_noise_has_the_gaussian_blurs_correlation():
     n = fieldterms.correlated_noise((48, 48, 48), np.random.default_rng(6), 1.0)
     lag1 = float(np.mean(n[1:] * n[:-1]))
