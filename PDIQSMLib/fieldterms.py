@@ -72,6 +72,12 @@ def anisotropy_field(wm: np.ndarray, geometry: Geometry, delta_chi: float, direc
     return _crop_irfft(spectrum, ps, shape).astype(np.float32)
 
 
+def _unit_in_mask(field: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """``field`` with zero mean and unit std in ``m``, zero outside; float32."""
+    field = np.where(m, field - field[m].mean(), 0.0)
+    return (field / max(float(field[m].std()), 1e-12)).astype(np.float32)
+
+
 def background_residue(mask: np.ndarray, geometry: Geometry, rng: np.random.Generator,
                        shell_mm: tuple[float, float] = (1.0, 15.0), sources: int = 40, pad: float = 1.5) -> np.ndarray:
     """Harmonic field (ppm, unit std in the mask) of random blobs of susceptibility in a shell outside
@@ -93,8 +99,7 @@ def background_residue(mask: np.ndarray, geometry: Geometry, rng: np.random.Gene
         chi[box][ball & ~m[box]] += rng.normal()
     ps = padded_shape(m.shape, pad)
     field = _crop_irfft(_rfft_padded(chi, ps) * dipole_kernel(ps, geometry, True, torch.float32), ps, m.shape)
-    field = np.where(m, field - field[m].mean(), 0.0)
-    return (field / max(float(field[m].std()), 1e-12)).astype(np.float32)
+    return _unit_in_mask(field, m)
 
 
 def distant_harmonics(mask: np.ndarray, geometry: Geometry, rng: np.random.Generator,
@@ -113,8 +118,7 @@ def distant_harmonics(mask: np.ndarray, geometry: Geometry, rng: np.random.Gener
     square = (x * y, y * z, z * x, x**2 - y**2, (2 * z**2 - x**2 - y**2) / np.sqrt(3.0))
     q = rng.uniform(*quadratic)
     field = sum(rng.normal() * t for t in linear) + q * sum(rng.normal() * t for t in square)
-    field = np.where(m, field - field[m].mean(), 0.0)
-    return (field / max(float(field[m].std()), 1e-12)).astype(np.float32)
+    return _unit_in_mask(field, m)
 
 
 def correlated_noise(shape, rng: np.random.Generator, width_vox: float) -> np.ndarray:

@@ -24,7 +24,7 @@ from .io import Params, Volume, check_same_grid, finite_in_mask, load_mask, load
 from .progress import Progress
 from .plausibility import field_warnings, magnitude_warnings, warn
 from .units import ppm_per_unit, to_ppm
-from .weighting import check_noise_std, data_weight, gradient_mask, noisy_regions, without_mean
+from .weighting import check_noise_std, data_weight, gradient_mask, inverse_variance, noisy_regions, without_mean
 
 
 @dataclass
@@ -229,6 +229,13 @@ def vi_memory_precision(settings: Settings, shape, mask, info: dict, progress: P
     return "bf16"
 
 
+def pdi_tile(mask: np.ndarray, pad: float | None) -> int | None:
+    """The tile PDI runs in on ``mask``'s box when it does not fit in memory at once, else None (``memory.check``)."""
+    from . import memory
+
+    return memory.check("pdi", mask.shape, memory.estimate_bytes("pdi", mask.shape, mask, pad), pad)
+
+
 TREND_ROUNDS = 3  # alternations of without_trend: PDI's map of the field less the trend, the trend refitted
 
 
@@ -240,16 +247,16 @@ def without_trend(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, s
     squares in the mask, weighted by the noise map's inverse variance); recorded in ``info['field_trend']``. A plain
     fit would take the brain's own linear part too (0.7 points lost on clean simulated brains, seeds 45000-45003), a
     fit beside a Tikhonov map misread a trend along B0 on one of them (session 38)."""
-    from . import memory
     from .physics import simulate_field
 
     m = np.asarray(mask) > 0
-    tile = memory.check("pdi", m.shape, memory.estimate_bytes("pdi", m.shape, m, settings.pad), settings.pad)
+    tile = pdi_tile(m, settings.pad)
     f = np.asarray(field_ppm, np.float64)
     idx = np.argwhere(m)
     r = (idx - idx.mean(0)) * np.asarray(geometry.voxel_size) / 100.0  # per 100 mm, about the mask's centre
     basis = np.column_stack([np.ones(len(idx)), r])
-    w = np.ones(len(idx)) if noise_std is None else data_weight(m, noise_std).astype(np.float64)[m] ** 2
+    w = inverse_variance(m, noise_std)
+    w = np.ones(len(idx)) if w is None else w
     guide = replace(settings, method="pdi", reflections=1)
     trend = np.zeros(len(idx))
     for k in range(TREND_ROUNDS):
@@ -274,13 +281,11 @@ def _pdi_edges(field_ppm, mask, geometry, settings: Settings, magnitude, noise_s
     """MEDI's edge mask M from PDI's map of the same field (``--medi-edges pdi``): the magnitude rule of
     ``gradient_mask`` applied to the network's map, sparing its ``solvers.PDI_EDGE_FRACTION`` x N strongest gradient
     components (N the mask's voxels)."""
-    from . import memory
-
     if magnitude is not None:
         raise InputError("--medi-edges", "'pdi' takes MEDI's edges from PDI's map, not from --magnitude: give one of "
                                          "the two (--medi-edges magnitude uses the magnitude)")
     guide = replace(settings, method="pdi")
-    tile = memory.check("pdi", mask.shape, memory.estimate_bytes("pdi", mask.shape, mask, settings.pad), settings.pad)
+    tile = pdi_tile(mask, settings.pad)
     run: dict = {}
     chi, _ = _pdi(field_ppm, mask, geometry, guide, None, noise_std, progress, run, tile)
     info["edges"] = {"from": "pdi", "spared": f"the {solvers.PDI_EDGE_FRACTION:g} N strongest gradient components",

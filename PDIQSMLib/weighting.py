@@ -42,6 +42,11 @@ def data_weight(mask: np.ndarray, noise_std: np.ndarray | None = None, source: s
     return w.astype(np.float32)
 
 
+def inverse_variance(mask: np.ndarray, noise_std: np.ndarray | None) -> np.ndarray | None:
+    """W^2 at the mask's voxels (in ``mask``'s order; ``data_weight``): a least-squares weight; None without a map."""
+    return None if noise_std is None else data_weight(mask, noise_std).astype(np.float64)[np.asarray(mask) > 0] ** 2
+
+
 def without_mean(field_ppm: np.ndarray, mask: np.ndarray,
                  noise_std: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """(the field less its mean in ``mask``, zero outside; that mean, ppm), the mean weighted by the inverse noise
@@ -52,8 +57,7 @@ def without_mean(field_ppm: np.ndarray, mask: np.ndarray,
     and Tikhonov by 0.08 on average (benchmarks/results/field_offset.md on held-out brains)."""
     m = np.asarray(mask) > 0
     f = np.asarray(field_ppm, np.float64)
-    w = None if noise_std is None else data_weight(m, noise_std).astype(np.float64)[m] ** 2
-    offset = float(np.average(f[m], weights=w))
+    offset = float(np.average(f[m], weights=inverse_variance(m, noise_std)))
     return np.where(m, f - offset, 0.0).astype(np.float32), offset
 
 
