@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the anatomical brains given an acute bleed whose phase is noise, with its noise map "
                         "(simulation.add_bleed; the network's inputs then built from that map as at inference; "
                         "realistic simulator only; default 0; the bundled model's last CPU steps used 0.15); validation brains have none")
+    t.add_argument("--distant-ppm", type=float, nargs=2, default=(0.0, 0.0), metavar=("LO", "HI"),
+                   help="realistic fields also carry distant sources' harmonic field, its std in the mask log-uniform "
+                        "in LO..HI ppm (fieldterms.distant_harmonics; default 0 0: none, the bundled model's mix); "
+                        "validation brains have none")
     t.add_argument("--validation-count", type=int, default=3,
                    help="held-apart simulated brains for validation (seeds 10000-; the bundled line's records use 3)")
     t.add_argument("--ema", type=float, default=0.0,
@@ -517,6 +521,11 @@ def cmd_train(args, progress: Progress) -> int:
         raise InputError("--bleed-fraction", f"a share between 0 and 1, not {args.bleed_fraction:g}")
     if args.bleed_fraction > 0 and args.simulator != "realistic":
         raise InputError("--bleed-fraction", "bleeds are put into the realistic simulator's anatomical brains only")
+    lo, hi = args.distant_ppm
+    if not (0.0 <= lo <= hi and (hi == 0 or lo > 0)):
+        raise InputError("--distant-ppm", f"0 0, or bounds 0 < LO <= HI in ppm, not {lo:g} {hi:g}")
+    if hi > 0 and args.simulator != "realistic":
+        raise InputError("--distant-ppm", "the distant field is one of the realistic simulator's terms")
     base = REALISTIC if args.simulator == "realistic" else SimulationConfig()
     config = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, validate_every=args.validate_every, pool_size=args.pool_size,
@@ -524,7 +533,8 @@ def cmd_train(args, progress: Progress) -> int:
                          workers=args.workers, precision=args.precision, max_seconds=args.max_seconds,
                          lr_final=args.lr_final, flips=args.flips,
                          simulation=replace(base, brain_fov_mm=tuple(args.brain_fov), brain_fraction=args.brain_fraction,
-                                            sharp_fraction=args.sharp_fraction, bleed_fraction=args.bleed_fraction))
+                                            sharp_fraction=args.sharp_fraction, bleed_fraction=args.bleed_fraction,
+                                            distant_ppm=(lo, hi)))
     log_path = args.log or args.out.with_name(args.out.name + ".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     step_fn = progress.task("train")

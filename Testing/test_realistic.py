@@ -345,6 +345,8 @@ def test_a_bleed_in_the_training_mix_is_fed_as_at_inference_and_kept_out_of_vali
     assert np.allclose(fed.field[fed.mask & ~bad], raw[fed.mask & ~bad] - offset, atol=1e-6) and offset != 0
     plain_set, sharp_set = validation_sets(1, replace(config, bleed_fraction=1.0, sharp_fraction=0.5))
     assert all(s.noise_map is None for s in plain_set + sharp_set)
+    far = validation_sets(1, replace(config, distant_ppm=(0.01, 0.02)))[0][0]  # nor a distant field
+    assert np.array_equal(far.field, validation_sets(1, config)[0][0].field)
 
 
 @needs_templates
