@@ -45,6 +45,10 @@ NOISY_REGIONS_HELP = ("without a noise std map, for MEDI and PDI(-VI): auto (def
 FIELD_MEAN_HELP = ("remove (default): the field's mean in the mask (weighted by the noise map's inverse variance) is "
                    "taken off before any method (a constant is harmonic: it cannot be told from background, e.g. an "
                    "unwrapping's 2 pi n; run.json gives it; benchmarks/results/field_offset.md); keep: as given")
+FIELD_TREND_HELP = ("remove: a linear trend across the brain (harmonic: distant sources, background removal) fitted "
+                    "beside PDI's map of the field and taken off first, for any method (three extra PDI passes a field; "
+                    "run.json or the adapted weights' manifest gives it; benchmarks/results/field_trend.md); keep "
+                    "(default): as given")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,10 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--noise-std", type=Path, help="field noise standard deviation map: data weight W = mask / N_std")
     r.add_argument("--noisy-regions", choices=defaults.NOISY_REGIONS, default="auto", help=NOISY_REGIONS_HELP)
     r.add_argument("--field-mean", choices=defaults.FIELD_MEAN, default="remove", help=FIELD_MEAN_HELP)
-    r.add_argument("--field-trend", choices=defaults.FIELD_TREND, default="keep",
-                   help="remove: a linear trend across the brain (harmonic: distant sources, background removal) "
-                        "fitted beside PDI's map of the field and taken off first, for any method (three extra PDI "
-                        "passes; run.json gives it; benchmarks/results/field_trend.md); keep (default): as given")
+    r.add_argument("--field-trend", choices=defaults.FIELD_TREND, default="keep", help=FIELD_TREND_HELP)
     r.add_argument("--medi-edges", choices=defaults.MEDI_EDGES, default="magnitude",
                    help="MEDI's edge mask: from --magnitude (default; without one, TV everywhere) or from PDI's map of "
                         "the same field (pdi: its 0.7 N strongest gradient components are spared, lambda 8x; ten realistic "
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--magnitudes", type=Path, nargs="+", help="one magnitude image per field (TV edge mask M)")
     f.add_argument("--noisy-regions", choices=defaults.NOISY_REGIONS, default="auto", help=NOISY_REGIONS_HELP)
     f.add_argument("--field-mean", choices=defaults.FIELD_MEAN, default="remove", help=FIELD_MEAN_HELP)
+    f.add_argument("--field-trend", choices=defaults.FIELD_TREND, default="keep", help=FIELD_TREND_HELP)
     f.add_argument("--out", type=Path, required=True, help="adapted weights, NAME.safetensors (NAME.json beside it)")
     f.add_argument("--validation-field", type=Path, help="a field kept apart: the weights with its lowest loss are kept")
     f.add_argument("--validation-mask", type=Path, help="the validation field's mask")
@@ -558,7 +560,8 @@ def cmd_finetune(args, progress: Progress) -> int:
         raise InputError("--validation-field", "give --validation-field and --validation-mask together")
     settings = Settings(method=args.method, lam=args.lam, iterations=args.iterations, device=args.device,
                         weights=str(args.weights) if args.weights else None, seed=args.seed,
-                        noisy_regions=args.noisy_regions, field_mean=args.field_mean, **_vi_settings(args))
+                        noisy_regions=args.noisy_regions, field_mean=args.field_mean,
+                        field_trend=args.field_trend, **_vi_settings(args))
     validation = (args.validation_field, args.validation_mask) if args.validation_field else None
     finetune_files(args.fields, args.masks, args.out, settings, args.noise_std, args.magnitudes, validation,
                    progress, units=args.units, b0=args.b0, te=args.te, b0_dir=args.b0_dir)

@@ -660,13 +660,21 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
         noise, found = noise_map(inp.field_ppm, inp.mask, inp.noise_std, settings)
         if found:
             progress.status(f"field {i}: {found} voxels whose field is noise are down-weighted")
-        field = without_mean(inp.field_ppm, inp.mask, noise)[0] if settings.field_mean == "remove" else inp.field_ppm
+        field, taken = inp.field_ppm, {"field": str(field_path)}
+        if settings.field_mean == "remove":
+            field, offset = without_mean(field, inp.mask, noise)
+            taken["field_mean_removed_ppm"] = round(offset, 7)
+        if settings.field_trend == "remove":  # fitted beside the input weights' PDI map, as reconstruct does
+            field = without_trend(field, inp.mask, inp.geometry, settings, noise, progress, taken)
+        if i:
+            prepared_fields.append(taken)
         order, geometry, arrays = network_frame(inp.geometry, field, inp.mask, inp.magnitude, noise)
         if order != (0, 1, 2):  # as reconstruct's network reads it (_pdi_relabelled)
             progress.status(f"field {i}: B0 lies nearest voxel axis {order[2]}: tuned on with that axis last")
         field_r, mask_r, magnitude_r, noise_r = arrays
         return vi_volume(net, field_r, mask_r, geometry, magnitude_r, noise_r, device, vi_edges(settings))
 
+    prepared_fields: list[dict] = []  # what was taken off each field before fine-tuning
     volumes = [prepared(i + 1, f, m, (noise_paths or [None] * len(field_paths))[i],
                         (magnitude_paths or [None] * len(field_paths))[i])
                for i, (f, m) in enumerate(zip(field_paths, mask_paths))]
@@ -680,7 +688,8 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
     info = {"base_weights_sha256": manifest["sha256"], "base_weights": str(weights),
             "finetuned_on": [str(p) for p in field_paths], "validation": [str(p) for p in validation or ()],
             "method": settings.method, **vi_summary(config, result), "sigma": sigma, "pdiqsm_version": __version__,
-            "edges": vi_edges(settings)}
+            "edges": vi_edges(settings), "field_mean": settings.field_mean, "field_trend": settings.field_trend,
+            "fields_prepared": prepared_fields}
     progress.status(tuned_text(info))
     if held_out is not None:
         info["best_validation_loss"] = min(h["validation"] for h in result.history if "validation" in h)
