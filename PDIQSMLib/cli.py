@@ -356,6 +356,11 @@ def _add_vi(p: argparse.ArgumentParser, on_set: bool = False) -> None:
                             "benchmarks/results/vi_where.md). "
                             "auto (default): gated for PDI-VI1, discrepant for PDI-VI2 (whose flat prior fitted "
                             "everywhere wrecks healthy simulated brains)")
+    p.add_argument("--vi-harmonics", choices=defaults.VI_HARMONICS, default="keep",
+                   help="PDI-VI's data term: the whole residual (keep, default), or blind to the part that sources "
+                        "outside the brain could make (ignore: solid harmonics up to degree 2, e.g. a distant field "
+                        "left by background removal; it also loses what a broad error of PDI's map leaves there: "
+                        "benchmarks/results/vi_harmonics.md)")
     p.add_argument("--vi-tol", type=float, default=0.01,
                    help="PDI-VI: stop when the mean map moved less than this (relative) over 10 iterations (where "
                         "the fine-tuned map is kept only where the field disagrees, the map returned); 0: run every "
@@ -387,7 +392,7 @@ def _vi_settings(args) -> dict:
     return dict(samples=args.samples, vi_variant=args.vi_variant, vi_estimator=args.vi_estimator,
                 vi_variance=args.vi_variance, noise_level=args.noise_level, vi_tol=args.vi_tol,
                 vi_precision=args.vi_precision, vi_edges=args.vi_edges,
-                vi_where=getattr(args, "vi_where", "auto"))
+                vi_where=getattr(args, "vi_where", "auto"), vi_harmonics=args.vi_harmonics)
 
 
 def reconstruct_settings(args) -> Settings:

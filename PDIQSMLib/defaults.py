@@ -31,6 +31,9 @@ TE_SECONDS = 0.02
 MEDI_EDGES = ("magnitude", "pdi")  # where MEDI's edge mask M comes from (pipeline.Settings.medi_edges)
 # where PDI-VI1's TV edge mask M comes from: 'auto' is the magnitude when one is given, else PDI's own map
 VI_EDGES = ("auto", "magnitude", "pdi")
+# PDI-VI's data term: the whole residual (keep), or blind to the solid harmonics up to degree 2 (ignore;
+# vi.BLIND_DEGREE; benchmarks/results/vi_harmonics.md)
+VI_HARMONICS = ("keep", "ignore")
 # where PDI-VI's fine-tuned map is kept: 'everywhere' (the paper's), 'discrepant': only deep in the brain where the
 # field disagrees with PDI's map beyond a healthy brain's residue (weighting.discrepant_region; PDI's map elsewhere,
 # no fine-tuning where nowhere), or 'gated': discrepant when PDI's residual is 0.78-1.2 times the field's cone noise

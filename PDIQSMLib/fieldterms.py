@@ -29,6 +29,7 @@ from scipy import ndimage
 from .geometry import Geometry
 from .physics import dipole_kernel, kspace_axes, padded_shape
 from .phantoms import smooth_noise
+from .weighting import solid_harmonics
 
 
 def _rfft_padded(x: np.ndarray, pad_shape) -> torch.Tensor:
@@ -114,8 +115,8 @@ def distant_harmonics(mask: np.ndarray, geometry: Geometry, rng: np.random.Gener
     grids = np.indices(m.shape, dtype=np.float64)
     centre = [g[m].mean() for g in grids]
     x, y, z = ((g - c) * h / 100.0 for g, c, h in zip(grids, centre, geometry.voxel_size))
-    linear = (x, y, z)
-    square = (x * y, y * z, z * x, x**2 - y**2, (2 * z**2 - x**2 - y**2) / np.sqrt(3.0))
+    terms = solid_harmonics(x, y, z)
+    linear, square = terms[1:4], terms[4:]
     q = rng.uniform(*quadratic)
     field = sum(rng.normal() * t for t in linear) + q * sum(rng.normal() * t for t in square)
     return _unit_in_mask(field, m)

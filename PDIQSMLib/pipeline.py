@@ -24,7 +24,8 @@ from .io import Params, Volume, check_same_grid, finite_in_mask, load_mask, load
 from .progress import Progress
 from .plausibility import field_warnings, magnitude_warnings, warn
 from .units import ppm_per_unit, to_ppm
-from .weighting import check_noise_std, data_weight, gradient_mask, inverse_variance, noisy_regions, without_mean
+from .weighting import (check_noise_std, data_weight, gradient_mask, harmonic_basis, inverse_variance, noisy_regions,
+                        without_mean)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Settings:
     vi_precision: str = "auto"  # PDI-VI's network passes: auto (bf16 where timed faster on a CPU), bf16, fp32
     medi_edges: str = "magnitude"  # MEDI's edge mask M: from --magnitude (none given: TV everywhere) or 'pdi' (PDI's map)
     vi_edges: str = "auto"  # PDI-VI1's edge mask M: auto (the magnitude if given, else PDI's map), magnitude, pdi
+    vi_harmonics: str = "keep"  # PDI-VI's data term: the whole residual, or blind to low-order harmonics (ignore)
     vi_where: str = "auto"  # PDI-VI's map kept everywhere, where the field disagrees with PDI's (discrepant), or gated
     # between the two; auto: PDI-VI1 gated, PDI-VI2 discrepant (defaults.VI_WHERE_AUTO; vi_where())
     noisy_regions: str = "auto"  # no noise map given: auto finds where the field is noise (weighting.noisy_regions); off
@@ -89,6 +91,9 @@ class Settings:
             raise InputError("--field-trend", f"expected {' or '.join(defaults.FIELD_TREND)}, got {self.field_trend!r}")
         if self.field_mean not in defaults.FIELD_MEAN:
             raise InputError("--field-mean", f"expected {' or '.join(defaults.FIELD_MEAN)}, got {self.field_mean!r}")
+        if self.vi_harmonics not in defaults.VI_HARMONICS:
+            raise InputError("--vi-harmonics",
+                             f"expected {' or '.join(defaults.VI_HARMONICS)}, got {self.vi_harmonics!r}")
         if self.vi_edges not in defaults.VI_EDGES:
             raise InputError("--vi-edges", f"expected one of {', '.join(defaults.VI_EDGES)}, got {self.vi_edges!r}")
 
@@ -98,7 +103,8 @@ class Settings:
         used = {"tkd": ("threshold", "pad"), "tikhonov": ("lam", "pad"), "medi": ("lam", "iterations", "pad"),
                 "pdi": ("device", "weights", "reflections"),
                 "pdi-vi1": ("lam", "samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
-                            "vi_variance", "noise_level", "vi_tol", "vi_precision", "vi_edges", "vi_where"),
+                            "vi_variance", "noise_level", "vi_tol", "vi_precision", "vi_edges", "vi_where",
+                            "vi_harmonics"),
                 "pdi-vi2": ("samples", "iterations", "device", "weights", "seed", "vi_variant", "vi_estimator",
                             "vi_variance", "noise_level", "vi_tol", "vi_precision", "vi_where")}[self.method]
         if self.method not in defaults.WITHOUT_NOISE_MAP:
@@ -252,13 +258,11 @@ def without_trend(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, s
     m = np.asarray(mask) > 0
     tile = pdi_tile(m, settings.pad)
     f = np.asarray(field_ppm, np.float64)
-    idx = np.argwhere(m)
-    r = (idx - idx.mean(0)) * np.asarray(geometry.voxel_size) / 100.0  # per 100 mm, about the mask's centre
-    basis = np.column_stack([np.ones(len(idx)), r])
+    basis = harmonic_basis(m, geometry.voxel_size, 1)  # 1, x, y, z per 100 mm about the mask's centre
     w = inverse_variance(m, noise_std)
-    w = np.ones(len(idx)) if w is None else w
+    w = np.ones(len(basis)) if w is None else w
     guide = replace(settings, method="pdi", reflections=1)
-    trend = np.zeros(len(idx))
+    trend = np.zeros(len(basis))
     for k in range(TREND_ROUNDS):
         progress.status(f"fitting the field's linear trend beside PDI's map ({k + 1}/{TREND_ROUNDS})")
         g = np.zeros(m.shape, np.float32)
@@ -334,17 +338,19 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
     blend, inputs, one_pass, where = None, None, None, vi_where(settings)
     info["vi_where"] = {}
     if where != "everywhere":
-        from .weighting import (DISCREPANCY_DEPTH_MM, DISCREPANCY_RATIO, GATE_BAND, discrepant_region, gated,
-                                residual_over_cone, weighted_residual)
+        from .weighting import (DISCREPANCY_DEPTH_MM, DISCREPANCY_RATIO, GATE_BAND, discrepant_region, gate_ratios,
+                                gated, weighted_residual)
 
         first, first_std, inputs, one_pass = _pdi_map(net, field_ppm, mask, geometry, settings.reflections, weight,
                                                       refills, tile, device, progress, trained_voxels(manifest), info)
         residual = weighted_residual(field_ppm, mask, geometry, weight, first)
         if where == "gated":  # discrepant where PDI explains the field to its noise floor: see residual_over_cone
-            ratio = residual_over_cone(field_ppm, mask, geometry, weight, residual)
-            info["vi_where"]["gate"] = {"residual_over_cone": round(ratio, 4), "discrepant_within": list(GATE_BAND)}
+            ratio, free_ratio = gate_ratios(field_ppm, mask, geometry, weight, residual)
+            info["vi_where"]["gate"] = {"residual_over_cone": round(ratio, 4), "discrepant_within": list(GATE_BAND),
+                                        "without_harmonics": round(free_ratio, 4)}
             where = gated(ratio)
-            progress.status(f"PDI's residual is {ratio:.2f} x the field's cone noise level: fine-tuned map kept "
+            progress.status(f"PDI's residual is {ratio:.2f} x the field's cone noise level ({free_ratio:.2f} without "
+                            "its low-order harmonics): fine-tuned map kept "
                             + ("everywhere" if where == "everywhere" else "only where the field disagrees with PDI's")
                             + f" (--vi-where gated: there within {GATE_BAND[0]:g}-{GATE_BAND[1]:g})")
     info["vi_where"]["kept"] = where
@@ -364,7 +370,9 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
         progress.status(f"the field disagrees with PDI's map in {taken} voxels "
                         f"({100 * info['vi_where']['share_of_mask']:.2f} % of the mask): fine-tuned map kept there")
     volume = vi_volume(net, field_ppm, mask, geometry, magnitude, noise_std, device, vi_edges(settings), info, refills,
-                       inputs, one_pass)
+                       inputs, one_pass, settings.vi_harmonics)
+    if settings.vi_harmonics == "ignore":
+        info["vi_harmonics"] = f"ignored: the data term blind to the solid harmonics up to degree {vi.BLIND_DEGREE}"
     if blend is not None:  # converged when the map returned stopped moving (vi.MapChange)
         volume.keep(blend, first)
     progress.status(f"fine-tuning PDI ({settings.method}, {config.variant}) on {device}")
@@ -526,7 +534,8 @@ def takes_pdi_edges(edges: str, magnitude_given: bool) -> bool:
 
 
 def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_std=None, device: str = "cpu",
-              edges: str = "magnitude", info: dict | None = None, refills: int = 0, inputs=None, one_pass=None):
+              edges: str = "magnitude", info: dict | None = None, refills: int = 0, inputs=None, one_pass=None,
+              harmonics: str = "keep"):
     """A field prepared for PDI-VI with ``net``: W from the noise std, the prior channel, and M from the
     magnitude, or with ``edges`` 'pdi' (or 'auto' and no magnitude) from the network's own map of the field:
     MEDI's rule on that map, sparing its ``solvers.PDI_EDGE_FRACTION`` N strongest gradient components (the TV
@@ -534,10 +543,11 @@ def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_st
     ``refills``: the unreliable voxels' field in the network's inputs predicted that many times by PDI's map (with
     ``defaults.PDI_REFLECTIONS``), as PDI does with a given noise map (``network_io.REFILLS``); given ``inputs``
     (already refilled, from ``_pdi_map``) are taken as they are, and ``one_pass``, the network's unmirrored map of
-    them (``_pdi_map``'s first pass), is the map the edges are read from instead of running the network again."""
+    them (``_pdi_map``'s first pass), is the map the edges are read from instead of running the network again.
+    ``harmonics`` 'ignore': the data term blind to the solid harmonics up to ``vi.BLIND_DEGREE`` (``vi.prepare``)."""
     from .inference import predict
     from .network_io import network_inputs, refilled
-    from .vi import prepare
+    from .vi import BLIND_DEGREE, prepare
 
     weight = data_weight(mask, noise_std)
     if inputs is not None:
@@ -560,7 +570,7 @@ def vi_volume(net, field_ppm, mask, geometry: Geometry, magnitude=None, noise_st
         info["edges"] = said
     return prepare(field_ppm, mask, geometry, net.config.stride, weight,
                    gradient_mask(mask, source, geometry.voxel_size, fraction), device, prior=net.config.prior,
-                   inputs=inputs)
+                   inputs=inputs, blind_degree=BLIND_DEGREE if harmonics == "ignore" else -1)
 
 
 def vi_config(settings: Settings, pdi_edges: bool = False):
@@ -672,7 +682,8 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
         if order != (0, 1, 2):  # as reconstruct's network reads it (_pdi_relabelled)
             progress.status(f"field {i}: B0 lies nearest voxel axis {order[2]}: tuned on with that axis last")
         field_r, mask_r, magnitude_r, noise_r = arrays
-        return vi_volume(net, field_r, mask_r, geometry, magnitude_r, noise_r, device, vi_edges(settings))
+        return vi_volume(net, field_r, mask_r, geometry, magnitude_r, noise_r, device, vi_edges(settings),
+                         harmonics=settings.vi_harmonics)
 
     prepared_fields: list[dict] = []  # what was taken off each field before fine-tuning
     volumes = [prepared(i + 1, f, m, (noise_paths or [None] * len(field_paths))[i],
@@ -689,7 +700,7 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
             "finetuned_on": [str(p) for p in field_paths], "validation": [str(p) for p in validation or ()],
             "method": settings.method, **vi_summary(config, result), "sigma": sigma, "pdiqsm_version": __version__,
             "edges": vi_edges(settings), "field_mean": settings.field_mean, "field_trend": settings.field_trend,
-            "fields_prepared": prepared_fields}
+            "vi_harmonics": settings.vi_harmonics, "fields_prepared": prepared_fields}
     progress.status(tuned_text(info))
     if held_out is not None:
         info["best_validation_loss"] = min(h["validation"] for h in result.history if "validation" in h)

@@ -18,25 +18,34 @@ from PDIQSMLib.simulation import add_noise, field_of
 from PDIQSMLib.vi import VIConfig, finetune, kl_loss, predict_volume, prepare
 
 
-def tiny_volume(shape=(8, 8, 8)):
+def tiny_volume(shape=(8, 8, 8), blind_degree=-1):
     g = Geometry((1.0, 1.0, 1.0))
     mask = np.ones(shape, bool)
     field = np.zeros(shape, np.float32)
-    return prepare(field, mask, g, stride=2)
+    return prepare(field, mask, g, stride=2, blind_degree=blind_degree)
 
 
 def test_kl_by_hand_with_zero_variance_draws():
-    v = tiny_volume()
+    v = tiny_volume(blind_degree=2)  # the data term blind to the solid harmonics (--vi-harmonics ignore)
     n = v.mask.numel()
     mean = torch.zeros_like(v.field)
     logvar = torch.full_like(v.field, -40.0)  # sigma ~ 2e-9: every draw equals the mean
     terms = kl_loss(mean, logvar, v, lam=0.0, samples=3, noise_level=0.5)
     assert math.isclose(float(terms["entropy"]), 20.0 * n, rel_tol=1e-6)  # -1/2 sum log sigma^2
     assert float(terms["fidelity"]) < 1e-12 and float(terms["tv"]) == 0.0
-    # a constant field offset b = 0.1 with chi = 0: data term = 1/(2 s^2) * n * 0.1^2
-    v.field += 0.1 * v.mask
+    # a field b = +-0.1 in a checkerboard with chi = 0: data term = 1/(2 s^2) * n * 0.1^2 (the checkerboard is
+    # orthogonal to every polynomial of degree <= 2 on the cube: each monomial leaves an axis of alternating sum 0)
+    checker = torch.from_numpy((-1.0) ** np.indices((8, 8, 8)).sum(0)).float()[None, None]
+    v.field += 0.1 * checker * v.mask
     terms = kl_loss(mean, logvar, v, lam=0.0, samples=3, noise_level=0.5)
     assert math.isclose(float(terms["fidelity"]), n * 0.01 / (2 * 0.25), rel_tol=1e-4)
+    # a constant or any field of sources outside the mask (solid harmonics up to degree 2): the data term is blind to it
+    x, y, z = (torch.from_numpy(a).float()[None, None] for a in np.indices((8, 8, 8)) - 3.5)
+    v.field += 0.1 + 0.02 * x - 0.03 * z + 0.01 * x * y + 0.004 * (x**2 - y**2)
+    terms = kl_loss(mean, logvar, v, lam=0.0, samples=3, noise_level=0.5)
+    assert math.isclose(float(terms["fidelity"]), n * 0.01 / (2 * 0.25), rel_tol=1e-4)
+    v.blind = None  # without the projection (the default, --vi-harmonics keep): the whole misfit
+    assert float(kl_loss(mean, logvar, v, lam=0.0, samples=3, noise_level=0.5)["fidelity"]) > 1.5 * n * 0.01 / 0.5
 
 
 def test_tv_term_by_hand_and_flat_prior():
@@ -373,14 +382,16 @@ def test_fidelity_diagonal_is_the_misfit_of_unit_noise_in_one_voxel():
 
 def test_exact_expectation_equals_the_monte_carlo_average():
     """expected_kl (closed form) against the mean of kl_loss over many draws: fidelity and TV alike,
-    with means that vary on the scale of sigma (where |N(a, v)| is far from |a|)."""
+    with means that vary on the scale of sigma (where |N(a, v)| is far from |a|). Exact for the whole misfit (the
+    default; blind to the harmonics, ``VolumeData.blind``, the variance term would drop by about k / N, which
+    ``fidelity_diagonal`` leaves out)."""
     from PDIQSMLib.vi import expected_kl
 
     v, rng = small_weighted_volume()
     mean = torch.from_numpy((0.05 * rng.standard_normal(v.field.shape)).astype(np.float32))
     logvar = torch.from_numpy(np.log(rng.uniform(0.01, 0.06, v.field.shape) ** 2).astype(np.float32))
     exact = expected_kl(mean, logvar, v, lam=0.3, noise_level=0.05)
-    misfit = ((v.weight * (v.op.forward(mean * v.mask) - v.field)) ** 2).sum()  # what settle_variances passes in
+    misfit = v.misfit(mean * v.mask)  # what settle_variances passes in
     given = expected_kl(mean, logvar, v, lam=0.3, noise_level=0.05, misfit=misfit)
     assert all(math.isclose(float(given[k]), float(exact[k]), rel_tol=1e-6) for k in exact)
     gen = torch.Generator().manual_seed(0)
@@ -738,7 +749,7 @@ def test_learning_the_noise_level_from_the_elbo_is_degenerate_with_voxel_varianc
     inside = v.mask > 0
     n = int(inside.sum())
     p = fidelity_diagonal(v.op, v.weight).double()
-    residual = float(((v.weight * (v.op.forward(mean * v.mask) - v.field)) ** 2).sum())
+    residual = float(v.misfit(mean * v.mask))  # ||P W (D mu - b)||^2, P the projection off the harmonics
     totals, rests = [], []
     for s in (0.005, 0.01, 0.02, 0.04, 0.08):
         logvar = torch.where(inside, torch.log(s**2 / p), torch.zeros_like(p)).float()
@@ -808,3 +819,48 @@ def test_the_qsmci_medi_folder_documents_the_automatic_lambda_its_runs_get():
     default = re.search(r"- name: lambda\s*\n\s*default: (\S+)", (root / "medi" / "algorithm.yml").read_text())
     assert default and default.group(1) == "auto" and Settings(method="medi").lam is None
     assert '"$QSMCI_SET_LAMBDA" != auto' in (root / "common" / "run-dipole.sh").read_text()
+
+
+def test_the_data_term_is_blind_to_low_order_harmonics_only_when_asked(lesion_case, monkeypatch):
+    """--vi-harmonics ignore: ``prepare`` gives the misfit an orthonormal basis of W h (h the 9 solid harmonics up to
+    degree 2 in the mask), and the misfit is then the same for the field plus any such harmonic (what sources outside
+    the brain make), while a non-harmonic change still counts; keep (the default) has none, and the harmonic raises
+    the misfit. Through the pipeline the choice reaches ``prepare`` and the run record."""
+    from PDIQSMLib import pipeline, vi
+    from PDIQSMLib.weighting import harmonic_basis
+
+    v, rng = small_weighted_volume()
+    mask = (v.mask[0, 0] > 0).numpy()[: v.size[0], : v.size[1], : v.size[2]]
+    weight = v.weight[0, 0].numpy()[: v.size[0], : v.size[1], : v.size[2]]
+    field = v.field[0, 0].numpy()[: v.size[0], : v.size[1], : v.size[2]]
+    h = np.zeros(mask.shape, np.float32)
+    h[mask] = harmonic_basis(mask, v.geometry.voxel_size) @ rng.normal(0.0, 0.01, 9)
+    chi = torch.from_numpy((0.05 * rng.standard_normal(v.field.shape)).astype(np.float32)) * v.mask
+    for degree in (2, -1):
+        a, b = (prepare(f, mask, v.geometry, 2, weight, blind_degree=degree) for f in (field, field + h))
+        if degree < 0:
+            assert a.blind is None and float(b.misfit(chi)) > 1.05 * float(a.misfit(chi))
+            continue
+        assert a.blind.shape == (9, mask.sum())
+        assert torch.allclose(a.blind @ a.blind.T, torch.eye(9), atol=1e-5)
+        assert math.isclose(float(b.misfit(chi)), float(a.misfit(chi)), rel_tol=1e-4)
+        assert float(a.misfit(chi * 1.1)) > 1.01 * float(a.misfit(chi))
+    chi_l, mask_l, field_l, _, g = lesion_case
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, blind_degree=-1, **kwargs):
+        seen.append(blind_degree)
+        raise Stop
+
+    monkeypatch.setattr(vi, "prepare", stop)
+    for choice in ("ignore", "keep"):
+        with pytest.raises(Stop):
+            pipeline.reconstruct(field_l, mask_l, g, pipeline.Settings(method="pdi-vi1", device="cpu",
+                                                                       vi_where="everywhere", vi_harmonics=choice))
+    assert seen == [vi.BLIND_DEGREE, -1]
+    assert pipeline.Settings(method="pdi-vi1", vi_harmonics="ignore").applicable()["vi_harmonics"] == "ignore"
+    with pytest.raises(InputError, match="--vi-harmonics"):
+        pipeline.Settings(method="pdi-vi1", vi_harmonics="drop").check()
