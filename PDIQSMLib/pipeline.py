@@ -353,6 +353,12 @@ def _pdi(field_ppm, mask, geometry, settings: Settings, magnitude, noise_std, pr
                             "its low-order harmonics): fine-tuned map kept "
                             + ("everywhere" if where == "everywhere" else "only where the field disagrees with PDI's")
                             + f" (--vi-where gated: there within {GATE_BAND[0]:g}-{GATE_BAND[1]:g})")
+            if ratio > GATE_BAND[1] >= free_ratio and settings.vi_harmonics == "keep":
+                hint = ("over the band only by its low-order harmonic part: a field of sources outside the brain "
+                        "(background removal's residue), which fine-tuning would fit into chi (compare with "
+                        "--vi-harmonics ignore or --field-trend remove), or a broad error of PDI's map")
+                info["vi_where"]["gate"]["note"] = hint
+                progress.status(f"warning: PDI's residual is {hint}")
     info["vi_where"]["kept"] = where
     if "fine_grid" in info and where == "everywhere":  # the gate's PDI pass took blocks; the map returned does not
         info["fine_grid"]["in_map_returned"] = "no: the fine-tuned map, its coarse band set by the field's fidelity"

@@ -613,6 +613,13 @@ def test_pdi_vi_keeps_pdis_map_where_the_field_agrees_with_it(monkeypatch):
         record = gated.info["vi_where"]
         assert np.allclose(gated.mean, expected.mean, atol=1e-6), ratio
         assert record["gate"]["residual_over_cone"] == ratio and record["kept"] == expected.info["vi_where"]["kept"]
+    # over the band only by the residual's low-order harmonics: everywhere still, and the user is told why it may harm
+    monkeypatch.setattr(weighting, "gate_ratios", lambda *a, **k: (1.5, 1.0))
+    said = io.StringIO()
+    over = reconstruct(field, mask, g, Settings(method="pdi-vi1", **quick), noise_std=noise,
+                       progress=Progress("lines", said))
+    assert np.allclose(over.mean, everywhere.mean, atol=1e-6) and "outside the brain" in over.info["vi_where"]["gate"]["note"]
+    assert "warning: PDI's residual is over the band only by its low-order harmonic part" in said.getvalue()
 
     def untouched(*a, **k):
         raise AssertionError("fine-tuned where nothing disagrees")
