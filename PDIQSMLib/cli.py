@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="realistic fields also carry distant sources' harmonic field, its std in the mask log-uniform "
                         "in LO..HI ppm (fieldterms.distant_harmonics; default 0 0: none, the bundled model's mix); "
                         "validation brains have none")
+    t.add_argument("--column-fraction", type=float, default=0.0,
+                   help="share of the anatomical brains cut in plane to a column 60-110 mm wide (a field of view "
+                        "narrower than the head; simulation.column_crop; default 0, the bundled model's mix); "
+                        "validation brains are whole")
     t.add_argument("--validation-count", type=int, default=3,
                    help="held-apart simulated brains for validation (seeds 10000-; the bundled line's records use 3)")
     t.add_argument("--ema", type=float, default=0.0,
@@ -528,6 +532,8 @@ def cmd_train(args, progress: Progress) -> int:
         raise InputError("--bleed-fraction", f"a share between 0 and 1, not {args.bleed_fraction:g}")
     if args.bleed_fraction > 0 and args.simulator != "realistic":
         raise InputError("--bleed-fraction", "bleeds are put into the realistic simulator's anatomical brains only")
+    if not 0.0 <= args.column_fraction <= 1.0:
+        raise InputError("--column-fraction", f"a share between 0 and 1, not {args.column_fraction:g}")
     lo, hi = args.distant_ppm
     if not (0.0 <= lo <= hi and (hi == 0 or lo > 0)):
         raise InputError("--distant-ppm", f"0 0, or bounds 0 < LO <= HI in ppm, not {lo:g} {hi:g}")
@@ -541,7 +547,7 @@ def cmd_train(args, progress: Progress) -> int:
                          lr_final=args.lr_final, flips=args.flips,
                          simulation=replace(base, brain_fov_mm=tuple(args.brain_fov), brain_fraction=args.brain_fraction,
                                             sharp_fraction=args.sharp_fraction, bleed_fraction=args.bleed_fraction,
-                                            distant_ppm=(lo, hi)))
+                                            distant_ppm=(lo, hi), column_fraction=args.column_fraction))
     log_path = args.log or args.out.with_name(args.out.name + ".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     step_fn = progress.task("train")

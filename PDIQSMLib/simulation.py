@@ -47,6 +47,8 @@ class SimulationConfig:
     bleed_fraction: float = 0.0  # realistic anatomical brains given an acute bleed and its noise map (add_bleed)
     distant_ppm: tuple[float, float] = (0.0, 0.0)  # distant sources' harmonic field, std in the mask (log-uniform;
     # fieldterms.distant_harmonics); (0, 0): none, and no draw, so that a seed's brain and other terms stay as they were
+    column_fraction: float = 0.0  # anatomical brains cut in plane to a column (column_crop); 0: none, and no draw
+    column_mm: tuple[float, float] = (60.0, 110.0)  # the column's width along each in-plane axis (uniform)
 
 
 # The realistic recipe: what the bundled model is trained on (TrainConfig's default).
@@ -120,6 +122,8 @@ def anatomical_volume(rng: np.random.Generator, config: SimulationConfig) -> Sam
     vs = anatomy.random_grid(rng, config.in_plane_mm, config.slice_mm)
     brain = anatomy.anatomical_brain(rng, vs, config.anatomical_max_shape, sharp=sharp)
     geometry = Geometry(vs, random_b0(rng, config.max_tilt_deg))
+    if config.column_fraction > 0 and rng.random() < config.column_fraction:  # no draw at 0: seeds keep their brains
+        brain = column_crop(brain, rng, config.column_mm)
     if config.realistic:
         sample = realistic_sample(brain.chi, brain.mask, geometry, rng, config, brain.wm)
         if config.bleed_fraction > 0 and rng.random() < config.bleed_fraction:  # no draw at 0: seeds keep their brains
@@ -128,6 +132,28 @@ def anatomical_volume(rng: np.random.Generator, config: SimulationConfig) -> Sam
     sigma = log_uniform(rng, config.noise_ppm)
     return Sample(brain.chi, brain.mask, add_noise(field_of(brain.chi, brain.mask, geometry), brain.mask, sigma, rng),
                   geometry, sigma)
+
+
+def column_crop(brain: anatomy.AnatomicalBrain, rng: np.random.Generator,
+                width_mm: tuple[float, float] = (60.0, 110.0)) -> anatomy.AnatomicalBrain:
+    """``brain`` in a field of view narrower than the head in plane (a high-resolution acquisition's column): along
+    each of the first two axes a width drawn from ``width_mm`` around a point in the middle half of the mask's extent,
+    where narrower than the volume. The tissue cut off is gone, as a background removal takes its field for
+    background: the local field is then that of the column's own tissue, its mask cut by faces along the third axis
+    (near B0). PDI trailed MEDI on such columns (session 37, 96 x 96 x 144 mm at 1 mm iso), which training seldom
+    showed (a cut only where the in-plane voxel is under about 1 mm)."""
+    keep = []
+    for axis in range(2):
+        n, h = brain.mask.shape[axis], brain.voxel_size[axis]
+        width = int(round(rng.uniform(*width_mm) / h))
+        along = np.flatnonzero(brain.mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo, hi = (along[0], along[-1]) if len(along) else (0, n - 1)
+        centre = rng.uniform(lo + 0.25 * (hi - lo), hi - 0.25 * (hi - lo))
+        start = int(np.clip(round(centre - width / 2), 0, max(n - width, 0)))
+        keep.append(slice(start, start + width) if width < n else slice(0, n))
+    box = (keep[0], keep[1], slice(None))
+    return replace(brain, chi=np.ascontiguousarray(brain.chi[box]), mask=np.ascontiguousarray(brain.mask[box]),
+                   wm=np.ascontiguousarray(brain.wm[box]), labels=np.ascontiguousarray(brain.labels[box]))
 
 
 def realistic_brain(seed: int, voxel_size, b0_dir=(0.0, 0.0, 1.0), max_shape=(144, 144, 96),

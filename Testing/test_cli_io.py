@@ -397,6 +397,8 @@ def test_a_training_share_outside_zero_to_one_is_refused_before_anything_is_writ
     assert code == 2 and "--distant-ppm: 0 0, or bounds 0 < LO <= HI in ppm, not 0.005 0.001" in err
     code, _, err = run(base + ["--distant-ppm", "1e-3", "5e-3", "--simulator", "clean"], capsys)
     assert code == 2 and "--distant-ppm: the distant field is one of the realistic simulator's terms" in err
+    code, _, err = run(base + ["--column-fraction", "2"], capsys)
+    assert code == 2 and "--column-fraction: a share between 0 and 1, not 2" in err
     assert not any(tmp_path.iterdir())
 
 

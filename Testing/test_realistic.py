@@ -160,6 +160,29 @@ def test_perturbed_mask_moves_the_edge_by_at_most_a_few_voxels():
 needs_templates = pytest.mark.skipif(not anatomy.available(), reason="nilearn's MNI152 files are not installed")
 
 
+def test_a_column_crop_keeps_a_block_of_the_brain_cut_in_plane_only():
+    """simulation.column_crop (--column-fraction): a brain wider than the column in plane (an ellipsoid 150 mm across
+    in a 200 mm volume, 1 x 1 x 2 mm) keeps one contiguous block of it, 60-110 mm along each of the first two axes
+    (the widths drawn), whole along the third; the brain reaches a cut face on each cut axis (it went on beyond)."""
+    from PDIQSMLib.simulation import column_crop
+
+    shape, vs = (200, 200, 60), (1.0, 1.0, 2.0)
+    mask = phantoms.sphere(shape, vs, 75.0, 1.0) > 0  # radius 75 mm
+    i, j, k = np.indices(shape)
+    code = (i * 1_000_000 + j * 1_000 + k).astype(np.float64)  # each voxel's own value: where it came from
+    brain = anatomy.AnatomicalBrain(code, mask, mask.astype(np.float32), mask.astype(np.uint8), vs)
+    for seed in range(4):
+        cut = column_crop(brain, np.random.default_rng(seed))
+        i0, j0 = int(cut.chi[0, 0, 0] // 1_000_000), int(cut.chi[0, 0, 0] // 1_000 % 1_000)
+        n0, n1, n2 = cut.chi.shape
+        assert 60 <= n0 <= 110 and 60 <= n1 <= 110 and n2 == shape[2], cut.chi.shape
+        assert np.array_equal(cut.chi, code[i0:i0 + n0, j0:j0 + n1])
+        assert np.array_equal(cut.mask, mask[i0:i0 + n0, j0:j0 + n1])
+        for axis in (0, 1):
+            faces = np.take(cut.mask, [0, -1], axis=axis)
+            assert faces.any(), (seed, axis)
+
+
 @needs_templates
 def test_anatomical_brain_has_the_published_tissue_values_where_they_belong():
     b = anatomy.anatomical_brain(np.random.default_rng(8), (1.5, 1.5, 2.0), max_shape=(96, 112, 80))
@@ -343,10 +366,15 @@ def test_a_bleed_in_the_training_mix_is_fed_as_at_inference_and_kept_out_of_vali
     assert np.diff(fed.field, axis=0)[pairs].std() < 0.3 * np.diff(raw, axis=0)[pairs].std()
     offset = without_mean(raw, fed.mask, fed.noise_map)[1]  # taken off as the pipeline does
     assert np.allclose(fed.field[fed.mask & ~bad], raw[fed.mask & ~bad] - offset, atol=1e-6) and offset != 0
+    cut = make_volume(np.random.default_rng(5), replace(config, column_fraction=1.0, column_mm=(30.0, 40.0)))
+    h = cut.geometry.voxel_size
+    assert all(30 / h[a] - 1 <= cut.mask.shape[a] <= 40 / h[a] + 1 for a in (0, 1)), (cut.mask.shape, h)
+    assert cut.field.shape == cut.chi.shape == cut.mask.shape and cut.mask.shape[2] == plain.mask.shape[2]
+    assert cut.geometry == plain.geometry  # drawn before the cut: the grid and B0 stay the seed's
     plain_set, sharp_set = validation_sets(1, replace(config, bleed_fraction=1.0, sharp_fraction=0.5))
     assert all(s.noise_map is None for s in plain_set + sharp_set)
-    far = validation_sets(1, replace(config, distant_ppm=(0.01, 0.02)))[0][0]  # nor a distant field
-    assert np.array_equal(far.field, validation_sets(1, config)[0][0].field)
+    far = validation_sets(1, replace(config, distant_ppm=(0.01, 0.02), column_fraction=1.0))[0][0]  # nor a distant
+    assert np.array_equal(far.field, validation_sets(1, config)[0][0].field)  # field, nor a column
 
 
 @needs_templates

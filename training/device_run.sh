@@ -7,7 +7,8 @@
 #      since session 21 a share BLEED of them (--bleed-fraction, default 0: the main line's mix; the bundled
 #      weights average in 0.3 of a model trained at 0.5) with an acute bleed
 #      (on the CPU, 0.5 helped bleeds by 5 points and cost brains without one half a point: bleed_recovery_bleedmix.md);
-#      since session 39 DISTANT="LO HI" (--distant-ppm, default none) adds distant sources' harmonic field to the mix;
+#      since session 39 DISTANT="LO HI" (--distant-ppm, default none) adds distant sources' harmonic field to the mix,
+#      and COLUMNS (--column-fraction, default 0) cuts that share of the anatomical brains to an in-plane column;
 #   3. the checkpoint, its log and the tables copied to $OUT (the checkpoint without its history, which the
 #      log holds, to stay under the tool's 16 MiB per file; training/merge_device_run.py puts them back).
 # Carried wheels (.whl: nibabel, nilearn for the MNI152 templates) are installed first when present.
@@ -59,7 +60,7 @@ train() {  # $1 lr, $2 seconds; appends to the one log
   timeout $(($2 + 120)) $PY -m PDIQSMLib.cli train --steps 1000000 --out /tmp/device-ckpt.pt --log "$OUT/device-log.jsonl" \
     --batch-size "$BATCH" --lr "$1" --lr-final 1e-5 --beta 1 --ema 0.998 --workers "$WORKERS" --threads 2 \
     --pool-size 48 --validate-every 2000 --validation-count 3 --flips --sharp-fraction "${SHARP:-0.5}" \
-    --bleed-fraction "${BLEED:-0}" --distant-ppm ${DISTANT:-0 0} \
+    --bleed-fraction "${BLEED:-0}" --distant-ppm ${DISTANT:-0 0} --column-fraction "${COLUMNS:-0}" \
     --max-seconds "$2" --device "$DEVICE" \
     --progress none >> "$OUT/train.log" 2>&1
   echo "train exit $?" | tee -a "$OUT/env.txt"
