@@ -45,6 +45,7 @@ NOISY_REGIONS_HELP = ("without a noise std map, for MEDI and PDI(-VI): auto (def
 FIELD_MEAN_HELP = ("remove (default): the field's mean in the mask (weighted by the noise map's inverse variance) is "
                    "taken off before any method (a constant is harmonic: it cannot be told from background, e.g. an "
                    "unwrapping's 2 pi n; run.json gives it; benchmarks/results/field_offset.md); keep: as given")
+SHARE_FLAGS = ("--sharp-fraction", "--bleed-fraction", "--column-fraction")  # pdiqsm train: shares of anatomical brains
 FIELD_TREND_HELP = ("remove: a linear trend across the brain (harmonic: distant sources, background removal) fitted "
                     "beside PDI's map of the field and taken off first, for any method (three extra PDI passes a field; "
                     "run.json or the adapted weights' manifest gives it; benchmarks/results/field_trend.md); keep "
@@ -197,22 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: the Gaussian NLL of Eq. 9; 0.5..1: beta-NLL, faster progress of the mean (finish with 0)")
     t.add_argument("--brain-fraction", type=float, default=0.7,
                    help="share of brains among the simulated volumes that are not anatomical, the rest random shapes (default 0.7)")
-    t.add_argument("--sharp-fraction", type=float, default=0.0,
-                   help="share of the anatomical brains given one brain's tissue boundaries instead of the MNI "
-                        "template's averaged ones (anatomy.sharp_tissue; default 0; the bundled model's steps since 32000 used 0.5); the "
-                        "validation brains keep the template's, so that the learning curve stays comparable")
-    t.add_argument("--bleed-fraction", type=float, default=0.0,
-                   help="share of the anatomical brains given an acute bleed whose phase is noise, with its noise map "
-                        "(simulation.add_bleed; the network's inputs then built from that map as at inference; "
-                        "realistic simulator only; default 0; the bundled model's last CPU steps used 0.15); validation brains have none")
+    def share(flag: str, text: str) -> None:  # one of SHARE_FLAGS
+        t.add_argument(flag, type=float, default=0.0, help="share of the anatomical brains " + text)
+
+    share("--sharp-fraction", "given one brain's tissue boundaries instead of the MNI template's averaged ones "
+          "(anatomy.sharp_tissue; default 0; the bundled model's steps since 32000 used 0.5); the validation brains "
+          "keep the template's, so that the learning curve stays comparable")
+    share("--bleed-fraction", "given an acute bleed whose phase is noise, with its noise map (simulation.add_bleed; "
+          "the network's inputs then built from that map as at inference; realistic simulator only; default 0; the "
+          "bundled model's last CPU steps used 0.15); validation brains have none")
     t.add_argument("--distant-ppm", type=float, nargs=2, default=(0.0, 0.0), metavar=("LO", "HI"),
                    help="realistic fields also carry distant sources' harmonic field, its std in the mask log-uniform "
                         "in LO..HI ppm (fieldterms.distant_harmonics; default 0 0: none, the bundled model's mix); "
                         "validation brains have none")
-    t.add_argument("--column-fraction", type=float, default=0.0,
-                   help="share of the anatomical brains cut in plane to a column 60-110 mm wide (a field of view "
-                        "narrower than the head; simulation.column_crop; default 0, the bundled model's mix); "
-                        "validation brains are whole")
+    share("--column-fraction", "cut in plane to a column 60-110 mm wide (a field of view narrower than the head; "
+          "simulation.column_crop; default 0, the bundled model's mix); validation brains are whole")
     t.add_argument("--validation-count", type=int, default=3,
                    help="held-apart simulated brains for validation (seeds 10000-; the bundled line's records use 3)")
     t.add_argument("--ema", type=float, default=0.0,
@@ -526,14 +526,12 @@ def cmd_train(args, progress: Progress) -> int:
 
     from .simulation import REALISTIC, SimulationConfig
 
-    if not 0.0 <= args.sharp_fraction <= 1.0:
-        raise InputError("--sharp-fraction", f"a share between 0 and 1, not {args.sharp_fraction:g}")
-    if not 0.0 <= args.bleed_fraction <= 1.0:
-        raise InputError("--bleed-fraction", f"a share between 0 and 1, not {args.bleed_fraction:g}")
+    for flag in SHARE_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not 0.0 <= value <= 1.0:
+            raise InputError(flag, f"a share between 0 and 1, not {value:g}")
     if args.bleed_fraction > 0 and args.simulator != "realistic":
         raise InputError("--bleed-fraction", "bleeds are put into the realistic simulator's anatomical brains only")
-    if not 0.0 <= args.column_fraction <= 1.0:
-        raise InputError("--column-fraction", f"a share between 0 and 1, not {args.column_fraction:g}")
     lo, hi = args.distant_ppm
     if not (0.0 <= lo <= hi and (hi == 0 or lo > 0)):
         raise InputError("--distant-ppm", f"0 0, or bounds 0 < LO <= HI in ppm, not {lo:g} {hi:g}")
