@@ -94,7 +94,7 @@ def without_harmonics(residual: np.ndarray, mask: np.ndarray, voxel_size, weight
         basis *= np.asarray(weight, np.float64)[m][:, None]
     r = np.asarray(residual, np.float64)[m]
     out = np.zeros(m.shape)
-    out[m] = r - basis @ np.linalg.lstsq(basis, r, rcond=None)[0]
+    out[m] = r - basis @ np.linalg.solve(basis.T @ basis, basis.T @ r)  # normal equations: no copy of the basis
     return out
 
 
