@@ -170,11 +170,7 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
             info["noisy_regions"] = {"voxels": found, "read_off": "the field (no noise map given)"}
             progress.status(f"{found} voxels whose field is noise (a bleed?) are down-weighted as a noise map would; "
                             "--noisy-regions off trusts them")
-    if settings.field_mean == "remove":
-        field_ppm, offset = without_mean(field_ppm, m, noise_std)
-        info["field_mean_removed_ppm"] = round(offset, 7)
-    if settings.field_trend == "remove":
-        field_ppm = without_trend(field_ppm, m, geometry, settings, noise_std, progress, info)
+    field_ppm = as_read(field_ppm, m, geometry, settings, noise_std, progress, info)
     b = torch.from_numpy(np.where(m, field_ppm, 0.0).astype(np.float32))
     if settings.method == "tkd":
         chi = solvers.tkd(b, mt, geometry, settings.threshold, settings.pad or solvers.CLOSED_FORM_PAD)
@@ -240,6 +236,18 @@ def pdi_tile(mask: np.ndarray, pad: float | None) -> int | None:
     from . import memory
 
     return memory.check("pdi", mask.shape, memory.estimate_bytes("pdi", mask.shape, mask, pad), pad)
+
+
+def as_read(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, settings: Settings, noise_std,
+            progress: Progress, info: dict) -> np.ndarray:
+    """The field as every method reads it: its mean in the mask taken off (``--field-mean remove``, ``without_mean``)
+    and, when asked, its linear trend (``--field-trend remove``, ``without_trend``); ``info`` records what was."""
+    if settings.field_mean == "remove":
+        field_ppm, offset = without_mean(field_ppm, mask, noise_std)
+        info["field_mean_removed_ppm"] = round(offset, 7)
+    if settings.field_trend == "remove":
+        field_ppm = without_trend(field_ppm, mask, geometry, settings, noise_std, progress, info)
+    return field_ppm
 
 
 TREND_ROUNDS = 3  # alternations of without_trend: PDI's map of the field less the trend, the trend refitted
@@ -676,12 +684,8 @@ def finetune_files(field_paths, mask_paths, out, settings: Settings, noise_paths
         noise, found = noise_map(inp.field_ppm, inp.mask, inp.noise_std, settings)
         if found:
             progress.status(f"field {i}: {found} voxels whose field is noise are down-weighted")
-        field, taken = inp.field_ppm, {"field": str(field_path)}
-        if settings.field_mean == "remove":
-            field, offset = without_mean(field, inp.mask, noise)
-            taken["field_mean_removed_ppm"] = round(offset, 7)
-        if settings.field_trend == "remove":  # fitted beside the input weights' PDI map, as reconstruct does
-            field = without_trend(field, inp.mask, inp.geometry, settings, noise, progress, taken)
+        taken = {"field": str(field_path)}  # the trend, if asked, fitted beside the input weights' PDI map
+        field = as_read(inp.field_ppm, inp.mask, inp.geometry, settings, noise, progress, taken)
         if i:
             prepared_fields.append(taken)
         order, geometry, arrays = network_frame(inp.geometry, field, inp.mask, inp.magnitude, noise)
