@@ -139,11 +139,43 @@ def sharp_tissue(gm: np.ndarray, wm: np.ndarray, rng: np.random.Generator) -> tu
             (sharp_tissue_map * white_share).astype(np.float32))
 
 
-def susceptibility_1mm(rng: np.random.Generator, sharp: np.random.Generator | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+# Fine tissue texture (``tissue_texture``): std in tissue (ppm, drawn per brain), the knee and slope of its power
+# law (cycles / mm) and the frequency below which it fades (the anatomy's own scales). Measured against the one
+# susceptibility map of a real brain this team holds (the shared ICH case outside its bleed, 1 x 1 x 3 mm;
+# benchmarks/truth_texture.py, session 40): its in-plane power spectrum falls as k^-3 from 0.15 to 0.45 cycles per
+# voxel and stands 2-6 times above the template brains' (sharp or not) there, whose truth is cartoon-smooth below
+# 7 mm; 0.035 ppm brings the two spectra within 0.8-1.3 of each other. The range spans half to more than that,
+# as part of the real map's fine power may be its reconstruction's.
+TEXTURE_PPM = (0.015, 0.045)
+TEXTURE_KNEE = 0.1
+TEXTURE_SLOPE = 3.0  # power ~ k^-slope above the knee
+TEXTURE_LOW = 0.08
+
+
+def tissue_texture(shape, rng: np.random.Generator, voxel_mm: float = 1.0) -> np.ndarray:
+    """A Gaussian random field of unit std (float32) on an isotropic grid whose power falls as
+    ``k^-TEXTURE_SLOPE`` above ``TEXTURE_KNEE`` cycles / mm and fades below ``TEXTURE_LOW`` (periodic): the fine,
+    multi-scale heterogeneity of real tissue (iron and myelin within a structure, small vessels below the grid)
+    that smooth tissue maps lack."""
+    k2 = 0.0
+    for axis, n in enumerate(shape):
+        f = (np.fft.rfftfreq(n) if axis == len(shape) - 1 else np.fft.fftfreq(n)) / voxel_mm
+        view = [1] * len(shape)
+        view[axis] = -1
+        k2 = k2 + (f**2).reshape(view)
+    gain = (1.0 + k2 / TEXTURE_KNEE**2) ** (-TEXTURE_SLOPE / 4.0) * (k2 / (k2 + TEXTURE_LOW**2))
+    white = rng.standard_normal(shape).astype(np.float32)
+    field = np.fft.irfftn(np.fft.rfftn(white) * gain, s=shape, axes=tuple(range(len(shape))))
+    return (field / field.std()).astype(np.float32)
+
+
+def susceptibility_1mm(rng: np.random.Generator, sharp: np.random.Generator | None = None,
+                       texture: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(chi in ppm, nucleus labels, white-matter fraction) on the template's 1 mm grid, tissue values drawn by
     ``rng``; ``sharp``: the tissue boundaries of one brain (``sharp_tissue``), drawn by this generator, not the
-    template's average (a generator of its own, so that a seed gives the same brain either way)."""
+    template's average (a generator of its own, so that a seed gives the same brain either way); ``texture``: fine
+    tissue texture (``tissue_texture``, std drawn from TEXTURE_PPM, weighted by the tissue fraction, veins and
+    calcifications painted over it), drawn by this generator."""
     t = templates()
     shape, vs = t["gm"].shape, (1.0, 1.0, 1.0)
     mask = t["mask"]
@@ -152,7 +184,7 @@ def susceptibility_1mm(rng: np.random.Generator, sharp: np.random.Generator | No
     gm_chi = rng.uniform(0.015, 0.05) + 0.008 * smooth_noise(shape, vs, 8.0, rng)
     chi = (wm * wm_chi + gm * gm_chi).astype(np.float32)  # CSF (the rest) is the 0 ppm reference
     labels = np.zeros(shape, np.uint8)
-    texture = 1.0 + 0.15 * smooth_noise(shape, vs, 4.0, rng)
+    grain = 1.0 + 0.15 * smooth_noise(shape, vs, 4.0, rng)  # within the nuclei
     shift = rng.normal(0.0, 1.0, 3)
     for index, (_, centre, semi, (lo, hi), by_gm) in enumerate(NUCLEI, start=1):
         value = rng.uniform(lo, hi)
@@ -162,8 +194,11 @@ def susceptibility_1mm(rng: np.random.Generator, sharp: np.random.Generator | No
             region &= mask[box]
             if by_gm:
                 region &= t["gm"][box] > 0.35
-            chi[box][region] = value * texture[box][region]
+            chi[box][region] = value * grain[box][region]
             labels[box][region] = index
+    if texture is not None:
+        chi += (texture.uniform(*TEXTURE_PPM) * np.clip(gm + wm, 0.0, 1.0) * tissue_texture(shape, texture)
+                ).astype(np.float32)
     _add_veins(chi, mask, t["depth"], vs, rng)
     _add_calcifications(chi, mask, vs, rng)
     _add_microbleeds(chi, mask, vs, rng)
@@ -188,15 +223,18 @@ def random_grid(rng: np.random.Generator, in_plane_mm=(0.6, 1.2), slice_mm=(1.0,
 
 
 def anatomical_brain(rng: np.random.Generator, voxel_size, max_shape=(144, 144, 96),
-                     elastic_mm: float = 2.0, scale_range=(0.9, 1.1), sharp: bool = False) -> AnatomicalBrain:
+                     elastic_mm: float = 2.0, scale_range=(0.9, 1.1), sharp: bool = False,
+                     texture: bool = False) -> AnatomicalBrain:
     """A deformed MNI brain resampled to ``voxel_size``; a field of view of at most ``max_shape`` voxels,
     placed at random over the brain when the whole brain does not fit (keeping simulation cheap); ``sharp``:
     individual tissue boundaries (``sharp_tissue``), drawn by a generator spawned from ``rng``, which leaves
     ``rng``'s stream as it is, so that a seed gives the same brain sharp or not (a spawned child depends on the
     seed and the count of children, not on the stream's state: after a resumed training run the first children
-    repeat those of the run before, which only repeats some boundary jitter)."""
+    repeat those of the run before, which only repeats some boundary jitter); ``texture``: fine tissue texture
+    (``tissue_texture``), drawn by a generator spawned after ``sharp``'s, the same way."""
     t = templates()
-    chi1, labels1, wm1 = susceptibility_1mm(rng, rng.spawn(1)[0] if sharp else None)
+    sharp_rng = rng.spawn(1)[0] if sharp else None
+    chi1, labels1, wm1 = susceptibility_1mm(rng, sharp_rng, rng.spawn(1)[0] if texture else None)
     vs = np.asarray(voxel_size, float)
     rot = random_rotation(rng, 15.0, 10.0)
     scale = rng.uniform(*scale_range, 3)

@@ -45,7 +45,8 @@ NOISY_REGIONS_HELP = ("without a noise std map, for MEDI and PDI(-VI): auto (def
 FIELD_MEAN_HELP = ("remove (default): the field's mean in the mask (weighted by the noise map's inverse variance) is "
                    "taken off before any method (a constant is harmonic: it cannot be told from background, e.g. an "
                    "unwrapping's 2 pi n; run.json gives it; benchmarks/results/field_offset.md); keep: as given")
-SHARE_FLAGS = ("--sharp-fraction", "--bleed-fraction", "--column-fraction")  # pdiqsm train: shares of anatomical brains
+# pdiqsm train: shares of anatomical brains
+SHARE_FLAGS = ("--sharp-fraction", "--bleed-fraction", "--column-fraction", "--texture-fraction")
 FIELD_TREND_HELP = ("remove: a linear trend across the brain (harmonic: distant sources, background removal) fitted "
                     "beside PDI's map of the field and taken off first, for any method (three extra PDI passes a field; "
                     "run.json or the adapted weights' manifest gives it; benchmarks/results/field_trend.md); keep "
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sharp", action="store_true",
                    help="realistic: one brain's tissue boundaries instead of the MNI template's averaged ones (same "
                         "seed, same brain otherwise)")
+    s.add_argument("--texture", action="store_true",
+                   help="realistic: fine tissue texture in chi (anatomy.tissue_texture: the multi-scale "
+                        "heterogeneity of real tissue; same seed, same brain otherwise)")
     s.add_argument("--data-dir", type=Path, help="for 'ich': folder with chi_ppm, mask, noise_std (default ../shared/data)")
     _add_common(s)
 
@@ -213,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation brains have none")
     share("--column-fraction", "cut in plane to a column 60-110 mm wide (a field of view narrower than the head; "
           "simulation.column_crop; default 0, the bundled model's mix); validation brains are whole")
+    share("--texture-fraction", "given fine tissue texture, the multi-scale heterogeneity that a real brain's map "
+          "shows and the template's smooth tissue maps lack (anatomy.tissue_texture; benchmarks/results/"
+          "truth_texture.md; default 0, the bundled model's mix); validation brains have none")
     t.add_argument("--validation-count", type=int, default=3,
                    help="held-apart simulated brains for validation (seeds 10000-; the bundled line's records use 3)")
     t.add_argument("--ema", type=float, default=0.0,
@@ -545,7 +552,8 @@ def cmd_train(args, progress: Progress) -> int:
                          lr_final=args.lr_final, flips=args.flips,
                          simulation=replace(base, brain_fov_mm=tuple(args.brain_fov), brain_fraction=args.brain_fraction,
                                             sharp_fraction=args.sharp_fraction, bleed_fraction=args.bleed_fraction,
-                                            distant_ppm=(lo, hi), column_fraction=args.column_fraction))
+                                            distant_ppm=(lo, hi), column_fraction=args.column_fraction,
+                                            texture_fraction=args.texture_fraction))
     log_path = args.log or args.out.with_name(args.out.name + ".log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     step_fn = progress.task("train")

@@ -64,17 +64,17 @@ def make_phantom(kind: str, shape, voxel_size, seed: int) -> phantoms.Phantom:
     return phantoms.Phantom(np.where(mask, chi, 0.0).astype(np.float32), mask, Geometry(voxel_size))
 
 
-def realistic_brain(voxel_size, b0_dir, seed: int, max_shape, sharp: bool = False
+def realistic_brain(voxel_size, b0_dir, seed: int, max_shape, sharp: bool = False, texture: bool = False
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(chi, mask, field, nucleus labels) of an MNI152 brain with a realistic local field (the training
     simulator's non-dipolar terms: anisotropy, background residue, correlated noise, mask error); ``sharp``: one
-    brain's tissue boundaries (anatomy.sharp_tissue)."""
+    brain's tissue boundaries (anatomy.sharp_tissue); ``texture``: fine tissue texture (anatomy.tissue_texture)."""
     from . import anatomy
     from .simulation import realistic_brain as simulated
 
     if not anatomy.available():
         raise InputError("simulate realistic", "needs the MNI152 templates of nilearn's wheel: pip install nilearn")
-    sample, labels = simulated(seed, voxel_size, b0_dir, max_shape, sharp)
+    sample, labels = simulated(seed, voxel_size, b0_dir, max_shape, sharp, texture)
     return sample.chi, sample.mask, sample.field, labels.astype(np.float32)
 
 
@@ -100,7 +100,7 @@ def simulate(args, progress: Progress) -> list[Path]:
         like = Volume(chi, affine, like.header)
     elif args.kind == "realistic":
         chi, mask, field, labels = realistic_brain(tuple(args.voxel_size), b0_dir, args.seed, tuple(args.shape),
-                                                   args.sharp)
+                                                   args.sharp, args.texture)
         geometry = Geometry(tuple(args.voxel_size), b0_dir)
         like = Volume(chi, affine_for_b0(geometry.voxel_size, b0_dir), nib.Nifti1Header())
     else:
@@ -131,5 +131,6 @@ def simulate(args, progress: Progress) -> list[Path]:
             outputs.text("names", names_tsv(nucleus_names()))
         outputs.json("record", {"B0_dir": list(geometry.b0_dir), "voxel_size": list(geometry.voxel_size),
                                 "B0": DEFAULT_B0, "TE": [DEFAULT_TE],
-                                "noise_ppm": args.noise if args.kind != "realistic" else None, "seed": args.seed})
+                                "noise_ppm": args.noise if args.kind != "realistic" else None, "seed": args.seed,
+                                **({"sharp": args.sharp, "texture": args.texture} if args.kind == "realistic" else {})})
         return outputs.publish()

@@ -49,6 +49,7 @@ class SimulationConfig:
     # fieldterms.distant_harmonics); (0, 0): none, and no draw, so that a seed's brain and other terms stay as they were
     column_fraction: float = 0.0  # anatomical brains cut in plane to a column (column_crop); 0: none, and no draw
     column_mm: tuple[float, float] = (60.0, 110.0)  # the column's width along each in-plane axis (uniform)
+    texture_fraction: float = 0.0  # anatomical brains with fine tissue texture (anatomy.tissue_texture); no draw at 0
 
 
 # The realistic recipe: what the bundled model is trained on (TrainConfig's default).
@@ -119,8 +120,10 @@ def anatomical_volume(rng: np.random.Generator, config: SimulationConfig) -> Sam
     # no draw at 0 or 1, so that a seed keeps its brain sharp or not (anatomical_brain draws the boundaries apart)
     f = config.sharp_fraction
     sharp = f >= 1 or (f > 0 and rng.random() < f)
+    f = config.texture_fraction
+    texture = f >= 1 or (f > 0 and rng.random() < f)
     vs = anatomy.random_grid(rng, config.in_plane_mm, config.slice_mm)
-    brain = anatomy.anatomical_brain(rng, vs, config.anatomical_max_shape, sharp=sharp)
+    brain = anatomy.anatomical_brain(rng, vs, config.anatomical_max_shape, sharp=sharp, texture=texture)
     geometry = Geometry(vs, random_b0(rng, config.max_tilt_deg))
     if config.column_fraction > 0 and rng.random() < config.column_fraction:  # no draw at 0: seeds keep their brains
         brain = column_crop(brain, rng, config.column_mm)
@@ -157,12 +160,13 @@ def column_crop(brain: anatomy.AnatomicalBrain, rng: np.random.Generator,
 
 
 def realistic_brain(seed: int, voxel_size, b0_dir=(0.0, 0.0, 1.0), max_shape=(144, 144, 96),
-                    sharp: bool = False) -> tuple[Sample, np.ndarray]:
+                    sharp: bool = False, texture: bool = False) -> tuple[Sample, np.ndarray]:
     """A seeded MNI152 brain on ``voxel_size`` with its realistic local field (``realistic_sample``) and its
     nucleus labels (``anatomy.nucleus_names``), zero outside the sample's mask; ``sharp``: one brain's tissue
-    boundaries (``anatomy.sharp_tissue``), the seed's brain otherwise unchanged."""
+    boundaries (``anatomy.sharp_tissue``), the seed's brain otherwise unchanged; ``texture``: fine tissue texture
+    (``anatomy.tissue_texture``), the same way."""
     rng = np.random.default_rng(seed)
-    brain = anatomy.anatomical_brain(rng, voxel_size, max_shape, sharp=sharp)
+    brain = anatomy.anatomical_brain(rng, voxel_size, max_shape, sharp=sharp, texture=texture)
     sample = realistic_sample(brain.chi, brain.mask, Geometry(brain.voxel_size, b0_dir), rng, REALISTIC, brain.wm)
     return sample, np.where(sample.mask, brain.labels, 0)
 

@@ -387,8 +387,10 @@ def validation_sets(count: int, config: SimulationConfig) -> tuple[list[Sample],
     """The validation brains for a training mix: with the template's tissue boundaries whatever the mix (so
     the curve stays comparable across runs), and when the mix sharpens some (``config.sharp_fraction`` > 0)
     the same seeds sharpened too (a seed keeps its brain, grid and field terms: ``anatomy.anatomical_brain``); never
-    with a bleed (``config.bleed_fraction``), a distant field (``config.distant_ppm``) or cut to a column."""
-    config = replace(config, bleed_fraction=0.0, distant_ppm=(0.0, 0.0), column_fraction=0.0)  # as only some mixes have
+    with a bleed (``config.bleed_fraction``), a distant field (``config.distant_ppm``), cut to a column or with fine
+    texture (``config.texture_fraction``)."""
+    config = replace(config, bleed_fraction=0.0, distant_ppm=(0.0, 0.0), column_fraction=0.0,  # as only some mixes have
+                     texture_fraction=0.0)
     plain = validation_set(count=count, config=replace(config, sharp_fraction=0.0))
     sharp = validation_set(count=count, config=replace(config, sharp_fraction=1.0)) if config.sharp_fraction > 0 else None
     return plain, sharp

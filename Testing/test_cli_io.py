@@ -399,6 +399,8 @@ def test_a_training_share_outside_zero_to_one_is_refused_before_anything_is_writ
     assert code == 2 and "--distant-ppm: the distant field is one of the realistic simulator's terms" in err
     code, _, err = run(base + ["--column-fraction", "2"], capsys)
     assert code == 2 and "--column-fraction: a share between 0 and 1, not 2" in err
+    code, _, err = run(base + ["--texture-fraction", "1.01"], capsys)
+    assert code == 2 and "--texture-fraction: a share between 0 and 1, not 1.01" in err
     assert not any(tmp_path.iterdir())
 
 

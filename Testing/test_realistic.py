@@ -4,6 +4,7 @@ the automatic lambda, and the network's input and upsampling, each against physi
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -252,6 +253,48 @@ def test_a_sharp_brain_is_its_seeds_brain_with_a_stronger_dipole_field():
     assert np.corrcoef(plain.chi[m], sharp.chi[m])[0, 1] > 0.95 and np.abs(plain.chi - sharp.chi).max() > 0.005
     std = lambda s: field_of(s.chi, m, s.geometry)[m].std()  # noqa: E731
     assert std(sharp) > 1.05 * std(plain)
+
+
+def test_tissue_texture_is_a_seeded_unit_field_with_a_power_law_spectrum():
+    """anatomy.tissue_texture: unit std, no mean, seeded; its radially averaged power falls as k^-TEXTURE_SLOPE well
+    above the knee (0.25-0.45 cycles / mm: slope measured from the spectrum, not from the filter) and fades below
+    TEXTURE_LOW (the anatomy's own scales keep their power)."""
+    shape = (96, 96, 96)
+    x = anatomy.tissue_texture(shape, np.random.default_rng(3))
+    assert x.dtype == np.float32 and abs(x.std() - 1) < 1e-3 and abs(x.mean()) < 0.01
+    assert np.array_equal(x, anatomy.tissue_texture(shape, np.random.default_rng(3)))
+    power = np.abs(np.fft.fftn(x)) ** 2
+    k = np.sqrt(sum(f**2 for f in np.meshgrid(*[np.fft.fftfreq(n) for n in shape], indexing="ij")))
+    centres = np.array([0.02, 0.05, 0.1, 0.25, 0.3, 0.35, 0.4, 0.45])
+    mean_power = np.array([power[np.abs(k - c) < 0.01].mean() for c in centres])
+    slope = np.polyfit(np.log(centres[3:]), np.log(mean_power[3:]), 1)[0]
+    knee = centres[3:] ** 2 / (centres[3:] ** 2 + anatomy.TEXTURE_KNEE**2)  # the knee bends k^-slope: -2.6 .. -2.9 here
+    assert -anatomy.TEXTURE_SLOPE - 0.3 < slope < -anatomy.TEXTURE_SLOPE * knee.min() + 0.3, slope  # measured -2.55
+    assert mean_power[0] < 0.3 * mean_power[2] and mean_power[1] < mean_power[2]  # faded below TEXTURE_LOW
+
+
+@needs_templates
+def test_a_textured_brain_is_its_seeds_brain_with_fine_tissue_heterogeneity():
+    """texture_fraction 1 gives a seed's brain on the same grid, mask, B0 and (sharp) boundaries with fine texture in
+    the tissue: the change is confined to tissue, its std within TEXTURE_PPM (after partial volume), and the fine
+    scale (std above a 1-voxel blur) rises by the measure benchmarks/truth_texture.py sets against a real map."""
+    from scipy import ndimage
+
+    from PDIQSMLib.training import validation_sets
+
+    config = replace(REALISTIC, anatomical_fraction=1.0, anatomical_max_shape=(64, 64, 40), sharp_fraction=1.0)
+    plain = make_volume(np.random.default_rng(7), config)
+    rough = make_volume(np.random.default_rng(7), replace(config, texture_fraction=1.0))
+    assert np.array_equal(plain.mask, rough.mask) and plain.geometry == rough.geometry
+    m = plain.mask
+    change = (rough.chi - plain.chi)[m]
+    lo, hi = anatomy.TEXTURE_PPM
+    assert 0.2 * lo < change.std() < hi and np.corrcoef(plain.chi[m], rough.chi[m])[0, 1] > 0.6
+    inner = ndimage.binary_erosion(m, iterations=2)
+    fine = lambda c: (c - ndimage.gaussian_filter(c, 1.0))[inner].std()  # noqa: E731
+    assert fine(rough.chi) > 1.15 * fine(plain.chi)  # measured 1.32 (1.14 x 1.14 x 2.55 mm; change std 0.0126 ppm)
+    assert np.array_equal(validation_sets(1, config)[0][0].chi,
+                          validation_sets(1, replace(config, texture_fraction=1.0))[0][0].chi)  # the curve's brains
 
 
 def test_an_inserted_bleed_adds_its_own_dipole_field_and_marks_its_phase_as_noise():
@@ -715,3 +758,9 @@ def test_simulate_realistic_sharp_writes_the_seeds_brain_with_one_brains_boundar
     assert np.array_equal(m, read("sharp", "mask") > 0)
     plain, sharp = read("plain", "chi"), read("sharp", "chi")
     assert np.corrcoef(plain[m], sharp[m])[0, 1] > 0.9 and np.abs(plain - sharp).max() > 0.005
+    assert main(args + ["--sharp", "--texture", "--out-dir", str(tmp_path / "rough")]) == 0  # the same brain, textured
+    assert np.array_equal(m, read("rough", "mask") > 0)
+    rough = read("rough", "chi")
+    assert np.corrcoef(sharp[m], rough[m])[0, 1] > 0.6 and (rough - sharp)[m].std() > 0.2 * anatomy.TEXTURE_PPM[0]
+    records = [json.loads((tmp_path / kind / "params.json").read_text()) for kind in ("plain", "rough")]
+    assert [(r["sharp"], r["texture"]) for r in records] == [(False, False), (True, True)]

@@ -9,6 +9,7 @@
 #      (on the CPU, 0.5 helped bleeds by 5 points and cost brains without one half a point: bleed_recovery_bleedmix.md);
 #      since session 39 DISTANT="LO HI" (--distant-ppm, default none) adds distant sources' harmonic field to the mix,
 #      and COLUMNS (--column-fraction, default 0) cuts that share of the anatomical brains to an in-plane column;
+#      since session 40 TEXTURE (--texture-fraction, default 0) gives that share fine tissue texture;
 #   3. the checkpoint, its log and the tables copied to $OUT (the checkpoint without its history, which the
 #      log holds, to stay under the tool's 16 MiB per file; training/merge_device_run.py puts them back).
 # Carried wheels (.whl: nibabel, nilearn for the MNI152 templates) are installed first when present.
@@ -61,6 +62,7 @@ train() {  # $1 lr, $2 seconds; appends to the one log
     --batch-size "$BATCH" --lr "$1" --lr-final 1e-5 --beta 1 --ema 0.998 --workers "$WORKERS" --threads 2 \
     --pool-size 48 --validate-every 2000 --validation-count 3 --flips --sharp-fraction "${SHARP:-0.5}" \
     --bleed-fraction "${BLEED:-0}" --distant-ppm ${DISTANT:-0 0} --column-fraction "${COLUMNS:-0}" \
+    --texture-fraction "${TEXTURE:-0}" \
     --max-seconds "$2" --device "$DEVICE" \
     --progress none >> "$OUT/train.log" 2>&1
   echo "train exit $?" | tee -a "$OUT/env.txt"
