@@ -90,10 +90,11 @@ def part1(seeds) -> list[str]:
     return rows
 
 
-def part2(seeds, weights) -> list[str]:
+def part2(seeds, weights, vi: bool, fixed: bool) -> list[str]:
     methods = [("tkd", {}), ("tikhonov", {}), ("medi", {}), ("pdi", {"device": "cpu"})]
     methods += [(f"pdi {Path(w).stem}", {"device": "cpu", "weights": w}) for w in weights]
-    methods += [(f"tikhonov {lam:g}", {"lam": lam}) for lam in TIKHONOV_FIXED]
+    methods += [("pdi-vi1", {"device": "cpu"})] if vi else []
+    methods += [(f"tikhonov {lam:g}", {"lam": lam}) for lam in TIKHONOV_FIXED] if fixed else []
     names = [m for m, _ in methods]
     rows = ["| truth | " + " | ".join(names) + " | seconds |", "|---|" + "---|" * (len(names) + 1)]
     for texture in (False, True):
@@ -104,6 +105,8 @@ def part2(seeds, weights) -> list[str]:
             for method, extra in methods:
                 r = reconstruct(s.field, s.mask, s.geometry, Settings(method=method.split()[0], **extra))
                 scores.setdefault(method, []).append(nrmse_demeaned(r.mean, s.chi, s.mask))
+                if "vi_where" in r.info:
+                    print(seed, method, "gate", r.info["vi_where"]["gate"], "kept", r.info["vi_where"]["kept"], flush=True)
             print("texture" if texture else "smooth", seed, {k: round(v[-1], 2) for k, v in scores.items()}, flush=True)
         rows.append(f"| {'with' if texture else 'without'} fine texture | "
                     + " | ".join(f"{np.mean(scores[m]):.2f}" for m in names) + f" | {time.perf_counter() - t0:.0f} |")
@@ -117,6 +120,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=[31000, 31001, 31002, 31003, 31004])
     parser.add_argument("--weights", nargs="*", default=[], help="PDI weights files, a column each in part 2")
     parser.add_argument("--parts", default="1,2")
+    parser.add_argument("--vi", action="store_true", help="part 2: a PDI-VI1 column (defaults)")
+    parser.add_argument("--no-fixed", action="store_true", help="part 2: without Tikhonov's fixed-lambda columns")
     parser.add_argument("--name", default="truth_texture", help="the table's name: benchmarks/results/NAME.md")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -125,7 +130,7 @@ def main() -> None:
         text += "\n\n## 1. The truth's fine scale\n\n" + "\n".join(part1(args.spectrum_seeds))
     if "2" in parts:
         text += (f"\n\n## 2. Methods on brains with and without texture (seeds {', '.join(map(str, args.seeds))})\n\n"
-                 + "\n".join(part2(args.seeds, args.weights)))
+                 + "\n".join(part2(args.seeds, args.weights, args.vi, not args.no_fixed)))
     write_table(args.name, "The simulated truth's fine scale against a real brain's map", text)
 
 
