@@ -122,10 +122,15 @@ def main() -> None:
     parser.add_argument("--parts", default="1,2")
     parser.add_argument("--vi", action="store_true", help="part 2: a PDI-VI1 column (defaults)")
     parser.add_argument("--no-fixed", action="store_true", help="part 2: without Tikhonov's fixed-lambda columns")
+    parser.add_argument("--texture-ppm", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="the texture's std range in place of anatomy.TEXTURE_PPM (e.g. 0.015 0.015: one level)")
     parser.add_argument("--name", default="truth_texture", help="the table's name: benchmarks/results/NAME.md")
     args = parser.parse_args()
     parts = args.parts.split(",")
     text = __doc__.split("\n\n", 1)[1].strip()
+    if args.texture_ppm:
+        anatomy.TEXTURE_PPM = tuple(args.texture_ppm)
+        text += f"\n\nTexture std drawn from {args.texture_ppm[0]:g}-{args.texture_ppm[1]:g} ppm (--texture-ppm)."
     if "1" in parts:
         text += "\n\n## 1. The truth's fine scale\n\n" + "\n".join(part1(args.spectrum_seeds))
     if "2" in parts:
