@@ -39,9 +39,13 @@ CALIBRATION_SEEDS = (20000, 20001, 20002, 20003)
 KINDS = ("anatomical", "procedural")  # the two brain kinds of the training mix
 
 
+TEXTURE = 0.0  # --texture: every anatomical brain with fine tissue texture (anatomy.tissue_texture)
+
+
 def scaled(strength: float, kind: str):
     s = strength
     return replace(REALISTIC, anatomical_fraction=1.0 if kind == "anatomical" else 0.0, brain_fraction=1.0,
+                   texture_fraction=TEXTURE,
                    anatomical_max_shape=(112, 128, 80), brain_fov_mm=(112.0, 128.0, 100.0),
                    residue_ppm=tuple(s * v for v in REALISTIC.residue_ppm),
                    correlated_ppm=tuple(s * v for v in REALISTIC.correlated_ppm),
@@ -70,7 +74,8 @@ def c_grid(method: str) -> None:
     grid = C_GRID[method]
     brains = [(case, seed, sample) for case, seed, sample in cases() if case.startswith("anatomical")]
     brains += [("calibration (realistic, full size)", seed, make_volume(np.random.default_rng(seed),
-                                                                       replace(REALISTIC, anatomical_fraction=1.0)))
+                                                                       replace(REALISTIC, anatomical_fraction=1.0,
+                                                                               texture_fraction=TEXTURE)))
                for seed in CALIBRATION_SEEDS]
     rows = []
     for case, seed, sample in brains:
@@ -90,8 +95,9 @@ def c_grid(method: str) -> None:
     lines += ["", f"Lowest mean over all brains: c = {grid[int(np.argmin(table.mean(axis=0)))]:g}; median of each "
               f"brain's best c: {np.exp(np.median(np.log(best))):.3g}; the pipeline's c: "
               f"{solvers.AUTO_LAMBDA_PER_NOISE2[method]:g}."]
-    write_table(f"auto_lambda_{method}", f"{method}'s automatic lambda, c s^2: demeaned NRMSE % by c, realistic "
-                "simulated brains", "\n".join(lines))
+    write_table(f"auto_lambda_{method}{'_texture' if TEXTURE else ''}", f"{method}'s automatic lambda, c s^2: "
+                f"demeaned NRMSE % by c, realistic simulated brains{' with fine tissue texture' if TEXTURE else ''}",
+                "\n".join(lines))
 
 
 def main() -> None:
@@ -100,7 +106,11 @@ def main() -> None:
     parser.add_argument("--fit", action="store_true", help="print the fitted constant c per method")
     parser.add_argument("--c-grid", choices=sorted(C_GRID), help="the method's NRMSE over a grid of c "
                         "(auto_lambda_<method>.md)")
+    parser.add_argument("--texture", action="store_true", help="--c-grid on the same seeds with fine tissue texture "
+                        "(anatomy.tissue_texture; auto_lambda_<method>_texture.md)")
     args = parser.parse_args()
+    global TEXTURE
+    TEXTURE = 1.0 if args.texture else 0.0
     if args.c_grid:
         return c_grid(args.c_grid)
     grids = {"tikhonov": TIK, "medi": MEDI_FIT if args.fit else MEDI}
