@@ -30,10 +30,11 @@ SEEDS = tuple(range(31000, 31010))  # ten brains: three (until session 18) ranke
 COLUMNS = ("rmse", "rmse_demeaned", "hfen", "xsim", "within_2sigma", "spearman_sigma_error", "seconds")
 
 
-def realistic_config(sharp: bool = False):
+def realistic_config(sharp: bool = False, texture: bool = False):
     """The simulator's realistic settings, anatomical brains only, with one brain's tissue boundaries (``sharp``) or
-    the template's."""
-    return replace(REALISTIC, anatomical_fraction=1.0, sharp_fraction=1.0 if sharp else 0.0)
+    the template's, with fine tissue texture (``texture``) or without."""
+    return replace(REALISTIC, anatomical_fraction=1.0, sharp_fraction=1.0 if sharp else 0.0,
+                   texture_fraction=1.0 if texture else 0.0)
 
 
 def vi_runs(ablation: bool = True, vi2: bool = True) -> list[tuple[str, Settings]]:
@@ -74,8 +75,10 @@ def main() -> None:
     parser.add_argument("--no-vi2", action="store_true", help="with --vi: PDI and PDI-VI1 only (half the time)")
     parser.add_argument("--sharp", action="store_true", help="the same brains with one brain's tissue boundaries "
                         "instead of the template's averaged ones (anatomy.sharp_tissue); same seeds, same fields' terms")
+    parser.add_argument("--texture", action="store_true", help="the same brains with fine tissue texture "
+                        "(anatomy.tissue_texture, truth_texture.md); same seeds, same fields' terms")
     args = parser.parse_args()
-    config = realistic_config(args.sharp)
+    config = realistic_config(args.sharp, args.texture)
     per_method: dict[str, list[dict]] = {}
     medi = "medi auto (default)"
     timed: dict[str, list[str]] = {}  # with --vi: each PDI-VI's seconds per brain over MEDI's
@@ -96,7 +99,8 @@ def main() -> None:
     if timed:
         text += "\n\nEach PDI-VI's time on a brain in MEDI runs (automatic lambda) on the same brain: " + "; ".join(
             f"{m}: {', '.join(v)}" for m, v in timed.items()) + "."
-    write_table(f"realistic_{'vi_' if args.vi else ''}{args.name}", f"Realistic simulated brains (MNI152 anatomy{', sharp tissue boundaries' if args.sharp else ''}, non-dipolar terms), mean of "
+    write_table(f"realistic_{'vi_' if args.vi else ''}{args.name}", f"Realistic simulated brains (MNI152 anatomy{', sharp tissue boundaries' if args.sharp else ''}"
+                f"{', fine tissue texture' if args.texture else ''}, non-dipolar terms), mean of "
                 f"{len(args.seeds)} (seeds {', '.join(map(str, args.seeds))})", text)
 
 
