@@ -143,9 +143,9 @@ def sharp_tissue(gm: np.ndarray, wm: np.ndarray, rng: np.random.Generator) -> tu
 # law (cycles / mm) and the frequency below which it fades (the anatomy's own scales). Measured against the one
 # susceptibility map of a real brain this team holds (the shared ICH case outside its bleed, 1 x 1 x 3 mm;
 # benchmarks/truth_texture.py, session 40): its in-plane power spectrum falls as k^-3 from 0.15 to 0.45 cycles per
-# voxel and stands 2-6 times above the template brains' (sharp or not) there, whose truth is cartoon-smooth below
-# 7 mm; 0.035 ppm brings the two spectra within 0.8-1.3 of each other. The range spans half to more than that,
-# as part of the real map's fine power may be its reconstruction's.
+# voxel and stands 2.4-12 times above the template brains' (sharp or not) there, whose truth is cartoon-smooth
+# below 7 mm; 0.035 ppm brought the two spectra within 0.8-1.3 of each other on one sharp brain. The range spans
+# half to more than that, as part of the real map's fine power may be its reconstruction's (the draws: 0.8-2.3).
 TEXTURE_PPM = (0.015, 0.045)
 TEXTURE_KNEE = 0.1
 TEXTURE_SLOPE = 3.0  # power ~ k^-slope above the knee
