@@ -33,6 +33,9 @@ BYTES_PER_VOXEL = {"tkd": 40, "tikhonov": 40, "medi": 300, "pdi": 720}  # per wo
 # the decoders. Session 13's 2600 (tuned whole, before bf16) held until session 38.
 VI_BYTES_PER_VOXEL = {("decoders", "fp32"): 1000, ("decoders", "bf16"): 700, ("full", "fp32"): 1300,
                       ("full", "bf16"): 1100}
+# --vi-harmonics ignore (vi.harmonic_nuisance) keeps, per mask voxel, its flat index (int64) and the orthonormal basis
+# of the 9 solid harmonics' W h (float32) through every iteration: 8 + 36 bytes, rounded up (session 39: +45).
+VI_HARMONICS_BYTES_PER_MASK_VOXEL = 45
 HEADROOM = 0.8  # of the available memory: the rest is for the inputs, outputs and the system
 
 
@@ -71,8 +74,15 @@ def bytes_per_voxel(method: str, precision: str = "fp32", variant: str | None = 
 
 
 def estimate_bytes(method: str, shape, mask: np.ndarray | None = None, pad: float | None = None,
-                   precision: str = "fp32", variant: str | None = None) -> int:
-    return bytes_per_voxel(method, precision, variant) * working_voxels(method, shape, mask, pad)
+                   precision: str = "fp32", variant: str | None = None, harmonics: bool = False) -> int:
+    """Peak bytes of ``method`` on a volume of ``shape``; ``harmonics``: PDI-VI's data term blind to the low-order
+    harmonics (--vi-harmonics ignore), which adds VI_HARMONICS_BYTES_PER_MASK_VOXEL per mask voxel (every voxel of
+    ``shape`` without a mask). The largest cube ``check`` names leaves that share out (a few % of PDI-VI's figure)."""
+    need = bytes_per_voxel(method, precision, variant) * working_voxels(method, shape, mask, pad)
+    if harmonics and method.startswith("pdi-vi"):
+        voxels = int(np.count_nonzero(mask)) if mask is not None else int(np.prod(shape))
+        need += VI_HARMONICS_BYTES_PER_MASK_VOXEL * voxels
+    return need
 
 
 def largest_cube(method: str, budget: int, pad: float | None = None, precision: str = "fp32",

@@ -156,7 +156,8 @@ def reconstruct(field_ppm: np.ndarray, mask: np.ndarray, geometry: Geometry, set
     precision = vi_memory_precision(settings, m.shape, m, info, progress) if vi else "fp32"
     if "vi_precision_for_memory" in info:  # fp32 would not fit, bf16 does: the run takes it
         settings = replace(settings, vi_precision=precision)
-    need = memory.estimate_bytes(settings.method, m.shape, m, settings.pad, precision, settings.vi_variant)
+    need = memory.estimate_bytes(settings.method, m.shape, m, settings.pad, precision, settings.vi_variant,
+                                 settings.vi_harmonics == "ignore")
     tile = memory.check(settings.method, m.shape, need, settings.pad, precision=precision,
                         variant=settings.vi_variant)  # refuses what cannot fit; PDI: tiles
     info["memory_estimate_gib"] = round(need / 2**30, 2)
@@ -217,8 +218,8 @@ def vi_memory_precision(settings: Settings, shape, mask, info: dict, progress: P
         return "fp32"
     if device != "cpu":
         return "bf16"
-    fp32, bf16 = (memory.estimate_bytes(settings.method, shape, mask, settings.pad, p, settings.vi_variant)
-                  for p in ("fp32", "bf16"))
+    fp32, bf16 = (memory.estimate_bytes(settings.method, shape, mask, settings.pad, p, settings.vi_variant,
+                                        settings.vi_harmonics == "ignore") for p in ("fp32", "bf16"))
     if memory.fits(fp32):
         return "fp32"
     if memory.fits(bf16):  # else memory.check refuses, naming the largest volume that fits in bf16

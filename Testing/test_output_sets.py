@@ -395,6 +395,26 @@ def test_a_volume_too_big_for_the_memory_is_refused_up_front_or_tiled(small_case
     assert np.allclose(a, b, atol=1e-6)
 
 
+def test_the_blind_data_term_adds_its_basis_to_pdi_vis_memory_estimate(small_case, tmp_path, capsys, monkeypatch):
+    """--vi-harmonics ignore keeps a flat index and 9 basis values per mask voxel through the iterations: the
+    estimate grows by exactly VI_HARMONICS_BYTES_PER_MASK_VOXEL per mask voxel, for PDI-VI only, and the run's check
+    uses it: with a budget between the two, the blind run is refused up front and the plain one runs."""
+    from PDIQSMLib import memory
+    from PDIQSMLib.io import load_volume
+
+    mask = load_volume(small_case["mask"]).data > 0
+    plain, blind = (memory.estimate_bytes("pdi-vi1", mask.shape, mask, None, "fp32", None, h) for h in (False, True))
+    assert blind - plain == memory.VI_HARMONICS_BYTES_PER_MASK_VOXEL * int(mask.sum())
+    assert memory.estimate_bytes("pdi", mask.shape, mask, harmonics=True) == memory.estimate_bytes("pdi", mask.shape,
+                                                                                                   mask)
+    monkeypatch.setenv("PDIQSM_MEMORY_GB", str((plain + blind) / 2 / memory.HEADROOM / 2**30))
+    run = ["--device", "cpu", "--iterations", "1", "--vi-where", "everywhere", "--vi-precision", "fp32"]
+    capsys.readouterr()
+    assert main(recon(small_case, tmp_path / "b", "pdi-vi1", *run, "--vi-harmonics", "ignore")) == 2
+    assert "more than" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(recon(small_case, tmp_path / "k", "pdi-vi1", *run, "--vi-harmonics", "keep")) == 0
+
+
 def test_pdi_vi_takes_bf16_when_only_bf16_fits_and_refuses_naming_the_precision(small_case, tmp_path, capsys,
                                                                                monkeypatch):
     """PDI-VI's memory follows its precision. With a budget between its bf16 and fp32 estimates, on a CPU with bf16:
