@@ -115,13 +115,15 @@ def make_volume(rng: np.random.Generator, config: SimulationConfig = SimulationC
     return Sample(ph.chi, ph.mask, add_noise(field, ph.mask, sigma * modulation, rng), geometry, sigma)
 
 
+def drawn(rng: np.random.Generator, share: float) -> bool:
+    """Whether this brain is among ``share`` of them; no draw at 0 or 1, so that a seed keeps its brain sharp or
+    textured or not (anatomical_brain draws the boundaries and the texture apart)."""
+    return share >= 1 or (share > 0 and rng.random() < share)
+
+
 def anatomical_volume(rng: np.random.Generator, config: SimulationConfig) -> Sample:
     """An MNI152 brain on a random acquisition grid, with its (realistic, when asked) local field."""
-    # no draw at 0 or 1, so that a seed keeps its brain sharp or not (anatomical_brain draws the boundaries apart)
-    f = config.sharp_fraction
-    sharp = f >= 1 or (f > 0 and rng.random() < f)
-    f = config.texture_fraction
-    texture = f >= 1 or (f > 0 and rng.random() < f)
+    sharp, texture = drawn(rng, config.sharp_fraction), drawn(rng, config.texture_fraction)
     vs = anatomy.random_grid(rng, config.in_plane_mm, config.slice_mm)
     brain = anatomy.anatomical_brain(rng, vs, config.anatomical_max_shape, sharp=sharp, texture=texture)
     geometry = Geometry(vs, random_b0(rng, config.max_tilt_deg))

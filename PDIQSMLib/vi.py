@@ -220,10 +220,7 @@ def harmonic_nuisance(mask: np.ndarray, weight: np.ndarray | None, voxel_size, p
     m = np.asarray(mask) > 0
     if degree < 0 or m.sum() < 10 * (degree + 1) ** 2:
         return None
-    basis = harmonic_basis(m, voxel_size, degree)
-    if weight is not None:
-        basis *= np.asarray(weight, np.float64)[m][:, None]
-    q = np.linalg.qr(basis)[0]
+    q = np.linalg.qr(harmonic_basis(m, voxel_size, degree, weight))[0]
     flat = np.ravel_multi_index(np.nonzero(m), padded_shape)
     return (torch.from_numpy(flat).to(device), torch.from_numpy(np.ascontiguousarray(q.T, np.float32)).to(device))
 

@@ -75,12 +75,16 @@ def solid_harmonics(x, y, z, degree: int = 2) -> list:
     return terms
 
 
-def harmonic_basis(mask: np.ndarray, voxel_size, degree: int = 2) -> np.ndarray:
+def harmonic_basis(mask: np.ndarray, voxel_size, degree: int = 2, weight: np.ndarray | None = None) -> np.ndarray:
     """(N, k) the solid harmonics of degree up to ``degree`` at the mask's N voxels (in ``mask``'s order), in units of
-    100 mm about the mask's centre (float64; k = 1, 4 or 9)."""
-    idx = np.argwhere(np.asarray(mask) > 0)
+    100 mm about the mask's centre (float64; k = 1, 4 or 9); ``weight`` (the volume's W): each row times W there."""
+    m = np.asarray(mask) > 0
+    idx = np.argwhere(m)
     r = (idx - idx.mean(0)) * np.asarray(voxel_size, np.float64) / 100.0
-    return np.column_stack(solid_harmonics(*r.T, degree=degree))
+    basis = np.column_stack(solid_harmonics(*r.T, degree=degree))
+    if weight is not None:
+        basis *= np.asarray(weight, np.float64)[m][:, None]
+    return basis
 
 
 def without_harmonics(residual: np.ndarray, mask: np.ndarray, voxel_size, weight: np.ndarray | None = None,
@@ -89,9 +93,7 @@ def without_harmonics(residual: np.ndarray, mask: np.ndarray, voxel_size, weight
     ``degree`` (``harmonic_basis``): what a field made by sources outside the mask would leave in it (zero outside
     the mask; float64). ``weight``: W (None: 1 in the mask)."""
     m = np.asarray(mask) > 0
-    basis = harmonic_basis(m, voxel_size, degree)
-    if weight is not None:
-        basis *= np.asarray(weight, np.float64)[m][:, None]
+    basis = harmonic_basis(m, voxel_size, degree, weight)
     r = np.asarray(residual, np.float64)[m]
     out = np.zeros(m.shape)
     out[m] = r - basis @ np.linalg.solve(basis.T @ basis, basis.T @ r)  # normal equations: no copy of the basis
